@@ -1,0 +1,32 @@
+"""lightning-metagrad: continual learning for any LightningModule in one line.
+
+Example:
+    >>> from lightning_metagrad import MetaGradCallback
+    >>> callback = MetaGradCallback()
+"""
+
+from lightning_metagrad.boundaries import (
+    BatchTaskIdBoundaries,
+    NewFitBoundaries,
+    TaskBoundarySource,
+)
+from lightning_metagrad.callback import MetaGradCallback
+from lightning_metagrad.combination import joint_average, sign_agreement
+from lightning_metagrad.distillation import RunningMeanDistiller
+from lightning_metagrad.meta_network import CoordinateMLP, MetaNetwork
+from lightning_metagrad.tabulation import TabulatedFunction
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchTaskIdBoundaries",
+    "CoordinateMLP",
+    "MetaGradCallback",
+    "MetaNetwork",
+    "NewFitBoundaries",
+    "RunningMeanDistiller",
+    "TabulatedFunction",
+    "TaskBoundarySource",
+    "joint_average",
+    "sign_agreement",
+]
