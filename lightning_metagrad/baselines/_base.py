@@ -1,0 +1,516 @@
+"""Shared machinery of the quadratic-penalty baselines (EWC, online EWC, SI, MAS).
+
+Every baseline keeps, per parameter name, one or more *terms* ``(anchor θ*, importance Ω)`` and
+regularises towards them with the penalty
+
+.. math:: R(\\theta) = \\frac{c}{2} \\sum_{\\text{terms}} \\sum_k
+          \\Omega_k (\\theta_k - \\theta^*_k)^2
+
+whose gradient ``c · Σ Ω (θ − θ*)`` is *added to* ``p.grad`` in ``on_before_optimizer_step``:
+the user's loss is left alone, the hook fires once per real optimizer step, after AMP unscaling
+and after the whole gradient-accumulation window, and before gradient clipping. ``c`` is
+:attr:`_QuadraticPenaltyCallback.grad_scale` (``strength`` for EWC/MAS, ``2 * strength`` for SI,
+whose paper writes the penalty without the 1/2).
+
+A task ends when a ``trainer.fit`` ends (``on_train_end``, where ``trainer.train_dataloader`` is
+still available) or when :meth:`_QuadraticPenaltyCallback.consolidate` is called by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.core.optimizer import _configure_optimizers
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.combined_loader import CombinedLoader
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import Tensor
+from typing_extensions import override
+
+TensorDict = dict[str, Tensor]
+
+_STATE_VERSION = 1
+
+
+# ---------------------------------------------------------------------------- argument checks
+
+
+def check_number(name: str, value: Any, *, low: float, low_inclusive: bool, high: float) -> float:
+    """``value`` as a float, or ValueError naming the argument (bools are not numbers here)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value >= low if low_inclusive else value > low) and value <= high
+    if not ok:
+        bound = f"{'>=' if low_inclusive else '>'} {low}" + (
+            f" and <= {high}" if math.isfinite(high) else ""
+        )
+        raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------- small helpers
+
+
+def _loss_of(output: Any) -> Tensor | None:
+    """The loss tensor of a ``training_step`` output (a tensor, ``{"loss": ...}`` or None)."""
+    if output is None or isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("loss"), Tensor):
+        return output["loss"]
+    raise TypeError(
+        "`training_step` must return a loss tensor, a dict with a 'loss' tensor, or None to "
+        f"be used for the importance estimate; got {type(output).__name__}."
+    )
+
+
+@contextlib.contextmanager
+def _quiet_eval(pl_module: pl.LightningModule) -> Iterator[None]:
+    """Eval mode, ``self.log`` / ``self.log_dict`` as no-ops and isolated RNG, all restored after.
+
+    Eval mode keeps dropout off and BatchNorm statistics untouched; the RNG isolation keeps
+    the data order and dropout masks of later training identical to a run without the callback.
+    """
+    modes = {m: m.training for m in pl_module.modules()}
+    include_cuda = pl_module.device.type == "cuda"
+
+    def _no_log(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    pl_module.eval()
+    # Instance attributes shadow the methods; `del` brings the class methods back.
+    object.__setattr__(pl_module, "log", _no_log)
+    object.__setattr__(pl_module, "log_dict", _no_log)
+    try:
+        with isolate_rng(include_cuda=include_cuda), torch.enable_grad():
+            yield
+    finally:
+        object.__delattr__(pl_module, "log")
+        object.__delattr__(pl_module, "log_dict")
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def _count_optimizers(pl_module: pl.LightningModule) -> int | None:
+    """How many optimizers ``configure_optimizers`` returns, or None if it cannot be told yet."""
+    try:
+        optimizers, _, _ = _configure_optimizers(pl_module.configure_optimizers())  # type: ignore[arg-type]
+    except Exception:  # Lightning reports a broken configure_optimizers itself, later.
+        return None
+    return len(optimizers)
+
+
+class _Term:
+    """One ``(anchor, importance)`` pair aligned with the live parameters (rebuilt per fit)."""
+
+    __slots__ = ("anchors", "importances", "params")
+
+    def __init__(self, params: list[Tensor], anchors: list[Tensor], importances: list[Tensor]):
+        self.params = params
+        self.anchors = anchors
+        self.importances = importances
+
+
+# ---------------------------------------------------------------------------- the base class
+
+
+class _QuadraticPenaltyCallback(Callback):
+    """Base of the baselines: task bookkeeping, penalty gradient, importance estimation, state.
+
+    Subclasses implement :meth:`_task_importance` (the new task's Ω) and :meth:`_merge` (how it
+    joins the stored terms), and may use :meth:`_on_task_gradient` to see the task gradient.
+    """
+
+    #: Whether the new task's importance differs between DDP ranks (data-based estimates do).
+    _importance_is_rank_local = True
+
+    def __init__(self, *, strength: float) -> None:
+        super().__init__()
+        self.strength = check_number(
+            "strength", strength, low=0.0, low_inclusive=True, high=math.inf
+        )
+        #: Tasks consolidated so far.
+        self.num_tasks = 0
+        self._terms: list[tuple[TensorDict, TensorDict]] = []  # [(anchors, importances)]
+        self._steps_in_task = 0
+        # Per-fit run-time state.
+        self._params: dict[str, torch.nn.Parameter] = {}
+        self._cache: list[_Term] = []
+        self._cache_owner: pl.LightningModule | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def grad_scale(self) -> float:
+        """``c`` in the added gradient ``c · Σ Ω (θ − θ*)`` (``strength`` unless overridden)."""
+        return self.strength
+
+    @property
+    def terms(self) -> list[tuple[TensorDict, TensorDict]]:
+        """The stored ``(anchors θ*, importances Ω)`` pairs, each a dict keyed by parameter name."""
+        return self._terms
+
+    def penalty(self, pl_module: pl.LightningModule) -> Tensor:
+        """The penalty ``grad_scale / 2 · Σ Ω (θ − θ*)²``, differentiable w.r.t. the parameters.
+
+        Its gradient is what the callback adds to ``p.grad``; call it for monitoring, or to add
+        the penalty to a loss yourself (then do not also use the callback in the Trainer).
+        """
+        named = dict(pl_module.named_parameters())
+        device = next(iter(named.values())).device if named else torch.device("cpu")
+        total = torch.zeros((), device=device)
+        for anchors, importances in self._terms:
+            for name, anchor in anchors.items():
+                if name in named and named[name].requires_grad:
+                    p = named[name]
+                    diff = p.float() - anchor.to(p.device, torch.float32)
+                    total = total + (importances[name].to(p.device) * diff.square()).sum()
+        return 0.5 * self.grad_scale * total
+
+    def consolidate(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        dataloader: Iterable[Any] | None = None,
+    ) -> None:
+        """End the current task: estimate its importances and anchor the current parameters.
+
+        Called automatically at the end of every ``trainer.fit``; call it by hand only to end a
+        task in the middle of a fit. ``dataloader`` defaults to ``trainer.train_dataloader``.
+        """
+        params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+        if not params:
+            raise MisconfigurationException(
+                f"{type(self).__name__} found no trainable parameters to consolidate."
+            )
+        importance = self._task_importance(trainer, pl_module, params, dataloader)
+        if self._importance_is_rank_local and trainer.world_size > 1:
+            importance = self._mean_over_ranks(trainer, importance)
+        anchors = {n: p.detach().clone() for n, p in params.items()}
+        self._merge(anchors, importance)
+        self.num_tasks += 1
+        self._steps_in_task = 0
+        self._cache_owner = None  # rebuilt lazily for the next step
+
+    # ------------------------------------------------------------------ subclass API
+
+    def _task_importance(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        params: dict[str, torch.nn.Parameter],
+        dataloader: Iterable[Any] | None,
+    ) -> TensorDict:
+        raise NotImplementedError
+
+    def _merge(self, anchors: TensorDict, importance: TensorDict) -> None:
+        raise NotImplementedError
+
+    def _on_task_gradient(
+        self, trainer: pl.Trainer, names: list[str], params: list[Tensor], grads: list[Tensor]
+    ) -> None:
+        """Sees the task gradient (before the penalty is added) at every optimizer step."""
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def _config(self) -> dict[str, Any]:
+        """The arguments that tell two configurations apart (for :attr:`state_key`)."""
+        return {"strength": self.strength}
+
+    # ------------------------------------------------------------------ helpers for subclasses
+
+    def _fold(self, anchors: TensorDict, importance: TensorDict, decay: float = 1.0) -> None:
+        """Single-term update ``Ω ← decay·Ω + Ω_new``, ``θ* ← θ_end`` (out of place, so earlier
+        ``state_dict()`` results stay valid); names not trained now keep their old anchor."""
+        old_anchors, old_imp = self._terms[0] if self._terms else ({}, {})
+        merged = {n: v * decay for n, v in old_imp.items()} if decay != 1.0 else dict(old_imp)
+        for name, value in importance.items():
+            merged[name] = merged[name].to(value.device) + value if name in merged else value
+        self._terms = [({**old_anchors, **anchors}, merged)]
+
+    def _data_importance(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        params: dict[str, torch.nn.Parameter],
+        dataloader: Iterable[Any] | None,
+        num_batches: int,
+        objective: Any,
+        absolute: bool,
+    ) -> TensorDict:
+        """Mean over ``num_batches`` batches of ``g²`` (``absolute=False``) or ``|g|``, where
+        ``g`` is the gradient of ``objective(batch, batch_idx)`` w.r.t. the trainable params.
+
+        The module is in eval mode, its ``self.log`` calls are no-ops and the global RNG state
+        is restored afterwards; ``p.grad`` is not touched (``torch.autograd.grad``).
+        """
+        names = list(params)
+        tensors = [params[n] for n in names]
+        totals = [torch.zeros_like(p, dtype=torch.float32) for p in tensors]
+        counted = 0
+        # Under AMP the estimate runs in full precision (no loss scaler here to keep fp16
+        # gradients from underflowing); other plugins (e.g. "16-true") keep their context.
+        plugin = trainer.precision_plugin
+        step_context = (
+            contextlib.nullcontext()
+            if isinstance(plugin, MixedPrecision)
+            else plugin.train_step_context()
+        )
+        with _quiet_eval(pl_module), step_context:
+            for batch_idx, batch in enumerate(self._batches(trainer, pl_module, dataloader)):
+                if batch_idx >= num_batches:
+                    break
+                value = objective(batch, batch_idx)
+                if value is None or not value.requires_grad:
+                    continue
+                grads = torch.autograd.grad(value, tensors, allow_unused=True)
+                used = [(t, g) for t, g in zip(totals, grads) if g is not None]
+                if used:
+                    raw = [g.detach().float() for _, g in used]
+                    stat = torch._foreach_abs(raw) if absolute else torch._foreach_mul(raw, raw)
+                    torch._foreach_add_([t for t, _ in used], stat)
+                counted += 1
+        if counted == 0:
+            rank_zero_warn(
+                f"{type(self).__name__}: no batch gave a loss for the importance estimate; the "
+                "task gets zero importance."
+            )
+        else:
+            torch._foreach_div_(totals, float(counted))
+        return dict(zip(names, totals))
+
+    def _batches(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        dataloader: Iterable[Any] | None,
+    ) -> Iterator[Any]:
+        """Training batches, moved to the module's device with Lightning's transfer hooks."""
+        source: Any = dataloader if dataloader is not None else trainer.train_dataloader
+        if source is None:
+            raise MisconfigurationException(
+                f"{type(self).__name__} needs training data to estimate importances: call "
+                "`consolidate` during `fit`, or pass `dataloader=`."
+            )
+        if isinstance(source, (Mapping, list, tuple)):  # several train dataloaders
+            source = CombinedLoader(source, "max_size_cycle")
+        for item in source:
+            batch = item[0] if isinstance(source, CombinedLoader) else item
+            # The training loop's own steps (loops/training_epoch_loop.py).
+            batch = trainer.precision_plugin.convert_input(batch)
+            batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+            yield trainer.strategy.batch_to_device(batch, pl_module.device, dataloader_idx=0)
+
+    # ------------------------------------------------------------------ hooks
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(**self._config())
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        name = type(self).__name__
+        if not pl_module.automatic_optimization:
+            raise MisconfigurationException(
+                f"{name} adds its penalty gradient between backward and optimizer.step, which "
+                "manual optimization does not expose. Use automatic optimization (remove "
+                "`self.automatic_optimization = False`), or leave the callback out of the "
+                "Trainer, add its `penalty(pl_module)` to your loss and call its "
+                "`consolidate(trainer, pl_module)` at the end of each task."
+            )
+        strategy = type(trainer.strategy).__name__
+        if "FSDP" in strategy or "DeepSpeed" in strategy:
+            raise MisconfigurationException(
+                f"{name} does not support the {strategy} (sharded parameters); use a single "
+                "device or strategy='ddp'."
+            )
+        count = _count_optimizers(pl_module)
+        if count is not None and count > 1:
+            raise MisconfigurationException(self._several_optimizers_message(count))
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise MisconfigurationException(
+                self._several_optimizers_message(len(trainer.optimizers))
+            )
+        self._build_cache(pl_module, check=True)
+        self._warn_if_unstable(trainer.optimizers[0])
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._steps_in_task == 0:
+            rank_zero_warn(
+                f"{type(self).__name__}: this `fit` made no optimizer step, so no task was "
+                "consolidated (use a new Trainer per task; a finished one trains nothing)."
+            )
+            return
+        self.consolidate(trainer, pl_module)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._cache_owner is not pl_module:
+            self._build_cache(pl_module, check=False)
+        names = [n for n, p in self._params.items() if p.grad is not None]
+        if not names:
+            return
+        self._steps_in_task += 1
+        params: list[Tensor] = [self._params[n] for n in names]
+        grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
+        self._on_task_gradient(trainer, names, params, grads)
+        if self.grad_scale == 0.0:
+            return  # strength 0: exactly the run without the callback
+        with torch.no_grad():
+            for term in self._cache:
+                ps, anchors, imps = term.params, term.anchors, term.importances
+                if any(p.grad is None for p in ps):
+                    keep = [i for i, p in enumerate(ps) if p.grad is not None]
+                    ps = [ps[i] for i in keep]
+                    anchors = [anchors[i] for i in keep]
+                    imps = [imps[i] for i in keep]
+                if not ps:
+                    continue
+                # c · Ω ⊙ (θ − θ*), added to the gradient the optimizer (and clipping) will see.
+                diff = torch._foreach_sub([p.detach() for p in ps], anchors)
+                torch._foreach_mul_(diff, imps)
+                torch._foreach_add_([p.grad for p in ps], diff, alpha=self.grad_scale)  # type: ignore[misc]
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._release()
+
+    # ------------------------------------------------------------------ checkpointing
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "num_tasks": self.num_tasks,
+            "steps_in_task": self._steps_in_task,
+            "terms": [
+                {"anchors": dict(anchors), "importances": dict(imp)} for anchors, imp in self._terms
+            ],
+            **self._extra_state(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        version = state_dict.get("version")
+        if version != _STATE_VERSION:
+            raise ValueError(
+                f"{type(self).__name__} cannot load state of version {version!r} "
+                f"(expected {_STATE_VERSION})."
+            )
+        self.num_tasks = int(state_dict["num_tasks"])
+        self._steps_in_task = int(state_dict["steps_in_task"])
+        self._terms = [
+            (dict(term["anchors"]), dict(term["importances"])) for term in state_dict["terms"]
+        ]
+        self._load_extra_state(state_dict)
+        self._cache_owner = None
+
+    # ------------------------------------------------------------------ internals
+
+    def _several_optimizers_message(self, count: int) -> str:
+        return (
+            f"{type(self).__name__} supports exactly one optimizer, got {count}. Return a single "
+            "optimizer from `configure_optimizers` (use parameter groups for per-module settings)."
+        )
+
+    def _mean_over_ranks(self, trainer: pl.Trainer, importance: TensorDict) -> TensorDict:
+        names = list(importance)
+        flat = torch.cat([importance[n].reshape(-1) for n in names])
+        flat = trainer.strategy.reduce(flat, reduce_op="mean")
+        pieces = flat.split([importance[n].numel() for n in names])
+        return {n: piece.view_as(importance[n]) for n, piece in zip(names, pieces)}
+
+    def _build_cache(self, pl_module: pl.LightningModule, check: bool) -> None:
+        """Align stored terms with the live parameters (by name), on their device and dtype."""
+        named = dict(pl_module.named_parameters())
+        self._params = {n: p for n, p in named.items() if p.requires_grad}
+        self._cache = []
+        unknown: set[str] = set()
+        for anchors, importances in self._terms:
+            ps: list[Tensor] = []
+            ans: list[Tensor] = []
+            imps: list[Tensor] = []
+            for name in list(anchors):
+                p = named.get(name)
+                if p is None:
+                    unknown.add(name)
+                    continue
+                if anchors[name].shape != p.shape:
+                    raise MisconfigurationException(
+                        f"{type(self).__name__}: parameter {name!r} has shape {tuple(p.shape)}, "
+                        f"but its stored anchor has shape {tuple(anchors[name].shape)}."
+                    )
+                anchors[name] = anchors[name].to(device=p.device, dtype=p.dtype)
+                importances[name] = importances[name].to(device=p.device, dtype=torch.float32)
+                ps.append(p)
+                ans.append(anchors[name])
+                imps.append(importances[name])
+            if ps:
+                self._cache.append(_Term(ps, ans, imps))
+        if check and unknown:
+            rank_zero_warn(
+                f"{type(self).__name__}: stored state names parameters the model does not have; "
+                f"they are not regularised: {sorted(unknown)[:5]}"
+            )
+        self._cache_owner = pl_module
+
+    def _warn_if_unstable(self, optimizer: torch.optim.Optimizer) -> None:
+        """Plain/heavy-ball SGD diverges on the quadratic penalty if lr · curvature > 2(1 + μ)."""
+        if not isinstance(optimizer, torch.optim.SGD) or not self._cache or self.grad_scale == 0:
+            return
+        curvature: dict[int, Tensor] = {}
+        for term in self._cache:
+            for p, imp in zip(term.params, term.importances):
+                curvature[id(p)] = curvature[id(p)] + imp if id(p) in curvature else imp
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        worst = 0.0
+        for key, curv in curvature.items():
+            group = group_of.get(key)
+            if group is None:
+                continue
+            lr = float(group.get("lr", 0.0))
+            limit = 2.0 * (1.0 + float(group.get("momentum", 0.0)))
+            worst = max(worst, lr * self.grad_scale * float(curv.max()) / limit)
+        if worst > 1.0:
+            rank_zero_warn(
+                f"{type(self).__name__}: learning rate × penalty curvature is {worst:.3g}× the "
+                "SGD stability limit 2(1 + momentum); training will diverge on the penalty. "
+                "Lower `strength` or the learning rate."
+            )
+
+    def _release(self) -> None:
+        self._params = {}
+        self._cache = []
+        self._cache_owner = None
