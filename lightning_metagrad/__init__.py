@@ -12,18 +12,28 @@ from lightning_metagrad.boundaries import (
 )
 from lightning_metagrad.callback import MetaGradCallback
 from lightning_metagrad.combination import joint_average, sign_agreement
+from lightning_metagrad.diagnostics import Diagnostics
 from lightning_metagrad.distillation import RunningMeanDistiller
 from lightning_metagrad.meta_network import CoordinateMLP, MetaNetwork
+from lightning_metagrad.predictors import (
+    AnchoredPredictor,
+    MetaNetPredictor,
+    OldGradientPredictor,
+)
 from lightning_metagrad.tabulation import TabulatedFunction
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnchoredPredictor",
     "BatchTaskIdBoundaries",
     "CoordinateMLP",
+    "Diagnostics",
     "MetaGradCallback",
+    "MetaNetPredictor",
     "MetaNetwork",
     "NewFitBoundaries",
+    "OldGradientPredictor",
     "RunningMeanDistiller",
     "TabulatedFunction",
     "TaskBoundarySource",

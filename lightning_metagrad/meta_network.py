@@ -92,7 +92,7 @@ class MetaNetwork:
         >>> gen = torch.Generator().manual_seed(0)
         >>> meta = MetaNetwork(CoordinateMLP((16, 16)), coords_per_step=64, generator=gen)
         >>> theta = torch.randn(1000)
-        >>> loss = meta.observe(theta, -theta)  # learn grad = -theta
+        >>> loss, rel_error = meta.observe(theta, -theta)  # learn grad = -theta
         >>> bool(loss >= 0)
         True
     """
@@ -128,11 +128,16 @@ class MetaNetwork:
         k = min(self.coords_per_step, numel)
         return torch.randint(0, numel, (k,), generator=self.generator).to(device)
 
-    def observe(self, theta: Tensor, target: Tensor, index: Tensor | None = None) -> Tensor:
-        """One MSE step of h on sampled pairs; returns the loss in normalised units.
+    def observe(
+        self, theta: Tensor, target: Tensor, index: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """One MSE step of h on sampled pairs; returns ``(loss, relative error)``.
 
         ``theta`` and ``target`` are flat 1-D tensors of equal length; ``index`` selects the
         coordinates (drawn with :meth:`sample_indices` when omitted). Both must be finite.
+        The loss (normalised units) and the relative error ``MSE / mean(target^2)`` (an
+        estimate of ``1 - R^2``) are measured before the update, on coordinates drawn afresh,
+        so they are held-out figures.
         """
         if index is None:
             index = self.sample_indices(theta.numel(), theta.device)
@@ -149,7 +154,8 @@ class MetaNetwork:
             loss.backward()
         self.optimizer.step()
         self.num_updates += 1
-        return loss.detach()
+        loss = loss.detach()
+        return loss, loss / y.pow(2).mean().clamp_min(torch.finfo(torch.float32).tiny)
 
     @torch.no_grad()
     def relative_error(self, theta: Tensor, target: Tensor, index: Tensor) -> Tensor:

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lightning_metagrad.predictors import MetaNetPredictor
+
 
 class DictDataset(Dataset):
     """Dict batches {"x", "y", "task_id"}."""
@@ -74,15 +76,20 @@ def make_trainer(callbacks: list, max_steps: int = 8, **kwargs: Any) -> pl.Train
     return pl.Trainer(callbacks=callbacks, max_steps=max_steps, **defaults)
 
 
+def small_predictor() -> MetaNetPredictor:
+    """The paper's predictor, kept tiny and trained every step."""
+    return MetaNetPredictor(
+        hidden_sizes=(16, 16),
+        coords_per_step=128,
+        update_every=1,
+        distill_steps=20,
+        distill_samples=256,
+    )
+
+
 def small_callback_kwargs() -> dict[str, Any]:
-    """Settings that keep the meta-networks tiny and train them every step."""
-    return {
-        "hidden_sizes": (16, 16),
-        "coords_per_step": 128,
-        "meta_update_every": 1,
-        "distill_steps": 20,
-        "distill_samples": 256,
-    }
+    """MetaGradCallback settings for fast tests (a fresh predictor each call)."""
+    return {"predictor": small_predictor()}
 
 
 @pytest.fixture(autouse=True)

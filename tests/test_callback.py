@@ -12,7 +12,7 @@ from conftest import TinyClassifier, loader, make_trainer, small_callback_kwargs
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_metagrad import MetaGradCallback, sign_agreement
+from lightning_metagrad import MetaGradCallback, MetaNetPredictor, sign_agreement
 
 
 class StepSpy(Callback):
@@ -53,7 +53,7 @@ def test_each_fit_starts_a_new_task() -> None:
         make_trainer([cb]).fit(model, loader(task))
         assert cb.task_index == task
         assert cb.num_old_tasks == task  # eqs. 6-7: every finished task folded into g
-    assert cb.predictor is not None
+    assert cb.predictor_network is not None
 
 
 def test_task_ids_in_batches_start_new_tasks_within_one_fit() -> None:
@@ -164,7 +164,7 @@ def test_state_dict_round_trip_continues_identically() -> None:
     for a, b in zip(model.parameters(), clone_model.parameters()):
         assert torch.equal(a, b)
     assert clone_cb.task_index == cb.task_index == 2
-    sa, sb = cb.state_dict(), clone_cb.state_dict()
+    sa, sb = cb.state_dict()["predictor"], clone_cb.state_dict()["predictor"]
     assert torch.equal(sa["table"]["values"], sb["table"]["values"])
 
 
@@ -218,7 +218,7 @@ def test_crash_mid_task_resumes_exactly_from_the_last_checkpoint(tmp_path) -> No
     assert new_cb.num_old_tasks == ref_cb.num_old_tasks == 1
     for a, b in zip(new_model.parameters(), ref_model.parameters()):
         assert torch.equal(a, b)
-    ref_state, state = ref_cb.state_dict(), new_cb.state_dict()
+    ref_state, state = ref_cb.state_dict()["predictor"], new_cb.state_dict()["predictor"]
     for key, value in ref_state["meta"]["net"].items():
         assert torch.equal(value, state["meta"]["net"][key])
     assert torch.equal(ref_state["generator"], state["generator"])
@@ -294,18 +294,29 @@ def test_model_without_trainable_parameters_is_refused() -> None:
     [
         ({"combine": "max"}, "combine"),
         ({"target": "hessian"}, "target"),
-        ({"meta_update_every": 0}, "meta_update_every"),
-        ({"coords_per_step": 0}, "coords_per_step"),
-        ({"meta_lr": -1.0}, "lr"),
-        ({"hidden_sizes": (0,)}, "hidden_sizes"),
-        ({"activation": "gelu"}, "activation"),
+        ({"predictor": "oracle"}, "predictor"),
         ({"task_boundaries": "sometimes"}, "task_boundaries"),
         ({"task_id_fn": len}, "task_id_fn"),
-        ({"distill_steps": -1}, "steps"),
-        ({"table_points": 1}, "table_points"),
-        ({"seed": "x"}, "seed"),
     ],
 )
 def test_invalid_arguments_name_the_argument(kwargs: dict, argument: str) -> None:
     with pytest.raises(ValueError, match=argument):
         MetaGradCallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"update_every": 0}, "update_every"),
+        ({"coords_per_step": 0}, "coords_per_step"),
+        ({"lr": -1.0}, "lr"),
+        ({"hidden_sizes": (0,)}, "hidden_sizes"),
+        ({"activation": "gelu"}, "activation"),
+        ({"distill_steps": -1}, "steps"),
+        ({"table_points": 1}, "table_points"),
+        ({"seed": "x"}, "seed"),
+    ],
+)
+def test_invalid_predictor_arguments_name_the_argument(kwargs: dict, argument: str) -> None:
+    with pytest.raises(ValueError, match=argument):
+        MetaNetPredictor(**kwargs)

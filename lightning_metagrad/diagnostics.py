@@ -1,0 +1,123 @@
+"""Cheap run-time diagnostics: is the prediction informative, are the weights running away?
+
+The paper's rule can fail silently: a predictor that explains ~1 % of the gradient's variance
+turns eq. 5 into a random one-way filter, and the weights drift until training ends in NaN
+(``docs/science.md``). These checks cost a few reductions every ``check_every`` steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+
+class Diagnostics:
+    """Tracks prediction quality and parameter-norm drift; warns once per kind of problem.
+
+    * ``metagrad/meta_rel_error``, the meta-network's held-out ``MSE / mean(target^2)``
+      (1 minus the explained fraction), is averaged (EMA); once ``warmup`` values were seen in
+      a task and the average stays above ``uninformative_error`` the prediction carries no
+      information, and a warning says so.
+    * ``metagrad/param_norm_growth`` is ``||theta|| / ||theta at the first step||``; above
+      ``runaway_growth`` the weights are running away, and a warning says so.
+
+    Example:
+        >>> d = Diagnostics(warmup=2)
+        >>> for _ in range(3):
+        ...     d.observe_prediction_quality({"metagrad/meta_rel_error": torch.tensor(0.999)})
+        >>> d.uninformative
+        True
+    """
+
+    def __init__(
+        self,
+        warn: bool = True,
+        warmup: int = 50,
+        uninformative_error: float = 0.98,
+        runaway_growth: float = 3.0,
+        check_every: int = 50,
+    ) -> None:
+        self.warn = warn
+        self.warmup = warmup
+        self.uninformative_error = uninformative_error
+        self.runaway_growth = runaway_growth
+        self.check_every = check_every
+        self.error_ema: float | None = None
+        self.error_count = 0
+        self.initial_norm: float | None = None
+        self.max_growth = 1.0
+        self.steps = 0
+        self.uninformative = False
+        self.runaway = False
+        self._task = 0
+
+    def observe_prediction_quality(self, logged: dict[str, Tensor]) -> None:
+        value = logged.get("metagrad/meta_rel_error")
+        if value is None:
+            return
+        error = float(value)
+        if math.isnan(error):
+            return
+        self.error_ema = error if self.error_ema is None else 0.9 * self.error_ema + 0.1 * error
+        self.error_count += 1
+        if self.error_count >= self.warmup and self.error_ema >= self.uninformative_error:
+            if not self.uninformative and self.warn:
+                rank_zero_warn(
+                    f"MetaGrad: the meta-network explains {100 * (1 - self.error_ema):.1f} % of "
+                    "the gradient's variance on held-out coordinates: its prediction carries no "
+                    "information, and eq. 5 then acts as a random one-way filter. Consider "
+                    "predictor='anchored' (see docs/science.md)."
+                )
+            self.uninformative = True
+
+    def step(self, params: Sequence[Tensor], task_index: int) -> dict[str, Tensor]:
+        """Per optimizer step; returns figures to log."""
+        if task_index != self._task:
+            self._task = task_index
+            self.error_ema, self.error_count = None, 0
+        self.steps += 1
+        if (self.steps - 1) % self.check_every != 0 and self.initial_norm is not None:
+            return {}
+        norms = torch._foreach_norm([p.detach() for p in params])
+        norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+        value = float(norm)
+        if self.initial_norm is None:
+            self.initial_norm = value if value > 0 else 1.0
+        growth = value / self.initial_norm
+        self.max_growth = max(self.max_growth, growth) if growth == growth else float("inf")
+        if not growth <= self.runaway_growth:  # also catches NaN
+            if not self.runaway and self.warn:
+                rank_zero_warn(
+                    f"MetaGrad: the parameter norm grew {growth:.1f}x since training started: "
+                    "the weights are running away (the one-way filter of eq. 5 turns gradient "
+                    "noise into drift when the prediction is uninformative). Consider "
+                    "predictor='anchored' or a lower learning rate."
+                )
+            self.runaway = True
+        return {"metagrad/param_norm_growth": norm.new_tensor(growth)}
+
+    def state_dict(self) -> dict:
+        return {
+            "error_ema": self.error_ema,
+            "error_count": self.error_count,
+            "initial_norm": self.initial_norm,
+            "max_growth": self.max_growth,
+            "steps": self.steps,
+            "uninformative": self.uninformative,
+            "runaway": self.runaway,
+            "task": self._task,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.error_ema = state["error_ema"]
+        self.error_count = int(state["error_count"])
+        self.initial_norm = state["initial_norm"]
+        self.max_growth = float(state["max_growth"])
+        self.steps = int(state["steps"])
+        self.uninformative = bool(state["uninformative"])
+        self.runaway = bool(state["runaway"])
+        self._task = int(state["task"])

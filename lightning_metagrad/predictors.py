@@ -1,0 +1,317 @@
+"""Predictors of the mean old-task gradient, the ``bar-nabla`` of eq. 5.
+
+A predictor is trained on ``(theta_j, target_j)`` pairs of the current task (the gradient, or
+the optimizer's update vector), folds the finished task into a running mean at each boundary
+(eqs. 6-7), and predicts that mean at the current parameters. Plain PyTorch; the callback only
+calls these methods. Two are built in:
+
+* :class:`MetaNetPredictor` -- the paper exactly: a coordinate-wise MLP ``h(theta_j)`` per task
+  (section 2.2), distilled online into ``g`` (section 5.2), evaluated through a table.
+* :class:`AnchoredPredictor` -- a variant that works (see ``docs/science.md``): per coordinate, a
+  diagonal Taylor model of each old task's gradient around its end point, with a trust region
+  inside which the prediction is not trusted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_metagrad.distillation import RunningMeanDistiller
+from lightning_metagrad.meta_network import CoordinateMLP, MetaNetwork
+from lightning_metagrad.tabulation import TabulatedFunction
+
+
+class OldGradientPredictor:
+    """Interface of a predictor of the mean old-task gradient (subclass to add one).
+
+    The callback calls :meth:`bind` at each fit start with the trainable parameters' names and
+    sizes (the flat layout of ``theta``), :meth:`observe` on every optimizer step of a task,
+    :meth:`end_task` at a boundary, and :meth:`predict` from the second task on.
+    """
+
+    #: tasks folded into the running mean (``t`` in eqs. 6-7)
+    num_old_tasks: int = 0
+
+    def bind(self, names: Sequence[str], numels: Sequence[int], device: torch.device) -> None:
+        """Adopt the flat layout ``theta = cat(p.reshape(-1) for p in params)``."""
+
+    def observe(self, theta: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Learn from one step's finite pairs; return diagnostics to log (name -> scalar)."""
+        raise NotImplementedError
+
+    def end_task(self, theta: Tensor) -> None:
+        """Fold the finished task into the running mean of old-task gradients (eqs. 6-7)."""
+        raise NotImplementedError
+
+    def predict(self, theta: Tensor) -> tuple[Tensor, Tensor | None] | None:
+        """``(mean old-task gradient, confident mask or None)`` at ``theta``; None before task 2.
+
+        Where the mask is False the rule keeps the current gradient whatever its sign.
+        """
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+
+class MetaNetPredictor(OldGradientPredictor):
+    """The paper's predictor: a coordinate-wise meta-network per task, distilled into one g.
+
+    ``h`` (default 1-256-256-256-1, section 2.2) is trained by Adam on ``coords_per_step``
+    random coordinates every ``update_every`` optimizer steps; inputs are divided by the
+    parameters' standard deviation at the first step, targets by their RMS at each task's first
+    update. At a boundary h is distilled into g (eq. 7) with ``distill_steps`` Adam steps, and
+    g is tabulated on ``table_points`` points for O(P) prediction.
+
+    Example:
+        >>> pred = MetaNetPredictor(hidden_sizes=(8,), coords_per_step=16, update_every=1)
+        >>> theta = torch.randn(100)
+        >>> _ = pred.observe(theta, -theta)
+        >>> pred.end_task(theta)
+        >>> pred.predict(theta)[0].shape
+        torch.Size([100])
+    """
+
+    def __init__(
+        self,
+        hidden_sizes: Sequence[int] = (256, 256, 256),
+        activation: str = "relu",
+        coords_per_step: int = 4096,
+        lr: float = 1e-3,
+        update_every: int = 8,
+        distill_steps: int = 200,
+        distill_samples: int = 4096,
+        table_points: int = 4097,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"`update_every` must be an int >= 1, got {update_every!r}")
+        if not isinstance(table_points, int) or table_points < 2:
+            raise ValueError(f"`table_points` must be an int >= 2, got {table_points!r}")
+        if not isinstance(seed, int):
+            raise ValueError(f"`seed` must be an int, got {seed!r}")
+        self.update_every = update_every
+        self.table_points = table_points
+        self.generator = torch.Generator().manual_seed(seed)
+        self.meta = MetaNetwork(
+            CoordinateMLP(hidden_sizes, activation),
+            coords_per_step=coords_per_step,
+            lr=lr,
+            generator=self.generator,
+        )
+        self.distiller = RunningMeanDistiller(
+            steps=distill_steps, num_samples=distill_samples, lr=lr
+        )
+        self.table: TabulatedFunction | None = None
+        self.in_scale: float | None = None
+        self.steps_in_task = 0
+
+    @property  # type: ignore[override,misc]
+    def num_old_tasks(self) -> int:
+        return self.distiller.num_tasks
+
+    @property
+    def h(self) -> CoordinateMLP:
+        return self.meta.net
+
+    @property
+    def g(self) -> CoordinateMLP | None:
+        return self.distiller.g
+
+    def bind(self, names: Sequence[str], numels: Sequence[int], device: torch.device) -> None:
+        # Coordinate-wise: the layout does not matter, only the device.
+        self.meta.net.to(device)
+        if self.distiller.g is not None:
+            self.distiller.g.to(device)
+        if self.table is not None:
+            self.table = self.table.to(device)
+
+    def observe(self, theta: Tensor, target: Tensor) -> dict[str, Tensor]:
+        if self.in_scale is None:
+            # One input scale for every task's network: the parameters' spread at the start.
+            std = float(theta.float().std())
+            self.in_scale = std if math.isfinite(std) and std > 0 else 1.0
+            self.meta.reset(self.in_scale)
+        step = self.steps_in_task
+        self.steps_in_task += 1
+        if step % self.update_every != 0:
+            return {}
+        index = self.meta.sample_indices(theta.numel(), theta.device)
+        # The loss on freshly drawn coordinates, before the update: a held-out error.
+        loss, rel_error = self.meta.observe(theta, target, index)
+        return {"metagrad/meta_loss": loss, "metagrad/meta_rel_error": rel_error}
+
+    def end_task(self, theta: Tensor) -> None:
+        if self.meta.num_updates == 0:
+            raise RuntimeError("the task ended before its meta-network had any update")
+        self.distiller.add_task(self.meta.net, theta, generator=self.generator)
+        g = self.distiller.g
+        assert g is not None and self.in_scale is not None
+        reach = max(2.0 * float(theta.abs().max()), 8.0 * self.in_scale)
+        self.table = TabulatedFunction.from_function(
+            g, -reach, reach, num_points=self.table_points, device=theta.device
+        )
+        self.meta.reset(self.in_scale)
+        self.steps_in_task = 0
+
+    def predict(self, theta: Tensor) -> tuple[Tensor, Tensor | None] | None:
+        if self.table is None:
+            return None
+        return self.table(theta), None
+
+    def state_dict(self) -> dict:
+        return {
+            "meta": self.meta.state_dict(),
+            "distiller": self.distiller.state_dict(),
+            "table": None if self.table is None else self.table.state_dict(),
+            "in_scale": self.in_scale,
+            "steps_in_task": self.steps_in_task,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.meta.load_state_dict(state["meta"])
+        self.distiller.load_state_dict(state["distiller"], template=self.meta.net)
+        table = state["table"]
+        self.table = None if table is None else TabulatedFunction.from_state_dict(table)
+        self.in_scale = state["in_scale"]
+        self.steps_in_task = int(state["steps_in_task"])
+        self.generator.set_state(state["generator"])
+
+
+class AnchoredPredictor(OldGradientPredictor):
+    r"""Per-coordinate diagonal Taylor model of the old tasks' gradients, with a trust region.
+
+    During task i the importance ``F_i = mean_s target_j(s)^2`` is accumulated (a running
+    squared gradient). Around the task's end point ``theta*_i`` its gradient is modelled as
+    ``F_i,j (theta_j - theta*_i,j)``; the mean over old tasks (eq. 6) is linear in theta,
+    ``B theta - C`` with ``B = mean_i F_i`` and ``C = mean_i F_i theta*_i``, so the running
+    mean is exact and costs two floats per parameter (three during a task).
+
+    Magnitude-aware rule: the prediction is trusted only outside a trust region, where the
+    modelled old-task loss increase ``B (theta - anchor)^2 / 2`` exceeds
+    ``radius^2 mean(B) / 2``; inside it the current gradient is kept (eq. 5 would otherwise
+    freeze every coordinate at the anchor, where the prediction is 0). Important coordinates
+    get a small region, unimportant ones a large one.
+
+    Example:
+        >>> pred = AnchoredPredictor(radius=0.01)
+        >>> pred.bind(["w"], [3], torch.device("cpu"))
+        >>> _ = pred.observe(torch.zeros(3), torch.tensor([1.0, 0.1, 0.0]))
+        >>> pred.end_task(torch.zeros(3))
+        >>> mean_grad, trusted = pred.predict(torch.tensor([0.5, 0.5, 0.5]))
+        >>> mean_grad, trusted
+        (tensor([0.5000, 0.0050, 0.0000]), tensor([ True,  True, False]))
+    """
+
+    def __init__(self, radius: float = 0.01) -> None:
+        if not radius > 0:
+            raise ValueError(f"`radius` must be > 0, got {radius!r}")
+        self.radius = float(radius)
+        self.num_old_tasks = 0
+        self._names: list[str] = []
+        self._numels: list[int] = []
+        # Per-parameter-name state, so the model may change between tasks.
+        self._stored: dict[str, dict[str, Tensor]] = {}
+        self._sq_sum: Tensor | None = None  # running sum of target^2 in the current task
+        self._count = 0
+        self._b: Tensor | None = None
+        self._c: Tensor | None = None
+
+    def bind(self, names: Sequence[str], numels: Sequence[int], device: torch.device) -> None:
+        self._unbind()
+        self._names, self._numels = list(names), list(numels)
+        total = sum(self._numels)
+
+        def gather(key: str) -> Tensor:
+            parts = []
+            for name, n in zip(self._names, self._numels):
+                t = self._stored.get(name, {}).get(key)
+                parts.append(
+                    t.to(device)
+                    if t is not None and t.numel() == n
+                    else torch.zeros(n, device=device)
+                )
+            return torch.cat(parts) if parts else torch.zeros(total, device=device)
+
+        self._sq_sum = gather("sq_sum")
+        self._b = gather("b")
+        self._c = gather("c")
+
+    def _unbind(self) -> None:
+        """Write the flat buffers back into the per-name store."""
+        if self._b is None or self._c is None or self._sq_sum is None:
+            return
+        for key, flat in (("b", self._b), ("c", self._c), ("sq_sum", self._sq_sum)):
+            for name, piece in zip(self._names, flat.split(self._numels)):
+                self._stored.setdefault(name, {})[key] = piece.detach().clone()
+
+    def observe(self, theta: Tensor, target: Tensor) -> dict[str, Tensor]:
+        if self._sq_sum is None:
+            raise RuntimeError("AnchoredPredictor.observe() before bind()")
+        self._sq_sum.addcmul_(target, target)
+        self._count += 1
+        return {}
+
+    def end_task(self, theta: Tensor) -> None:
+        if self._sq_sum is None or self._b is None or self._c is None:
+            raise RuntimeError("AnchoredPredictor.end_task() before bind()")
+        if self._count == 0:
+            raise RuntimeError("the task ended before any step was observed")
+        t = float(self.num_old_tasks)
+        importance = self._sq_sum / self._count
+        # Eq. 6, exactly: running means of F_i and F_i * theta*_i.
+        self._b.mul_(t / (t + 1)).add_(importance, alpha=1 / (t + 1))
+        self._c.mul_(t / (t + 1)).add_(importance * theta, alpha=1 / (t + 1))
+        self._sq_sum.zero_()
+        self._count = 0
+        self.num_old_tasks += 1
+
+    def predict(self, theta: Tensor) -> tuple[Tensor, Tensor | None] | None:
+        if self.num_old_tasks == 0 or self._b is None or self._c is None:
+            return None
+        predicted = self._b * theta - self._c
+        # Outside the trust region: pred^2 / B > radius^2 mean(B)  (no division by B needed).
+        threshold = (self.radius**2) * self._b.mean()
+        trusted = predicted * predicted > threshold * self._b
+        return predicted, trusted
+
+    def state_dict(self) -> dict:
+        self._unbind()
+        return {
+            "radius": self.radius,
+            "num_old_tasks": self.num_old_tasks,
+            "count": self._count,
+            "stored": {k: dict(v) for k, v in self._stored.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_old_tasks = int(state["num_old_tasks"])
+        self._count = int(state["count"])
+        self._stored = {k: dict(v) for k, v in state["stored"].items()}
+        self._b = self._c = self._sq_sum = None
+        if self._names:
+            device = next(iter(self._stored.values()))["b"].device if self._stored else "cpu"
+            self.bind(self._names, self._numels, torch.device(device))
+
+
+PREDICTORS = {"paper": MetaNetPredictor, "anchored": AnchoredPredictor}
+
+
+def build_predictor(spec: str | OldGradientPredictor) -> OldGradientPredictor:
+    """A predictor from its name (``"paper"``, ``"anchored"``) or an instance."""
+    if isinstance(spec, OldGradientPredictor):
+        return spec
+    if spec not in PREDICTORS:
+        raise ValueError(
+            f"`predictor` must be one of {sorted(PREDICTORS)} or an OldGradientPredictor, "
+            f"got {spec!r}"
+        )
+    return PREDICTORS[spec]()

@@ -1,0 +1,138 @@
+"""Predictors of the mean old-task gradient and the run-time diagnostics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TinyClassifier, loader, make_trainer
+
+from lightning_metagrad import AnchoredPredictor, Diagnostics, MetaGradCallback, MetaNetPredictor
+
+
+def _bound(pred: AnchoredPredictor, n: int) -> AnchoredPredictor:
+    pred.bind(["w"], [n], torch.device("cpu"))
+    return pred
+
+
+def test_anchored_running_mean_is_exact_eq_6() -> None:
+    pred = _bound(AnchoredPredictor(radius=1e-6), 2)
+    # Task 1: importance F1 = mean(target^2) = [4, 1], end point theta*_1 = [1, 0].
+    for target in ([2.0, 1.0], [-2.0, -1.0]):
+        pred.observe(torch.zeros(2), torch.tensor(target))
+    pred.end_task(torch.tensor([1.0, 0.0]))
+    # Task 2: F2 = [0, 9], theta*_2 = [0, 2].
+    pred.observe(torch.zeros(2), torch.tensor([0.0, 3.0]))
+    pred.end_task(torch.tensor([0.0, 2.0]))
+    theta = torch.tensor([3.0, 5.0])
+    mean, trusted = pred.predict(theta)  # type: ignore[misc]
+    # Mean of F_i (theta - theta*_i): [(4*2 + 0)/2, (1*5 + 9*3)/2]
+    assert torch.allclose(mean, torch.tensor([4.0, 16.0]))
+    assert trusted is not None and bool(trusted.all())
+    assert pred.num_old_tasks == 2
+
+
+def test_anchored_trust_region_scales_with_importance() -> None:
+    pred = _bound(AnchoredPredictor(radius=0.1), 2)
+    pred.observe(torch.zeros(2), torch.tensor([10.0, 0.1]))  # F = [100, 0.01], mean 50.005
+    pred.end_task(torch.zeros(2))
+    # Radius_j = 0.1 * sqrt(mean F / F_j): ~0.0707 for the important, ~7.07 for the other.
+    _, trusted = pred.predict(torch.tensor([0.08, 0.08]))  # type: ignore[misc]
+    assert trusted.tolist() == [True, False]  # type: ignore[union-attr]
+    _, trusted = pred.predict(torch.tensor([0.06, 8.0]))  # type: ignore[misc]
+    assert trusted.tolist() == [False, True]  # type: ignore[union-attr]
+
+
+def test_anchored_state_follows_parameters_by_name() -> None:
+    pred = AnchoredPredictor(radius=1e-6)
+    pred.bind(["a", "b"], [1, 1], torch.device("cpu"))
+    pred.observe(torch.zeros(2), torch.tensor([1.0, 2.0]))
+    pred.end_task(torch.zeros(2))
+    # Next task: "a" frozen (gone), a new head "c" added before "b".
+    pred.bind(["c", "b"], [1, 1], torch.device("cpu"))
+    mean, _ = pred.predict(torch.tensor([1.0, 1.0]))  # type: ignore[misc]
+    assert mean.tolist() == [0.0, 4.0]  # new parameter: no prediction; "b": F=4 * (1 - 0)
+    restored = AnchoredPredictor(radius=1e-6)
+    restored.load_state_dict(pred.state_dict())
+    restored.bind(["a"], [1], torch.device("cpu"))
+    assert restored.predict(torch.tensor([2.0]))[0].tolist() == [2.0]  # type: ignore[index]
+
+
+def test_anchored_keeps_gradients_inside_the_trust_region_through_a_trainer() -> None:
+    lr = 0.1
+    cb = MetaGradCallback(predictor=AnchoredPredictor(radius=1e9))  # everything inside
+    model = TinyClassifier(lr=lr)
+    make_trainer([cb]).fit(model, loader(0))
+    reference = TinyClassifier(lr=lr)
+    reference.load_state_dict(model.state_dict())
+    make_trainer([cb]).fit(model, loader(1))
+    make_trainer([]).fit(reference, loader(1))
+    assert cb.num_old_tasks == 1
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a, b)  # nothing trusted: plain SGD
+
+
+def test_anchored_blocks_moves_away_from_an_important_anchor() -> None:
+    cb = MetaGradCallback(predictor=AnchoredPredictor(radius=1e-4))
+    model = TinyClassifier(lr=0.1)
+    make_trainer([cb], max_steps=16).fit(model, loader(0))
+    anchor = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    free = TinyClassifier(lr=0.1)
+    free.load_state_dict(model.state_dict())
+    trainer = make_trainer([cb], max_steps=16)
+    trainer.fit(model, loader(1))
+    make_trainer([], max_steps=16).fit(free, loader(1))
+    moved = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - anchor
+    moved_free = torch.cat([p.detach().reshape(-1) for p in free.parameters()]) - anchor
+    assert float(trainer.callback_metrics["metagrad/zeroed_fraction"]) > 0
+    assert float(moved.norm()) < 0.9 * float(moved_free.norm())
+
+
+def test_diagnostics_warn_once_when_the_prediction_is_uninformative() -> None:
+    d = Diagnostics(warmup=5)
+    with pytest.warns(UserWarning, match="no information"):
+        for _ in range(10):
+            d.observe_prediction_quality({"metagrad/meta_rel_error": torch.tensor(1.0)})
+    assert d.uninformative
+
+
+def test_diagnostics_stay_quiet_for_an_informative_prediction() -> None:
+    d = Diagnostics(warmup=5)
+    for _ in range(20):
+        d.observe_prediction_quality({"metagrad/meta_rel_error": torch.tensor(0.3)})
+    assert not d.uninformative
+
+
+def test_diagnostics_warn_when_the_weights_run_away() -> None:
+    d = Diagnostics(check_every=1)
+    w = torch.ones(10)
+    d.step([w], 0)
+    d.step([w * 2], 0)
+    assert not d.runaway
+    with pytest.warns(UserWarning, match="running away"):
+        figures = d.step([w * 5], 0)
+    assert d.runaway and float(figures["metagrad/param_norm_growth"]) == pytest.approx(5.0)
+
+
+def test_callback_logs_prediction_quality_and_drift() -> None:
+    cb = MetaGradCallback(
+        predictor=MetaNetPredictor(hidden_sizes=(8,), coords_per_step=64, update_every=1)
+    )
+    trainer = make_trainer([cb], max_steps=4)
+    trainer.fit(TinyClassifier(), loader(0))
+    logged = trainer.callback_metrics
+    assert float(logged["metagrad/meta_rel_error"]) >= 0.0
+    assert float(logged["metagrad/param_norm_growth"]) > 0
+
+
+def test_average_rule_never_lets_a_non_finite_prediction_through() -> None:
+    class Exploding(AnchoredPredictor):
+        def predict(self, theta):  # type: ignore[no-untyped-def]
+            out = super().predict(theta)
+            return None if out is None else (torch.full_like(theta, float("inf")), None)
+
+    lr = 0.1
+    cb = MetaGradCallback(predictor=Exploding(), combine="average")
+    model = TinyClassifier(lr=lr)
+    make_trainer([cb]).fit(model, loader(0))
+    make_trainer([cb]).fit(model, loader(1))
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
