@@ -33,8 +33,12 @@ class OldGradientPredictor:
     :meth:`end_task` at a boundary, and :meth:`predict` from the second task on.
     """
 
-    #: tasks folded into the running mean (``t`` in eqs. 6-7)
-    num_old_tasks: int = 0
+    _old_tasks = 0
+
+    @property
+    def num_old_tasks(self) -> int:
+        """Tasks folded into the running mean (``t`` in eqs. 6-7)."""
+        return self._old_tasks
 
     def bind(self, names: Sequence[str], numels: Sequence[int], device: torch.device) -> None:
         """Adopt the flat layout ``theta = cat(p.reshape(-1) for p in params)``."""
@@ -113,7 +117,7 @@ class MetaNetPredictor(OldGradientPredictor):
         self.in_scale: float | None = None
         self.steps_in_task = 0
 
-    @property  # type: ignore[override,misc]
+    @property
     def num_old_tasks(self) -> int:
         return self.distiller.num_tasks
 
@@ -215,7 +219,7 @@ class AnchoredPredictor(OldGradientPredictor):
         if not radius > 0:
             raise ValueError(f"`radius` must be > 0, got {radius!r}")
         self.radius = float(radius)
-        self.num_old_tasks = 0
+        self._old_tasks = 0
         self._names: list[str] = []
         self._numels: list[int] = []
         # Per-parameter-name state, so the model may change between tasks.
@@ -265,14 +269,14 @@ class AnchoredPredictor(OldGradientPredictor):
             raise RuntimeError("AnchoredPredictor.end_task() before bind()")
         if self._count == 0:
             raise RuntimeError("the task ended before any step was observed")
-        t = float(self.num_old_tasks)
+        t = float(self._old_tasks)
         importance = self._sq_sum / self._count
         # Eq. 6, exactly: running means of F_i and F_i * theta*_i.
         self._b.mul_(t / (t + 1)).add_(importance, alpha=1 / (t + 1))
         self._c.mul_(t / (t + 1)).add_(importance * theta, alpha=1 / (t + 1))
         self._sq_sum.zero_()
         self._count = 0
-        self.num_old_tasks += 1
+        self._old_tasks += 1
 
     def predict(self, theta: Tensor) -> tuple[Tensor, Tensor | None] | None:
         if self.num_old_tasks == 0 or self._b is None or self._c is None:
@@ -293,7 +297,7 @@ class AnchoredPredictor(OldGradientPredictor):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.num_old_tasks = int(state["num_old_tasks"])
+        self._old_tasks = int(state["num_old_tasks"])
         self._count = int(state["count"])
         self._stored = {k: dict(v) for k, v in state["stored"].items()}
         self._b = self._c = self._sq_sum = None
