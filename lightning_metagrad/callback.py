@@ -19,12 +19,12 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.core.optimizer import _configure_optimizers
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_metagrad._module_utils import count_optimizers, several_optimizers_message
 from lightning_metagrad.boundaries import (
     BatchTaskIdBoundaries,
     NewFitBoundaries,
@@ -51,22 +51,6 @@ def _flat(tensors: Sequence[Tensor]) -> Tensor:
 def _write_flat(dest: Sequence[Tensor], flat: Tensor) -> None:
     pieces = flat.split([d.numel() for d in dest])
     torch._foreach_copy_(list(dest), [p.view_as(d) for p, d in zip(pieces, dest)])
-
-
-def _several_optimizers_message(count: int) -> str:
-    return (
-        f"MetaGradCallback supports exactly one optimizer, got {count}. Return a single "
-        "optimizer from `configure_optimizers` (use parameter groups for per-module settings)."
-    )
-
-
-def _count_optimizers(pl_module: pl.LightningModule) -> int | None:
-    """How many optimizers ``configure_optimizers`` returns, or None if it cannot be told yet."""
-    try:
-        optimizers, _, _ = _configure_optimizers(pl_module.configure_optimizers())  # type: ignore[arg-type]
-    except Exception:  # Lightning reports a broken configure_optimizers itself, later.
-        return None
-    return len(optimizers)
 
 
 class MetaGradCallback(Callback):
@@ -234,14 +218,18 @@ class MetaGradCallback(Callback):
             )
         # Lightning itself rejects several optimizers under automatic optimization, advising
         # manual optimization, which MetaGrad cannot support: say so first.
-        num_optimizers = _count_optimizers(pl_module)
+        num_optimizers = count_optimizers(pl_module)
         if num_optimizers is not None and num_optimizers > 1:
-            raise MisconfigurationException(_several_optimizers_message(num_optimizers))
+            raise MisconfigurationException(
+                several_optimizers_message("MetaGradCallback", num_optimizers)
+            )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
-            raise MisconfigurationException(_several_optimizers_message(len(trainer.optimizers)))
+            raise MisconfigurationException(
+                several_optimizers_message("MetaGradCallback", len(trainer.optimizers))
+            )
         named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
         if not named:
             raise MisconfigurationException(

@@ -26,14 +26,18 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.core.optimizer import _configure_optimizers
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from typing_extensions import override
+
+from lightning_metagrad._module_utils import (
+    count_optimizers,
+    quiet_eval,
+    several_optimizers_message,
+)
 
 TensorDict = dict[str, Tensor]
 
@@ -63,54 +67,6 @@ def check_positive_int(name: str, value: Any) -> int:
 
 
 # ---------------------------------------------------------------------------- small helpers
-
-
-def _loss_of(output: Any) -> Tensor | None:
-    """The loss tensor of a ``training_step`` output (a tensor, ``{"loss": ...}`` or None)."""
-    if output is None or isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping) and isinstance(output.get("loss"), Tensor):
-        return output["loss"]
-    raise TypeError(
-        "`training_step` must return a loss tensor, a dict with a 'loss' tensor, or None to "
-        f"be used for the importance estimate; got {type(output).__name__}."
-    )
-
-
-@contextlib.contextmanager
-def _quiet_eval(pl_module: pl.LightningModule) -> Iterator[None]:
-    """Eval mode, ``self.log`` / ``self.log_dict`` as no-ops and isolated RNG, all restored after.
-
-    Eval mode keeps dropout off and BatchNorm statistics untouched; the RNG isolation keeps
-    the data order and dropout masks of later training identical to a run without the callback.
-    """
-    modes = {m: m.training for m in pl_module.modules()}
-    include_cuda = pl_module.device.type == "cuda"
-
-    def _no_log(*args: Any, **kwargs: Any) -> None:
-        return None
-
-    pl_module.eval()
-    # Instance attributes shadow the methods; `del` brings the class methods back.
-    object.__setattr__(pl_module, "log", _no_log)
-    object.__setattr__(pl_module, "log_dict", _no_log)
-    try:
-        with isolate_rng(include_cuda=include_cuda), torch.enable_grad():
-            yield
-    finally:
-        object.__delattr__(pl_module, "log")
-        object.__delattr__(pl_module, "log_dict")
-        for module, mode in modes.items():
-            module.training = mode
-
-
-def _count_optimizers(pl_module: pl.LightningModule) -> int | None:
-    """How many optimizers ``configure_optimizers`` returns, or None if it cannot be told yet."""
-    try:
-        optimizers, _, _ = _configure_optimizers(pl_module.configure_optimizers())  # type: ignore[arg-type]
-    except Exception:  # Lightning reports a broken configure_optimizers itself, later.
-        return None
-    return len(optimizers)
 
 
 class _Term:
@@ -273,7 +229,7 @@ class _QuadraticPenaltyCallback(Callback):
             if isinstance(plugin, MixedPrecision)
             else plugin.train_step_context()
         )
-        with _quiet_eval(pl_module), step_context:
+        with quiet_eval(pl_module), step_context:
             for batch_idx, batch in enumerate(self._batches(trainer, pl_module, dataloader)):
                 if batch_idx >= num_batches:
                     break
@@ -344,15 +300,15 @@ class _QuadraticPenaltyCallback(Callback):
                 f"{name} does not support the {strategy} (sharded parameters); use a single "
                 "device or strategy='ddp'."
             )
-        count = _count_optimizers(pl_module)
+        count = count_optimizers(pl_module)
         if count is not None and count > 1:
-            raise MisconfigurationException(self._several_optimizers_message(count))
+            raise MisconfigurationException(several_optimizers_message(type(self).__name__, count))
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
             raise MisconfigurationException(
-                self._several_optimizers_message(len(trainer.optimizers))
+                several_optimizers_message(type(self).__name__, len(trainer.optimizers))
             )
         self._build_cache(pl_module, check=True)
         self._warn_if_unstable(trainer.optimizers[0])
@@ -438,12 +394,6 @@ class _QuadraticPenaltyCallback(Callback):
         self._cache_owner = None
 
     # ------------------------------------------------------------------ internals
-
-    def _several_optimizers_message(self, count: int) -> str:
-        return (
-            f"{type(self).__name__} supports exactly one optimizer, got {count}. Return a single "
-            "optimizer from `configure_optimizers` (use parameter groups for per-module settings)."
-        )
 
     def _mean_over_ranks(self, trainer: pl.Trainer, importance: TensorDict) -> TensorDict:
         names = list(importance)

@@ -10,9 +10,9 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
+from lightning_metagrad._module_utils import loss_of
 from lightning_metagrad.baselines._base import (
     TensorDict,
-    _loss_of,
     _QuadraticPenaltyCallback,
     check_number,
     check_positive_int,
@@ -34,7 +34,7 @@ class _FisherMixin(_QuadraticPenaltyCallback):
         # own training loss on batch b (true labels, not sampled ones). It is about
         # 1/batch_size of the per-sample Fisher; `strength` absorbs the constant.
         def loss(batch: Any, batch_idx: int) -> torch.Tensor | None:
-            return _loss_of(pl_module.training_step(batch, batch_idx))
+            return loss_of(pl_module.training_step(batch, batch_idx))
 
         return self._data_importance(
             trainer, pl_module, params, dataloader, self.fisher_batches, loss, absolute=False
