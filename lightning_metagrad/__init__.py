@@ -19,6 +19,7 @@ from lightning_metagrad.predictors import (
     AnchoredPredictor,
     MetaNetPredictor,
     OldGradientPredictor,
+    ReplayPredictor,
 )
 from lightning_metagrad.tabulation import TabulatedFunction
 
@@ -34,6 +35,7 @@ __all__ = [
     "MetaNetwork",
     "NewFitBoundaries",
     "OldGradientPredictor",
+    "ReplayPredictor",
     "RunningMeanDistiller",
     "TabulatedFunction",
     "TaskBoundarySource",

@@ -68,8 +68,10 @@ class MetaGradCallback(Callback):
         predictor: ``"paper"`` -- the paper's coordinate-wise meta-networks h(theta_j),
             distilled into g (:class:`~lightning_metagrad.predictors.MetaNetPredictor`);
             ``"anchored"`` -- a diagonal Taylor model around each old task's end point with a
-            trust region (:class:`~lightning_metagrad.predictors.AnchoredPredictor`); or a
-            configured predictor instance.
+            trust region (:class:`~lightning_metagrad.predictors.AnchoredPredictor`);
+            ``"replay"`` -- the real old-task gradient from a small episodic memory of old
+            batches (:class:`~lightning_metagrad.predictors.ReplayPredictor`); or a configured
+            predictor instance.
         combine: ``"sign"`` (eq. 5) or ``"average"`` (eq. 2 with predicted old gradients).
         target: what the predictor learns: ``"gradient"`` (plain SGD), ``"update"`` (the
             optimizer's update vector; the rule then applies to that update), or ``"auto"``:
@@ -237,6 +239,7 @@ class MetaGradCallback(Callback):
                 "Unfreeze the parameters to train, or remove the callback."
             )
         self._bind(named)
+        self.predictor.attach(trainer, pl_module)
         optimizer = trainer.optimizers[0]
         self._resolved_target = self._resolve_target(optimizer)
         if self._resolved_target == "update":
@@ -261,6 +264,7 @@ class MetaGradCallback(Callback):
     ) -> None:
         if self.boundaries.on_train_batch(batch, batch_idx):
             self.start_new_task()
+        self.predictor.observe_batch(batch)
 
     @override
     def on_before_optimizer_step(

@@ -7,19 +7,27 @@ calls these methods. Two are built in:
 
 * :class:`MetaNetPredictor` -- the paper exactly: a coordinate-wise MLP ``h(theta_j)`` per task
   (section 2.2), distilled online into ``g`` (section 5.2), evaluated through a table.
-* :class:`AnchoredPredictor` -- a variant that works (see ``docs/science.md``): per coordinate, a
-  diagonal Taylor model of each old task's gradient around its end point, with a trust region
-  inside which the prediction is not trusted.
+* :class:`AnchoredPredictor` -- per coordinate, a diagonal Taylor model of each old task's
+  gradient around its end point, with a trust region inside which the prediction is not
+  trusted; no data stored.
+* :class:`ReplayPredictor` -- a small episodic memory of old batches yields the real old-task
+  gradient at the current parameters: the upper reference for the rule, and a practical mode
+  where keeping a few batches is allowed.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
+from typing import Any
 
+import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from torch import Tensor
 
+from lightning_metagrad._module_utils import loss_of, quiet_eval
 from lightning_metagrad.distillation import RunningMeanDistiller
 from lightning_metagrad.meta_network import CoordinateMLP, MetaNetwork
 from lightning_metagrad.tabulation import TabulatedFunction
@@ -42,6 +50,12 @@ class OldGradientPredictor:
 
     def bind(self, names: Sequence[str], numels: Sequence[int], device: torch.device) -> None:
         """Adopt the flat layout ``theta = cat(p.reshape(-1) for p in params)``."""
+
+    def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Called at each fit start; predictors that evaluate the model keep it here."""
+
+    def observe_batch(self, batch: Any) -> None:
+        """Called with every training batch (on the device); only a memory needs it."""
 
     def observe(self, theta: Tensor, target: Tensor) -> dict[str, Tensor]:
         """Learn from one step's finite pairs; return diagnostics to log (name -> scalar)."""
@@ -306,11 +320,124 @@ class AnchoredPredictor(OldGradientPredictor):
             self.bind(self._names, self._numels, torch.device(device))
 
 
-PREDICTORS = {"paper": MetaNetPredictor, "anchored": AnchoredPredictor}
+class ReplayPredictor(OldGradientPredictor):
+    """The real mean old-task gradient from an episodic memory of old training batches.
+
+    During a task, ``memory_batches`` of its batches are kept by reservoir sampling; at a
+    boundary they join the memory, and the total stays at ``memory_batches`` batches shared
+    evenly by all old tasks (constant memory). Every ``refresh_every`` steps the gradient of
+    the module's own ``training_step`` loss on each old task's batches is computed (eval mode,
+    logging silenced, ``.grad`` untouched), averaged over old tasks (eq. 2's mean) and reused
+    until the next refresh. Under DDP each rank's estimate is averaged over ranks.
+
+    Example:
+        >>> ReplayPredictor(memory_batches=8, refresh_every=10).num_old_tasks
+        0
+    """
+
+    def __init__(self, memory_batches: int = 8, refresh_every: int = 10, seed: int = 0) -> None:
+        if not isinstance(memory_batches, int) or memory_batches < 1:
+            raise ValueError(f"`memory_batches` must be an int >= 1, got {memory_batches!r}")
+        if not isinstance(refresh_every, int) or refresh_every < 1:
+            raise ValueError(f"`refresh_every` must be an int >= 1, got {refresh_every!r}")
+        self.memory_batches = memory_batches
+        self.refresh_every = refresh_every
+        self._rng = random.Random(seed)
+        self.memory: list[list[Any]] = []  # per old task: stored batches
+        self.current: list[Any] = []
+        self._seen = 0
+        self._calls = 0
+        self._cached: Tensor | None = None
+        self._trainer: pl.Trainer | None = None
+        self._module: pl.LightningModule | None = None
+        self._params: list[Tensor] = []
+
+    @property
+    def num_old_tasks(self) -> int:
+        return len(self.memory)
+
+    def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trainer, self._module = trainer, pl_module
+        self._params = [p for p in pl_module.parameters() if p.requires_grad]
+        self._cached = None
+
+    def observe_batch(self, batch: Any) -> None:
+        # Reservoir sampling: every batch of the task has the same chance to be kept.
+        self._seen += 1
+        if len(self.current) < self.memory_batches:
+            self.current.append(_detached(batch))
+        else:
+            slot = self._rng.randrange(self._seen)
+            if slot < self.memory_batches:
+                self.current[slot] = _detached(batch)
+
+    def observe(self, theta: Tensor, target: Tensor) -> dict[str, Tensor]:
+        return {}
+
+    def end_task(self, theta: Tensor) -> None:
+        if not self.current:
+            raise RuntimeError("the task ended before any batch was stored")
+        self.memory.append(self.current)
+        share = max(1, self.memory_batches // len(self.memory))
+        self.memory = [batches[:share] for batches in self.memory]
+        self.current, self._seen, self._cached = [], 0, None
+
+    def predict(self, theta: Tensor) -> tuple[Tensor, Tensor | None] | None:
+        if not self.memory:
+            return None
+        if self._cached is None or self._calls % self.refresh_every == 0:
+            self._cached = self._old_gradient().to(theta.device)
+        self._calls += 1
+        return self._cached, None
+
+    def _old_gradient(self) -> Tensor:
+        module, trainer = self._module, self._trainer
+        if module is None or trainer is None:
+            raise RuntimeError("ReplayPredictor.predict() before attach()")
+        total = [torch.zeros_like(p, dtype=torch.float32) for p in self._params]
+        with quiet_eval(module):
+            for batches in self.memory:
+                for i, batch in enumerate(batches):
+                    loss = loss_of(module.training_step(batch, i))
+                    if loss is None:
+                        continue
+                    grads = torch.autograd.grad(loss, self._params, allow_unused=True)
+                    scale = 1.0 / (len(batches) * len(self.memory))
+                    for acc, g in zip(total, grads):
+                        if g is not None:
+                            acc.add_(g.float(), alpha=scale)
+        flat = torch.cat([t.reshape(-1) for t in total])
+        if trainer.world_size > 1:
+            flat = trainer.strategy.reduce(flat, reduce_op="mean")
+        return flat
+
+    def state_dict(self) -> dict:
+        return {
+            "memory": self.memory,
+            "current": self.current,
+            "seen": self._seen,
+            "calls": self._calls,
+            "rng": list(self._rng.getstate()[1]),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.memory = [list(b) for b in state["memory"]]
+        self.current = list(state["current"])
+        self._seen = int(state["seen"])
+        self._calls = int(state["calls"])
+        self._rng.setstate((3, tuple(state["rng"]), None))
+        self._cached = None
+
+
+def _detached(batch: Any) -> Any:
+    return apply_to_collection(batch, Tensor, lambda t: t.detach().clone())
+
+
+PREDICTORS = {"paper": MetaNetPredictor, "anchored": AnchoredPredictor, "replay": ReplayPredictor}
 
 
 def build_predictor(spec: str | OldGradientPredictor) -> OldGradientPredictor:
-    """A predictor from its name (``"paper"``, ``"anchored"``) or an instance."""
+    """A predictor from its name (``"paper"``, ``"anchored"``, ``"replay"``) or an instance."""
     if isinstance(spec, OldGradientPredictor):
         return spec
     if spec not in PREDICTORS:

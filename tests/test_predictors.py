@@ -136,3 +136,37 @@ def test_average_rule_never_lets_a_non_finite_prediction_through() -> None:
     make_trainer([cb]).fit(model, loader(0))
     make_trainer([cb]).fit(model, loader(1))
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_replay_predicts_the_real_old_task_gradient() -> None:
+    from lightning_metagrad import ReplayPredictor
+
+    replay = ReplayPredictor(memory_batches=8, refresh_every=1)
+    cb = MetaGradCallback(predictor=replay)
+    model = TinyClassifier()
+    make_trainer([cb], max_steps=8).fit(model, loader(0))  # 8 batches: all kept
+    assert len(replay.current) == 8
+    trainer = make_trainer([cb], max_steps=1)
+    trainer.fit(model, loader(1))  # the boundary moves them into the memory
+    assert replay.num_old_tasks == 1 and len(replay.memory[0]) == 8
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    model.zero_grad()
+    losses = [model.training_step(b, i) for i, b in enumerate(loader(0))]
+    (sum(losses) / len(losses)).backward()  # type: ignore[union-attr]
+    expected = torch.cat([p.grad.reshape(-1) for p in model.parameters()])  # type: ignore[union-attr]
+    torch.testing.assert_close(cb.predict_old_gradient(theta), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_replay_memory_stays_constant_over_tasks() -> None:
+    from lightning_metagrad import ReplayPredictor
+
+    replay = ReplayPredictor(memory_batches=6, refresh_every=5)
+    cb = MetaGradCallback(predictor=replay)
+    model = TinyClassifier()
+    for task in range(4):
+        make_trainer([cb], max_steps=8).fit(model, loader(task))
+    assert replay.num_old_tasks == 3
+    assert sum(len(b) for b in replay.memory) <= 6
+    restored = ReplayPredictor(memory_batches=6)
+    restored.load_state_dict(replay.state_dict())
+    assert [len(b) for b in restored.memory] == [len(b) for b in replay.memory]
