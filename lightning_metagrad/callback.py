@@ -19,6 +19,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
@@ -114,6 +115,13 @@ class MetaGradCallback(Callback):
         elif task_boundaries == "fit":
             self.boundaries = NewFitBoundaries()
         elif task_boundaries == "batch":
+            if not isinstance(task_id_key, str) or not task_id_key:
+                raise ValueError(f"`task_id_key` must be a non-empty string, got {task_id_key!r}")
+            if task_id_fn is not None and not callable(task_id_fn):
+                raise ValueError(
+                    "`task_id_fn` must be a callable `batch -> task id`, got "
+                    f"{type(task_id_fn).__name__}"
+                )
             self.boundaries = BatchTaskIdBoundaries(key=task_id_key, fn=task_id_fn)
         elif task_boundaries == "manual":
             self.boundaries = TaskBoundarySource()
@@ -191,7 +199,15 @@ class MetaGradCallback(Callback):
                 "added to the old-task predictor."
             )
         else:
-            self.predictor.end_task(_flat(self._params))
+            theta = _flat(self._params)
+            if not bool(torch.isfinite(theta).all()):
+                raise RuntimeError(
+                    f"MetaGrad: the model's parameters are non-finite at the end of task "
+                    f"{self.task_index}; the task cannot be folded into the old-task predictor, "
+                    "which was left unchanged. Resume from the last good checkpoint and keep the "
+                    "loss finite (lower learning rate, gradient clipping, or skip such steps)."
+                )
+            self.predictor.end_task(theta)
         self.task_index += 1
         self._steps_in_task = 0
         self.on_task_start(self.task_index)
@@ -211,6 +227,13 @@ class MetaGradCallback(Callback):
                 "MetaGradCallback rewrites gradients between backward and optimizer.step, which "
                 "Lightning's manual optimization does not expose. Use automatic optimization "
                 "(remove `self.automatic_optimization = False`)."
+            )
+        if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+            # Runs in the worker: its state would never reach the caller's callback object.
+            raise MisconfigurationException(
+                "MetaGradCallback does not support spawned/forked processes (ddp_spawn, "
+                "ddp_fork, ddp_notebook): the callback's state stays in the worker processes and "
+                "is lost when they exit. Use strategy='ddp', or devices=1."
             )
         strategy = type(trainer.strategy).__name__
         if "FSDP" in strategy or "DeepSpeed" in strategy:
@@ -244,6 +267,14 @@ class MetaGradCallback(Callback):
         self._resolved_target = self._resolve_target(optimizer)
         if self._resolved_target == "update":
             self._hook_handle = optimizer.register_step_post_hook(self._after_optimizer_step)
+        if (
+            trainer.ckpt_path is None
+            and isinstance(self.boundaries, NewFitBoundaries)
+            and self.boundaries.in_fit
+        ):
+            # State taken inside an earlier fit (a ModelCheckpoint file loaded by hand, or a fit
+            # that crashed) and this fit does not resume it: that earlier fit is over.
+            self.boundaries.on_fit_end()
         if self.boundaries.on_fit_start():
             self.start_new_task()
 

@@ -68,7 +68,8 @@ class TabulatedFunction:
     def __call__(self, x: Tensor) -> Tensor:
         """Evaluate at every entry of ``x`` (any shape); linear extrapolation outside the range."""
         pos = (x.float() - self.low) / self._step
-        cell = pos.floor().clamp_(0, self.num_points - 2)
+        # NaN in -> NaN out (a NaN position must not become the index INT64_MIN).
+        cell = torch.nan_to_num(pos.floor(), nan=0.0).clamp_(0, self.num_points - 2)
         idx = cell.long()
         return torch.addcmul(self.values[idx], self._slopes[idx], (pos - cell).mul_(self._step))
 

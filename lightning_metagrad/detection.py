@@ -1,0 +1,540 @@
+"""Automatic task-switch detection from a jump in the meta-network's error (section 5.1).
+
+When the task changes, the gradient pattern changes, so the meta-network trained on the old
+task reconstructs the new gradients badly: its *relative* reconstruction error
+``MSE(h(theta), grad) / mean(grad^2)`` jumps, and stays up until a meta-network has learned
+the new task. Within a task the error moves differently: it drifts slowly, falls (a
+learning-rate drop, the meta-network learning), or has one- or few-step outliers (a bad
+batch). :class:`ChangePointDetector` turns this into a switch decision, one observation at a
+time; :func:`simulate_detection` runs it over a recorded sequence.
+
+The test, in short (details on the class):
+
+* signals are positive and compared in log space: scale free, and "the error doubled" means
+  the same at every error level;
+* the *median* of the last ``window`` observations is compared to a *baseline* that follows
+  the signal slowly upwards (slow drift is absorbed, a jump stands out) and quickly
+  downwards; a median ignores up to ``window // 2`` outliers, so short spikes cannot fire;
+* its deviation, in standard errors estimated robustly from the noise, must exceed
+  ``threshold`` *and* the error must have grown by ``min_relative_jump`` (so a tiny but very
+  regular change does not fire just because the noise is tiny), ``patience`` times in a row.
+
+Plain Python; no Trainer needed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, SupportsFloat
+
+__all__ = ["ChangePointDetector", "simulate_detection"]
+
+_CLIP = 3.0  # Huber clip of deviations and differences, in noise standard deviations
+_MIN_CLIP_N = 10  # deviations are clipped once a scale has this many of them
+_FAST_Z = 4.0  # a window median this many standard errors below the baseline is adopted fast
+_SE_CAP = 3.0  # the measured spread raises the i.i.d. standard error at most this many times
+_MIN_STD = 1e-3  # floor on the noise std in log units (a 0.1% relative change)
+_Z_CLIP = 5.0  # per-signal z-scores are clipped to +-_Z_CLIP * threshold before combining
+_TINY = 1e-12  # zero-valued signals are floored here before taking the log
+_STATE_VERSION = 1
+
+
+def _ema(value: float, target: float, count: int, alpha: float) -> float:
+    """Equal weights while ``count < 1 / alpha`` (a plain mean), exponential forgetting after."""
+    a = max(1.0 / count, alpha)
+    return value + a * (target - value)
+
+
+class _SignalStats:
+    """One signal's baseline, noise scales and recent window, all in log units.
+
+    * ``window``: the last ``size`` values; its median is what is tested.
+    * ``mean``: running mean of the window median (a spike cannot move a median). Upward it
+      moves at the slow rate only (slow drift is followed, a switch stands out); a median
+      more than ``_FAST_Z`` standard errors *below* the baseline is adopted at rate
+      ``1 / size`` until it is reached (a learning-rate drop).
+    * ``lag``: running mean of ``median - mean``. While it is negative (a falling learning
+      curve, which the slow ``mean`` trails) the baseline is ``mean + lag`` (double
+      exponential smoothing, no lag on a linear trend); a rise is never extrapolated.
+    * ``var``: noise variance from consecutive differences, ``mean((x_t - x_{t-1})^2) / 2``,
+      which level shifts and trends leave alone; ``lvar``: twice the lower semivariance of
+      ``x - baseline`` (downward deviations only, so a rise never inflates it), which also
+      sees slowly wandering (autocorrelated) noise. The noise std is the larger of the two.
+    * ``dvar``: twice the lower semivariance of ``median - baseline``, the measured spread
+      of the tested quantity; it raises the i.i.d. standard error of a median (autocorrelated
+      noise) at most ``_SE_CAP``-fold, so no transient can blind the test.
+
+    Fast adoptions are kept out of ``lag``, ``lvar`` and ``dvar``: they describe a stable
+    level. Deviations are Huber-clipped at ``_CLIP`` standard deviations (errors).
+    """
+
+    __slots__ = (
+        "dvar",
+        "falling",
+        "lag",
+        "lvar",
+        "mean",
+        "n",
+        "nd",
+        "nl",
+        "nv",
+        "size",
+        "var",
+        "window",
+    )
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.window: list[float] = []
+        self.n = 0  # window medians in ``mean``
+        self.mean = 0.0
+        self.lag = 0.0  # running mean of ``median - mean``
+        self.nv = 0  # differences in ``var``
+        self.var = 0.0
+        self.nl = 0  # deviations in ``lvar``
+        self.lvar = 0.0
+        self.nd = 0  # median deviations in ``dvar``
+        self.dvar = 0.0
+        self.falling = False  # adopting a clear decrease
+
+    def push(self, x: float) -> None:
+        self.window.append(x)
+        if len(self.window) > self.size:
+            del self.window[0]
+
+    def median(self) -> float:
+        ordered = sorted(self.window)
+        k, mid = len(ordered), len(ordered) // 2
+        return ordered[mid] if k % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+    @property
+    def baseline(self) -> float:
+        return self.mean + min(self.lag, 0.0)
+
+    def jump(self) -> float:
+        """Median of the window minus the baseline."""
+        return self.median() - self.baseline
+
+    @property
+    def std(self) -> float:
+        return max(math.sqrt(self.var), math.sqrt(self.lvar), _MIN_STD)
+
+    def se(self) -> float:
+        """Standard error of :meth:`jump` under "no change"."""
+        k = len(self.window)
+        # The median of k i.i.d. Gaussian draws has std ~ sqrt(pi / 2k) times theirs.
+        iid = self.std * (1.0 / math.sqrt(k) if k <= 2 else math.sqrt(math.pi / (2 * k)))
+        return min(max(iid, math.sqrt(self.dvar)), _SE_CAP * iid)
+
+    def learn(self, alpha: float) -> None:
+        """Learn from the newest observation (already pushed to the window)."""
+        x, std, se = self.window[-1], self.std, self.se()
+        if len(self.window) >= 2:
+            d = x - self.window[-2]
+            if self.nv >= _MIN_CLIP_N:
+                d = min(max(d, -_CLIP * math.sqrt(2.0) * std), _CLIP * math.sqrt(2.0) * std)
+            self.nv += 1
+            self.var = _ema(self.var, 0.5 * d * d, self.nv, alpha)
+        if self.n == 0:
+            self.n = 1
+            self.mean = x
+            return
+        jump = self.jump()
+        # Fast adoption starts on a clear decrease and goes on until the baseline is reached.
+        self.falling = jump < (0.0 if self.falling else -_FAST_Z * se)
+        fast = self.falling
+        if not fast:
+            dev = min(x - self.baseline, 0.0)
+            if self.nl >= _MIN_CLIP_N:
+                dev = max(dev, -_CLIP * std)
+            self.nl += 1
+            self.lvar = _ema(self.lvar, 2.0 * dev * dev, self.nl, alpha)
+            if len(self.window) == self.size:
+                dd = max(min(jump, 0.0), -_CLIP * se)
+                self.nd += 1
+                self.dvar = _ema(self.dvar, 2.0 * dd * dd, self.nd, alpha)
+        self.n += 1
+        median = self.median()
+        if not fast:
+            self.lag = _ema(self.lag, median - self.mean, self.n - 1, alpha)
+        self.mean = _ema(self.mean, median, self.n, 1.0 / self.size if fast else alpha)
+
+    def to_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {name: getattr(self, name) for name in _STAT_FIELDS}
+        state["falling"] = int(self.falling)
+        state["window"] = list(self.window)
+        return state
+
+    @classmethod
+    def from_dict(cls, size: int, state: Mapping[str, Any]) -> _SignalStats:
+        stats = cls(size)
+        for name in _STAT_FIELDS:
+            kind = int if name.startswith("n") else float
+            setattr(stats, name, kind(state[name]))
+        stats.falling = bool(state["falling"])
+        stats.window = [float(v) for v in state["window"]][-size:]
+        return stats
+
+
+_STAT_FIELDS = ("n", "mean", "lag", "nv", "var", "nl", "lvar", "nd", "dvar")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_float(name: str, value: Any, *, positive: bool) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or (value <= 0 if positive else value < 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+class ChangePointDetector:
+    """Declares a task switch when the meta-network's relative error jumps and stays up.
+
+    Feed one observation per call to :meth:`update` (e.g. once per optimizer step), with the
+    main signal under the keyword ``signal`` (default ``"error"``: the meta-network's relative
+    reconstruction error ``MSE / mean(target^2)``) and, optionally, auxiliary signals named in
+    ``weights`` (e.g. the main loss or the gradient norm). All signals must be >= 0; each
+    is used as ``log(value)``. :meth:`update` returns True at the observation where a switch
+    is declared; the statistics then restart for the new task.
+
+    **Per signal** (all in log space, statistics restarted at each switch): the score is
+    ``z = (median(last window observations) - m) / se``.
+
+    * The baseline ``m`` is a running mean of the window median: equal weights at first,
+      then exponential forgetting with half-life ``halflife``, so slow upward drift is
+      followed with a lag of ``drift_per_observation * halflife / ln 2``. Downward it
+      follows without lag: a falling learning curve is tracked by double exponential
+      smoothing (``m`` plus the running mean of ``median - m`` while that is negative), and
+      a median more than 4 standard errors below ``m`` (a learning-rate drop) is adopted at
+      rate ``1 / window`` until ``m`` is reached. So ``m`` does not hang above a falling
+      signal, which would hide the next switch.
+    * The noise std ``s`` is the larger of two robust estimates that a rise cannot inflate:
+      ``sqrt(mean((x_t - x_{t-1})^2) / 2)`` (level shifts and trends leave differences
+      alone) and the square root of twice the lower semivariance of ``x - m`` (only
+      downward deviations count; it also sees slowly wandering noise). Deviations are
+      Huber-clipped at ``3 s``.
+    * ``se`` is the i.i.d. standard error of a median, ``~ s * sqrt(pi / (2 * window))``,
+      raised (up to 3-fold, so nothing can blind the test) to the measured spread of
+      ``median - m`` (again from downward deviations), which covers autocorrelated noise.
+
+    **Combination** (Stouffer's weighted z): ``Z = (z_main + sum_k w_k z_k) /
+    sqrt(1 + sum_k w_k^2)`` over the auxiliary signals valid at this observation and seen at
+    least ``warmup`` times since the last switch, each ``z`` clipped to ``+-5 * threshold``.
+    With independent signals ``Z`` is again a standard normal under "no change", so
+    ``threshold`` keeps its meaning. Auxiliary signals add evidence (a switch usually also
+    moves the loss and the gradient norm) but cannot fire alone: the relative-jump guard
+    below looks at the main signal only, because the loss and gradient norm also jump within
+    a task and are not comparable across tasks (the paper's reason to use the meta-network's
+    error).
+
+    **Decision**: an observation is an *exceedance* when ``Z > threshold`` and the main
+    signal's window median is more than ``1 + min_relative_jump`` times its baseline. A
+    switch is declared at the ``patience``-th consecutive exceedance.
+    No test runs during the first ``warmup`` observations after the start, :meth:`reset`,
+    :meth:`restart` or a switch (statistics are learned only); no switch is declared during
+    the ``cooldown`` observations after a switch or :meth:`restart` (exceedances are still
+    counted, so a run that lasts past the cooldown fires at its first allowed observation).
+    A new level must thus persist for about ``window // 2 + patience`` observations; shorter
+    excursions (loss spikes), downward steps and slow drift do not fire.
+
+    Observations whose main signal is not a finite number ``>= 0`` are ignored: not
+    counted and not learned, exactly as if :meth:`update` had not been called. Invalid
+    auxiliary values are left out of that observation only. Zero is floored at ``1e-12``.
+
+    Limits: a switch during ``warmup`` is averaged into the baseline learned there; it is
+    declared after the warm-up only if the new level is still ``1 + min_relative_jump``
+    times that average (e.g. it is, for a switch early in the warm-up). A signal whose
+    level wanders slowly (strongly autocorrelated noise) can reach ``1 + min_relative_jump``
+    times its baseline for ten observations and look like a switch: raise
+    ``min_relative_jump`` (or ``window`` and ``patience``) for such a signal. A sustained
+    rise faster than about ``ln(1 + min_relative_jump) * ln 2 / halflife`` per observation
+    in log space (``1.4e-3`` with the defaults: the error grows 1.5x within ~300
+    observations) is by this definition a switch.
+
+    Attributes for logging: ``num_observations`` (valid observations so far),
+    ``num_switches``, ``switch_steps`` (indices, among valid observations, where switches
+    were declared), ``last_statistic`` (``Z`` at the latest observation, 0 during warm-up)
+    and ``last_relative_jump`` (the main signal's window median over its baseline, minus 1).
+
+    Args:
+        signal: keyword of the main signal in :meth:`update`.
+        threshold: z-score ``Z`` an observation must exceed (default 4: with ``window`` 9 and
+            ``patience`` 5 a false alarm on i.i.d. noise is astronomically rare, while an
+            error that jumps 2.7x (1 in log) with noise std 0.3 still gives ``Z ~ 8``).
+        window: number of recent observations whose median is tested (default 9: ignores up
+            to 4 outliers; a level shift shows after 5 observations).
+        patience: consecutive exceedances needed to declare a switch (default 5).
+        warmup: observations after a (re)start used only to learn the baseline (default 50).
+        cooldown: observations after a switch during which no switch is declared (default
+            100; it only matters when larger than ``warmup``).
+        min_relative_jump: least relative increase of the main signal (window median over
+            baseline) for an exceedance (default 0.5: the error must grow 1.5x, while a new
+            task typically multiplies it several times).
+        halflife: half-life, in observations, of the baseline's forgetting (default 200:
+            long against the ~10 observations a switch needs, short against slow drift).
+        weights: ``{name: weight}`` of auxiliary signals accepted by :meth:`update` (weight
+            ``>= 0``; 0 accepts the signal but ignores it). Default: none.
+
+    Example:
+        >>> det = ChangePointDetector(warmup=20, patience=3)
+        >>> errors = [0.2 * (1 + 0.1 * math.sin(i)) for i in range(200)]
+        >>> errors[100:] = [4 * e for e in errors[100:]]  # a new task: the error jumps 4x
+        >>> [i for i, e in enumerate(errors) if det.update(error=e)]
+        [106]
+        >>> det.num_switches, det.switch_steps
+        (1, [106])
+    """
+
+    def __init__(
+        self,
+        signal: str = "error",
+        *,
+        threshold: float = 4.0,
+        window: int = 9,
+        patience: int = 5,
+        warmup: int = 50,
+        cooldown: int = 100,
+        min_relative_jump: float = 0.5,
+        halflife: float = 200.0,
+        weights: Mapping[str, float] | None = None,
+    ) -> None:
+        if not isinstance(signal, str) or not signal:
+            raise ValueError(f"`signal` must be a non-empty string, got {signal!r}")
+        self.signal = signal
+        self.threshold = _check_float("threshold", threshold, positive=True)
+        self.window = _check_int("window", window, 1)
+        self.patience = _check_int("patience", patience, 1)
+        self.warmup = _check_int("warmup", warmup, 2)
+        self.cooldown = _check_int("cooldown", cooldown, 0)
+        self.min_relative_jump = _check_float(
+            "min_relative_jump", min_relative_jump, positive=False
+        )
+        self.halflife = _check_float("halflife", halflife, positive=True)
+        if weights is not None and not isinstance(weights, Mapping):
+            raise ValueError(f"`weights` must be a mapping name -> weight, got {weights!r}")
+        self.weights: dict[str, float] = {}
+        for name, weight in (weights or {}).items():
+            if not isinstance(name, str) or not name or name == signal:
+                raise ValueError(
+                    f"`weights` keys must be non-empty strings other than the main signal "
+                    f"{signal!r}, got {name!r}"
+                )
+            self.weights[name] = _check_float(f"weights[{name!r}]", weight, positive=False)
+        self._alpha = 1.0 - 0.5 ** (1.0 / self.halflife)
+        self._log_jump = math.log1p(self.min_relative_jump)
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+
+    def reset(self) -> None:
+        """Forget everything: statistics, switch history and the observation count.
+
+        Example:
+            >>> det = ChangePointDetector(warmup=5)
+            >>> _ = [det.update(error=0.1) for _ in range(10)]
+            >>> det.reset(); det.num_observations
+            0
+        """
+        self._stats = {name: _SignalStats(self.window) for name in self._names}
+        self.num_observations = 0
+        self.num_switches = 0
+        self.switch_steps: list[int] = []
+        self.last_statistic = 0.0
+        self.last_relative_jump = 0.0
+        self._since = 0  # observations since the last (re)start
+        self._run = 0  # consecutive exceedances
+        self._cooldown_left = 0
+
+    def restart(self) -> None:
+        """Start a new segment as after a switch, without counting one.
+
+        For a boundary known from elsewhere (a task started by hand): the statistics are
+        forgotten, then ``warmup`` and ``cooldown`` apply as after a detected switch.
+
+        Example:
+            >>> det = ChangePointDetector(warmup=5, cooldown=10)
+            >>> _ = [det.update(error=0.1) for _ in range(8)]
+            >>> det.restart(); det.num_switches, det.num_observations
+            (0, 8)
+        """
+        self._stats = {name: _SignalStats(self.window) for name in self._names}
+        self._since = 0
+        self._run = 0
+        self._cooldown_left = self.cooldown
+
+    @property
+    def _names(self) -> list[str]:
+        return [self.signal, *self.weights]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The detector's state as plain ints, floats, strings, lists and dicts.
+
+        Safe inside a Lightning checkpoint loaded with ``torch.load(weights_only=True)``.
+        The constructor arguments are not included: build the detector with the same ones.
+
+        Example:
+            >>> det = ChangePointDetector(warmup=5)
+            >>> det.update(error=0.3)
+            False
+            >>> state = det.state_dict(); state["num_observations"]
+            1
+            >>> other = ChangePointDetector(warmup=5); other.load_state_dict(state)
+            >>> other.state_dict() == state
+            True
+        """
+        return {
+            "version": _STATE_VERSION,
+            "num_observations": self.num_observations,
+            "num_switches": self.num_switches,
+            "switch_steps": list(self.switch_steps),
+            "last_statistic": self.last_statistic,
+            "last_relative_jump": self.last_relative_jump,
+            "since": self._since,
+            "run": self._run,
+            "cooldown_left": self._cooldown_left,
+            "signals": {name: stats.to_dict() for name, stats in self._stats.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; detection then continues exactly where it was.
+
+        Example:
+            >>> det = ChangePointDetector(warmup=5)
+            >>> det.load_state_dict(ChangePointDetector(warmup=5).state_dict())
+        """
+        version = state.get("version")
+        if version != _STATE_VERSION:
+            raise ValueError(f"unsupported detector state version {version!r}")
+        signals = state["signals"]
+        if set(signals) != set(self._names):
+            raise ValueError(
+                f"state has signals {sorted(signals)}, this detector {sorted(self._names)}: "
+                "build it with the same `signal` and `weights`"
+            )
+        self._stats = {
+            name: _SignalStats.from_dict(self.window, signals[name]) for name in self._names
+        }
+        self.num_observations = int(state["num_observations"])
+        self.num_switches = int(state["num_switches"])
+        self.switch_steps = [int(s) for s in state["switch_steps"]]
+        self.last_statistic = float(state["last_statistic"])
+        self.last_relative_jump = float(state["last_relative_jump"])
+        self._since = int(state["since"])
+        self._run = int(state["run"])
+        self._cooldown_left = int(state["cooldown_left"])
+
+    # ------------------------------------------------------------------ detection
+
+    def update(self, **signals: SupportsFloat) -> bool:
+        """Add one observation; True when a switch is declared at it.
+
+        The main signal is required; auxiliary ones (named in ``weights``) are optional.
+        Values may be Python numbers or one-element tensors. Sets :attr:`last_statistic`
+        (the combined z-score ``Z``, 0 during warm-up) and :attr:`last_relative_jump` (the
+        main signal's window median over its baseline, minus 1) for logging.
+
+        Example:
+            >>> det = ChangePointDetector(weights={"loss": 0.5}, warmup=5)
+            >>> det.update(error=0.2, loss=1.3)
+            False
+            >>> det.update(error=float("nan"), loss=1.2), det.num_observations  # ignored
+            (False, 1)
+        """
+        if self.signal not in signals:
+            raise ValueError(f"update() needs the main signal {self.signal!r}")
+        unknown = sorted(set(signals) - set(self._names))
+        if unknown:
+            raise ValueError(
+                f"update() got signals {unknown} not declared in `weights`; known: {self._names}"
+            )
+        values: dict[str, float] = {}
+        for name, value in signals.items():
+            x = _log_value(name, value)
+            if x is not None:
+                values[name] = x
+        if self.signal not in values:
+            return False  # ignored: not counted, not learned
+
+        index = self.num_observations
+        self.num_observations += 1
+        for name, x in values.items():
+            self._stats[name].push(x)
+
+        exceedance = False
+        if self._since >= self.warmup:
+            z, jump = self._combined_score(values)
+            self.last_statistic = z
+            self.last_relative_jump = math.expm1(jump)
+            exceedance = z > self.threshold and jump > self._log_jump
+        else:
+            self.last_statistic = 0.0
+            self.last_relative_jump = 0.0
+        self._since += 1
+        self._run = self._run + 1 if exceedance else 0
+        in_cooldown = self._cooldown_left > 0
+        self._cooldown_left = max(self._cooldown_left - 1, 0)
+
+        if self._run >= self.patience and not in_cooldown:
+            self.num_switches += 1
+            self.switch_steps.append(index)
+            self.restart()
+            return True
+        for name in values:
+            self._stats[name].learn(self._alpha)
+        return False
+
+    def _combined_score(self, values: Mapping[str, float]) -> tuple[float, float]:
+        zmax = _Z_CLIP * self.threshold
+        main = self._stats[self.signal]
+        jump = main.jump()
+        z_main = jump / main.se()
+        total = min(max(z_main, -zmax), zmax)
+        norm = 1.0
+        for name, weight in self.weights.items():
+            stats = self._stats[name]
+            if weight == 0.0 or name not in values or stats.n < self.warmup:
+                continue
+            z = stats.jump() / stats.se()
+            total += weight * min(max(z, -zmax), zmax)
+            norm += weight * weight
+        return total / math.sqrt(norm), jump
+
+
+def _log_value(name: str, value: SupportsFloat) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"signal {name!r} must be a number, got {value!r}") from err
+    if not math.isfinite(v) or v < 0:
+        return None
+    return math.log(max(v, _TINY))
+
+
+def simulate_detection(
+    signal: Sequence[SupportsFloat | Mapping[str, SupportsFloat]], detector: ChangePointDetector
+) -> list[int]:
+    """Feed a whole sequence to ``detector``; the positions where it declared a switch.
+
+    Each item is either a number (the main signal) or a mapping of signal name to value.
+    Positions index ``signal`` (ignored non-finite items included), unlike
+    :attr:`ChangePointDetector.switch_steps`, which counts valid observations only.
+
+    Example:
+        >>> errors = [0.1 * (1.1 if i % 2 else 1.0) for i in range(300)]
+        >>> errors[150:] = [0.5] * 150
+        >>> simulate_detection(errors, ChangePointDetector(warmup=30))
+        [158]
+    """
+    hits = []
+    for i, item in enumerate(signal):
+        obs = dict(item) if isinstance(item, Mapping) else {detector.signal: item}
+        if detector.update(**obs):
+            hits.append(i)
+    return hits

@@ -1,0 +1,167 @@
+"""MetaGradCallback under ``strategy="ddp"``: 2 CPU processes (gloo), through a real Trainer.
+
+Lightning's DDP launcher re-executes the running script once per extra rank, so the DDP runs
+happen in a subprocess running this very file (``python tests/test_ddp.py ddp-run DIR``); each
+rank writes its final state to ``DIR``. The module-scoped fixture runs it once (both scenarios
+in one process group, ~10 s on 2 cores) and the tests compare the files:
+
+* every rank ends with identical callback state (meta-network, distilled predictor, table,
+  task bookkeeping), bit for bit;
+* the run matches a single-process run with the same global batch: 2 ranks x 8 samples vs
+  1 x 16, the distributed sampler off and each rank reading every other sample, so the union
+  of the ranks' batches is the single process's batch. DDP averages the two per-rank mean
+  gradients, which equals the global mean up to float rounding; the tolerance below covers
+  that rounding (measured differences ~3e-8).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import TinyClassifier, loader, make_trainer, small_callback_kwargs
+from torch.utils.data import DataLoader, Subset
+
+from lightning_metagrad import MetaGradCallback
+
+GLOBAL_BATCH = 16
+# name -> (tasks, optimizer steps per task, accumulate_grad_batches)
+SCENARIOS = {"plain": (2, 6, 1), "accumulate": (2, 3, 2)}
+ATOL, RTOL = 1e-5, 1e-4  # DDP vs single process (float reduction order only)
+PROBE = torch.linspace(-1.0, 1.0, 101)
+
+
+class ShardedClassifier(TinyClassifier):
+    """Reads ``task``'s data; rank r of w gets samples r, r+w, r+2w, ... in batches of 16 / w."""
+
+    task = 0
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        data = loader(self.task).dataset
+        shard = Subset(data, range(rank, len(data), world))  # type: ignore[arg-type]
+        return DataLoader(shard, batch_size=GLOBAL_BATCH // world, shuffle=False)
+
+
+def run_scenario(name: str, devices: int) -> dict[str, Any]:
+    """Train the scenario's tasks on ``devices`` CPU processes; this rank's final state."""
+    tasks, steps, accumulate = SCENARIOS[name]
+    pl.seed_everything(0, verbose=False)
+    model, cb = ShardedClassifier(), MetaGradCallback(**small_callback_kwargs())
+    ddp: dict[str, Any] = {}
+    if devices > 1:
+        ddp = {"strategy": "ddp", "use_distributed_sampler": False}
+    for task in range(tasks):
+        model.task = task
+        trainer = make_trainer(
+            [cb], max_steps=steps, devices=devices, accumulate_grad_batches=accumulate, **ddp
+        )
+        trainer.fit(model)
+    predictor_network = cb.predictor_network
+    assert predictor_network is not None
+    return {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "task_index": cb.task_index,
+        "num_old_tasks": cb.num_old_tasks,
+        "callback": cb.state_dict(),
+        "meta_network": cb.meta_network.state_dict(),
+        "predictor_network": predictor_network.state_dict(),
+        "prediction": cb.predict_old_gradient(PROBE),
+        "model": model.state_dict(),
+    }
+
+
+def _ddp_run(out_dir: Path) -> None:
+    for name in SCENARIOS:
+        result = run_scenario(name, devices=2)
+        torch.save(result, out_dir / f"{name}-rank{result['rank']}.pt")
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    out = tmp_path_factory.mktemp("ddp")
+    launcher_vars = {"MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env["PYTHONWARNINGS"] = "ignore"
+    proc = subprocess.run(
+        [sys.executable, __file__, "ddp-run", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {
+        name: [torch.load(out / f"{name}-rank{r}.pt", weights_only=True) for r in range(2)]
+        for name in SCENARIOS
+    }
+
+
+def _pairs(a: Any, b: Any, path: str = "") -> Any:
+    """Yield (path, a_leaf, b_leaf) over two nested states of the same structure."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            yield from _pairs(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
+        for i, (u, v) in enumerate(zip(a, b)):
+            yield from _pairs(u, v, f"{path}[{i}]")
+    else:
+        yield path, a, b
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_ddp_ranks_end_with_identical_callback_state(
+    ddp_results: dict[str, list[dict[str, Any]]], scenario: str
+) -> None:
+    rank0, rank1 = ddp_results[scenario]
+    assert (rank0["rank"], rank1["rank"]) == (0, 1) and rank0["world_size"] == 2
+    tasks = SCENARIOS[scenario][0]
+    assert rank0["task_index"] == rank1["task_index"] == tasks - 1
+    assert rank0["num_old_tasks"] == rank1["num_old_tasks"] == tasks - 1
+    for path, a, b in _pairs(rank0, rank1):
+        if path == "/rank":
+            continue
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), path
+        else:
+            assert a == b, path
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_ddp_matches_a_single_process_run_with_the_same_global_batch(
+    ddp_results: dict[str, list[dict[str, Any]]], scenario: str
+) -> None:
+    single = run_scenario(scenario, devices=1)
+    ddp = ddp_results[scenario][0]
+    assert single["task_index"] == ddp["task_index"]
+    assert single["num_old_tasks"] == ddp["num_old_tasks"]
+    compared = 0
+    for path, a, b in _pairs(ddp, single):
+        if path in ("/rank", "/world_size"):
+            continue
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=path)
+            compared += a.numel()
+        elif isinstance(a, float):
+            assert a == pytest.approx(b, abs=ATOL, rel=RTOL), path
+        elif isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), path  # integer tensors, e.g. the RNG state
+        else:
+            assert a == b, path
+    assert compared > 1000
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["ddp-run"]:
+        _ddp_run(Path(sys.argv[2]))
+    else:
+        raise SystemExit(f"usage: python {__file__} ddp-run DIR")
