@@ -6,12 +6,15 @@ Example:
 """
 
 from lightning_metagrad.boundaries import (
+    AutoBoundaries,
     BatchTaskIdBoundaries,
+    CombinedBoundaries,
     NewFitBoundaries,
     TaskBoundarySource,
 )
 from lightning_metagrad.callback import MetaGradCallback
 from lightning_metagrad.combination import joint_average, sign_agreement
+from lightning_metagrad.detection import ChangePointDetector
 from lightning_metagrad.diagnostics import Diagnostics
 from lightning_metagrad.distillation import RunningMeanDistiller
 from lightning_metagrad.meta_network import CoordinateMLP, MetaNetwork
@@ -27,7 +30,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnchoredPredictor",
+    "AutoBoundaries",
     "BatchTaskIdBoundaries",
+    "ChangePointDetector",
+    "CombinedBoundaries",
     "CoordinateMLP",
     "Diagnostics",
     "MetaGradCallback",

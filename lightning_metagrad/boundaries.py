@@ -7,10 +7,14 @@ Plain Python; no Trainer needed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
+
+from lightning_metagrad.detection import ChangePointDetector
+from lightning_metagrad.meta_network import CoordinateMLP, MetaNetwork
 
 
 class TaskBoundarySource:
@@ -35,6 +39,14 @@ class TaskBoundarySource:
     def on_train_batch(self, batch: Any, batch_idx: int) -> bool:
         """Called before each training batch; return True to start a new task before it."""
         return False
+
+    def on_pairs(self, theta: Tensor, target: Tensor) -> bool:
+        """Called with each optimizer step's finite ``(theta, target)`` pairs; return True to
+        start a new task before the next batch (automatic detection)."""
+        return False
+
+    def on_task_start(self) -> None:
+        """Called whenever a new task starts, whatever started it."""
 
     def state_dict(self) -> dict:
         return {}
@@ -134,3 +146,128 @@ class BatchTaskIdBoundaries(TaskBoundarySource):
 
     def load_state_dict(self, state: dict) -> None:
         self.current_id = state["current_id"]
+
+
+class AutoBoundaries(TaskBoundarySource):
+    """Task switches detected from a jump in a meta-network's reconstruction error (sec. 5.1).
+
+    A small coordinate-wise meta-network (default 1-32-32-1, the paper's h at a detector's
+    size) is trained on the step's ``(theta_j, target_j)`` pairs every ``every`` steps. Its
+    MSE on freshly drawn coordinates, *before* the update and in target units fixed at the
+    start of each task, is fed to a
+    :class:`~lightning_metagrad.detection.ChangePointDetector`: when the task changes, the
+    gradients it learned no longer fit and the error jumps and stays up. At a detected switch
+    the meta-network is re-initialised for the new task. The first ``settle`` observations
+    of the whole run only train the meta-network: from a random initialisation the
+    gradients grow and change fast, which is not a task switch.
+
+    Example:
+        >>> src = AutoBoundaries(every=1, detector=ChangePointDetector(warmup=5, patience=2))
+        >>> src.on_pairs(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64))
+        False
+    """
+
+    name = "auto"
+
+    def __init__(
+        self,
+        every: int = 4,
+        hidden_sizes: Sequence[int] = (32, 32),
+        coords_per_step: int = 1024,
+        detector: ChangePointDetector | None = None,
+        settle: int = 100,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"`every` must be an int >= 1, got {every!r}")
+        if not isinstance(settle, int) or settle < 0:
+            raise ValueError(f"`settle` must be an int >= 0, got {settle!r}")
+        self.settle = settle
+        self.every = every
+        self.detector = detector if detector is not None else ChangePointDetector()
+        gen = torch.Generator().manual_seed(seed)
+        self.meta = MetaNetwork(
+            CoordinateMLP(hidden_sizes), coords_per_step=coords_per_step, lr=3e-3, generator=gen
+        )
+        self.steps = 0
+        self.switched = False
+        self.last_error: float | None = None
+        self._needs_reset = True
+
+    def on_pairs(self, theta: Tensor, target: Tensor) -> bool:
+        self.meta.net.to(theta.device)
+        if self._needs_reset:
+            std = float(theta.float().std())
+            self.meta.reset(std if std > 0 else 1.0)
+            self._needs_reset = False
+        step, self.steps = self.steps, self.steps + 1
+        if step % self.every != 0:
+            return False
+        loss, _ = self.meta.observe(theta, target)
+        self.last_error = float(loss)
+        if step < self.settle * self.every:
+            # From a random initialisation the gradients first grow and change fast; the
+            # detector learns its baseline once training has settled.
+            return False
+        return self.detector.update(error=self.last_error)
+
+    def on_task_start(self) -> None:
+        self.detector.restart()
+        self._needs_reset = True
+
+    def state_dict(self) -> dict:
+        return {
+            "meta": self.meta.state_dict(),
+            "generator": self.meta.generator.get_state(),
+            "detector": self.detector.state_dict(),
+            "steps": self.steps,
+            "needs_reset": self._needs_reset,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.meta.load_state_dict(state["meta"])
+        self.meta.generator.set_state(state["generator"])
+        self.detector.load_state_dict(state["detector"])
+        self.steps = int(state["steps"])
+        self._needs_reset = bool(state["needs_reset"])
+
+
+class CombinedBoundaries(TaskBoundarySource):
+    """Several sources at once: a new task starts when any of them says so.
+
+    Example:
+        >>> src = CombinedBoundaries([NewFitBoundaries(), BatchTaskIdBoundaries()])
+        >>> src.on_fit_start(), src.on_train_batch({"task_id": 0}, 0)
+        (False, False)
+    """
+
+    name = "combined"
+
+    def __init__(self, sources: Sequence[TaskBoundarySource]) -> None:
+        if not sources:
+            raise ValueError("`sources` must name at least one boundary source")
+        self.sources = list(sources)
+
+    def on_fit_start(self) -> bool:
+        return any([s.on_fit_start() for s in self.sources])  # every source sees the call
+
+    def on_fit_end(self) -> None:
+        for s in self.sources:
+            s.on_fit_end()
+
+    def on_train_batch(self, batch: Any, batch_idx: int) -> bool:
+        return any([s.on_train_batch(batch, batch_idx) for s in self.sources])
+
+    def on_pairs(self, theta: Tensor, target: Tensor) -> bool:
+        return any([s.on_pairs(theta, target) for s in self.sources])
+
+    def on_task_start(self) -> None:
+        for s in self.sources:
+            s.on_task_start()
+
+    def state_dict(self) -> dict:
+        return {str(i): s.state_dict() for i, s in enumerate(self.sources)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for i, s in enumerate(self.sources):
+            s.load_state_dict(state[str(i)])

@@ -20,14 +20,16 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_metagrad._module_utils import count_optimizers, several_optimizers_message
 from lightning_metagrad.boundaries import (
+    AutoBoundaries,
     BatchTaskIdBoundaries,
+    CombinedBoundaries,
     NewFitBoundaries,
     TaskBoundarySource,
 )
@@ -42,7 +44,7 @@ from lightning_metagrad.predictors import (
 
 _COMBINE = ("sign", "average")
 _TARGETS = ("auto", "gradient", "update")
-_BOUNDARIES = ("fit", "batch", "manual")
+_BOUNDARIES = ("fit", "batch", "manual", "auto")
 
 
 def _flat(tensors: Sequence[Tensor]) -> Tensor:
@@ -78,9 +80,11 @@ class MetaGradCallback(Callback):
             optimizer's update vector; the rule then applies to that update), or ``"auto"``:
             gradient for ``torch.optim.SGD`` without momentum and weight decay, else update.
         task_boundaries: ``"fit"`` (each new ``trainer.fit`` starts a task), ``"batch"`` (a
-            change of the task id read from the batch), ``"manual"`` (only
-            :meth:`start_new_task`), or a
-            :class:`~lightning_metagrad.boundaries.TaskBoundarySource`.
+            change of the task id read from the batch), ``"auto"`` (switches detected from a
+            jump in a meta-network's reconstruction error, section 5.1), ``"manual"`` (only
+            :meth:`start_new_task`), a
+            :class:`~lightning_metagrad.boundaries.TaskBoundarySource`, or a list of these
+            (a new task starts when any of them says so, e.g. ``["fit", "auto"]``).
         task_id_key: dict-batch key holding the task id, for ``task_boundaries="batch"``.
         task_id_fn: a function ``batch -> task id``, for ``task_boundaries="batch"``.
         diagnostics: warn (once, rank zero) when the prediction carries no information or
@@ -100,7 +104,7 @@ class MetaGradCallback(Callback):
         predictor: str | OldGradientPredictor = "paper",
         combine: Literal["sign", "average"] = "sign",
         target: Literal["auto", "gradient", "update"] = "auto",
-        task_boundaries: str | TaskBoundarySource = "fit",
+        task_boundaries: str | TaskBoundarySource | Sequence[str | TaskBoundarySource] = "fit",
         task_id_key: str = "task_id",
         task_id_fn: Callable[[Any], Hashable] | None = None,
         diagnostics: bool = True,
@@ -110,27 +114,16 @@ class MetaGradCallback(Callback):
             raise ValueError(f"`combine` must be one of {_COMBINE}, got {combine!r}")
         if target not in _TARGETS:
             raise ValueError(f"`target` must be one of {_TARGETS}, got {target!r}")
-        if isinstance(task_boundaries, TaskBoundarySource):
-            self.boundaries = task_boundaries
-        elif task_boundaries == "fit":
-            self.boundaries = NewFitBoundaries()
-        elif task_boundaries == "batch":
-            if not isinstance(task_id_key, str) or not task_id_key:
-                raise ValueError(f"`task_id_key` must be a non-empty string, got {task_id_key!r}")
-            if task_id_fn is not None and not callable(task_id_fn):
-                raise ValueError(
-                    "`task_id_fn` must be a callable `batch -> task id`, got "
-                    f"{type(task_id_fn).__name__}"
-                )
-            self.boundaries = BatchTaskIdBoundaries(key=task_id_key, fn=task_id_fn)
-        elif task_boundaries == "manual":
-            self.boundaries = TaskBoundarySource()
-        else:
-            raise ValueError(
-                f"`task_boundaries` must be one of {_BOUNDARIES} or a TaskBoundarySource, "
-                f"got {task_boundaries!r}"
-            )
-        if task_id_fn is not None and task_boundaries != "batch":
+        names = (
+            [task_boundaries]
+            if isinstance(task_boundaries, (str, TaskBoundarySource))
+            else (list(task_boundaries))
+        )
+        if not names:
+            raise ValueError("`task_boundaries` must name at least one source")
+        sources = [self._boundary_source(n, task_id_key, task_id_fn) for n in names]
+        self.boundaries = sources[0] if len(sources) == 1 else CombinedBoundaries(sources)
+        if task_id_fn is not None and "batch" not in names:
             raise ValueError("`task_id_fn` is only used with `task_boundaries='batch'`")
         self.predictor = build_predictor(predictor)
         self.predictor_name = predictor if isinstance(predictor, str) else type(predictor).__name__
@@ -140,6 +133,9 @@ class MetaGradCallback(Callback):
 
         # Task bookkeeping (checkpointed).
         self.task_index = 0
+        self.detected_switches: list[int] = []  # global steps of automatically detected switches
+        self._switch_pending = False
+        self._global_step = 0
         self._steps_in_task = 0
         self._skipped_steps = 0
 
@@ -151,6 +147,31 @@ class MetaGradCallback(Callback):
         self._step_params: list[torch.nn.Parameter] = []
         self._stepped = False
         self._to_log: dict[str, Tensor | float] = {}
+
+    @staticmethod
+    def _boundary_source(
+        spec: str | TaskBoundarySource, key: str, fn: Callable[[Any], Hashable] | None
+    ) -> TaskBoundarySource:
+        if isinstance(spec, TaskBoundarySource):
+            return spec
+        if spec == "fit":
+            return NewFitBoundaries()
+        if spec == "auto":
+            return AutoBoundaries()
+        if spec == "manual":
+            return TaskBoundarySource()
+        if spec == "batch":
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"`task_id_key` must be a non-empty string, got {key!r}")
+            if fn is not None and not callable(fn):
+                raise ValueError(
+                    f"`task_id_fn` must be a callable `batch -> task id`, got {type(fn).__name__}"
+                )
+            return BatchTaskIdBoundaries(key=key, fn=fn)
+        raise ValueError(
+            f"`task_boundaries` must be one of {_BOUNDARIES}, a TaskBoundarySource or a list of "
+            f"them, got {spec!r}"
+        )
 
     # ------------------------------------------------------------------ public API
 
@@ -210,11 +231,17 @@ class MetaGradCallback(Callback):
             self.predictor.end_task(theta)
         self.task_index += 1
         self._steps_in_task = 0
+        self.boundaries.on_task_start()
         self.on_task_start(self.task_index)
 
     def on_task_start(self, task_index: int) -> None:
         """Called when a new task starts (after the previous one was folded in). Override to
         react, e.g. to reset a learning-rate schedule."""
+
+    def on_switch_detected(self, global_step: int) -> None:
+        """Called when automatic detection declares a task switch (before the new task
+        starts, at the next batch). Override to react; the steps are in
+        :attr:`detected_switches`."""
 
     # ------------------------------------------------------------------ hooks
 
@@ -293,7 +320,11 @@ class MetaGradCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.boundaries.on_train_batch(batch, batch_idx):
+        switch = self.boundaries.on_train_batch(batch, batch_idx)
+        if self._switch_pending:
+            self._switch_pending = False
+            switch = True
+        if switch:
             self.start_new_task()
         self.predictor.observe_batch(batch)
 
@@ -332,6 +363,7 @@ class MetaGradCallback(Callback):
             return
         self._stepped = False
         self._steps_in_task += 1
+        self._global_step = trainer.global_step
         self._to_log["metagrad/task"] = float(self.task_index)
         self._to_log.update(self.diagnostics.step(self._params, self.task_index))
         for name, value in self._to_log.items():
@@ -345,6 +377,8 @@ class MetaGradCallback(Callback):
         return {
             "version": 2,
             "task_index": self.task_index,
+            "detected_switches": list(self.detected_switches),
+            "switch_pending": self._switch_pending,
             "steps_in_task": self._steps_in_task,
             "skipped_steps": self._skipped_steps,
             "predictor": self.predictor.state_dict(),
@@ -355,6 +389,8 @@ class MetaGradCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.task_index = int(state_dict["task_index"])
+        self.detected_switches = [int(s) for s in state_dict["detected_switches"]]
+        self._switch_pending = bool(state_dict["switch_pending"])
         self._steps_in_task = int(state_dict["steps_in_task"])
         self._skipped_steps = int(state_dict["skipped_steps"])
         self.predictor.load_state_dict(state_dict["predictor"])
@@ -397,6 +433,15 @@ class MetaGradCallback(Callback):
         logged = self.predictor.observe(theta, target)
         self._to_log.update(logged)
         self.diagnostics.observe_prediction_quality(logged)
+        if self.boundaries.on_pairs(theta, target):
+            self._switch_pending = True
+            self.detected_switches.append(self._global_step)
+            self._to_log["metagrad/switch_detected"] = 1.0
+            rank_zero_info(
+                f"MetaGrad: task switch detected at global step {self._global_step}; "
+                f"task {self.task_index + 1} starts with the next batch."
+            )
+            self.on_switch_detected(self._global_step)
 
     def _combine(self, theta: Tensor, current: Tensor) -> tuple[Tensor, Tensor | None] | None:
         """The rewritten direction and, for eq. 5, the mask of zeroed coordinates."""

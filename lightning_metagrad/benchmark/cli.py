@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=50, help="iterations between curve points")
     p.add_argument("--eval-samples", type=int, default=1000, help="test samples per curve point")
     p.add_argument("--accelerator", default="cpu")
+    p.add_argument(
+        "--eval-split",
+        choices=["test", "val"],
+        default="test",
+        help="evaluate on the validation split (for tuning strengths) or the test split",
+    )
     p.add_argument("--output-dir", type=Path, default=Path("runs/benchmark"))
     return p
 
@@ -107,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             eval_samples=args.eval_samples,
             strengths=dict(args.strength),
             accelerator=args.accelerator,
+            eval_split=args.eval_split,
         )
     except ValueError as err:
         build_parser().error(str(err))

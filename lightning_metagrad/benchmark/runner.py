@@ -45,6 +45,7 @@ class BenchmarkConfig:
     eval_samples: int = 1000
     strengths: dict[str, float] = field(default_factory=dict)
     accelerator: str = "cpu"
+    eval_split: str = "test"
 
     def __post_init__(self) -> None:
         if self.stream not in STREAMS:
@@ -59,6 +60,8 @@ class BenchmarkConfig:
         unknown = [m for m in self.methods if m not in ALL_METHODS]
         if unknown:
             raise ValueError(f"unknown `methods` {unknown}; choose from {list(ALL_METHODS)}")
+        if self.eval_split not in ("test", "val"):
+            raise ValueError(f"`eval_split` must be 'test' or 'val', got {self.eval_split!r}")
         if not self.seeds:
             raise ValueError("`seeds` must name at least one seed")
 
@@ -104,9 +107,9 @@ class PeriodicEvaluator(Callback):
                 self.rows.append({"iteration": self.offset + step, "task": task, "accuracy": acc})
 
 
-def _subset_loader(stream: Any, task: int, samples: int) -> list:
+def _subset_loader(stream: Any, task: int, samples: int, split: str) -> list:
     batches, seen = [], 0
-    for batch in stream.task_dataloader(task, split="test"):
+    for batch in stream.task_dataloader(task, split=split):
         batches.append(batch)
         seen += len(batch["y"])
         if seen >= samples:
@@ -138,8 +141,11 @@ def run_method(
         optimizer=config.optimizer,
         lr=config.lr,
     )
-    test_loaders = [stream.task_dataloader(j, split="test") for j in range(config.tasks)]
-    curve_loaders = [_subset_loader(stream, j, config.eval_samples) for j in range(config.tasks)]
+    split = config.eval_split
+    test_loaders = [stream.task_dataloader(j, split=split) for j in range(config.tasks)]
+    curve_loaders = [
+        _subset_loader(stream, j, config.eval_samples, split) for j in range(config.tasks)
+    ]
     random_init = [model.accuracy(loader) for loader in test_loaders]
     callbacks = make_callbacks(method, config.strengths.get(method))
     extra = probes(stream, model, callbacks) if probes is not None else []
