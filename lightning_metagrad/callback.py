@@ -114,11 +114,15 @@ class MetaGradCallback(Callback):
             raise ValueError(f"`combine` must be one of {_COMBINE}, got {combine!r}")
         if target not in _TARGETS:
             raise ValueError(f"`target` must be one of {_TARGETS}, got {target!r}")
-        names = (
-            [task_boundaries]
-            if isinstance(task_boundaries, (str, TaskBoundarySource))
-            else (list(task_boundaries))
-        )
+        if isinstance(task_boundaries, (str, TaskBoundarySource)):
+            names: list[Any] = [task_boundaries]
+        elif isinstance(task_boundaries, (list, tuple)):
+            names = list(task_boundaries)
+        else:
+            raise ValueError(
+                f"`task_boundaries` must be one of {_BOUNDARIES}, a TaskBoundarySource or a list "
+                f"of them, got {task_boundaries!r}"
+            )
         if not names:
             raise ValueError("`task_boundaries` must name at least one source")
         sources = [self._boundary_source(n, task_id_key, task_id_fn) for n in names]

@@ -150,6 +150,7 @@ def run_method(
     callbacks = make_callbacks(method, config.strengths.get(method))
     extra = probes(stream, model, callbacks) if probes is not None else []
     matrix: list[list[float]] = []
+    diverged: int | None = None
     curves: list[dict[str, Any]] = []
     step_times: list[float] = []
     for task in range(config.tasks):
@@ -171,7 +172,14 @@ def run_method(
         train_loader = (
             stream.joint_train_dataloader(task) if method == "joint" else stream.train_dataloader()
         )
-        trainer.fit(model, train_dataloaders=train_loader)
+        try:
+            trainer.fit(model, train_dataloaders=train_loader)
+        except Exception:
+            if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                raise
+            # The method drove the weights to NaN/inf: record the divergence, keep evaluating
+            # (a NaN model scores at chance) so the run still yields a full matrix.
+            diverged = task if diverged is None else diverged
         step_times += timer.times[5:]  # skip warm-up steps of each task
         matrix.append([model.accuracy(loader) for loader in test_loaders])
         if on_task_end is not None:
@@ -180,6 +188,7 @@ def run_method(
         "seed": seed,
         "acc_matrix": matrix,
         "random_init": random_init,
+        "diverged_in_task": diverged,
         "curves": curves,
         "train_step_ms": 1000 * statistics.median(step_times) if step_times else float("nan"),
     }
@@ -211,6 +220,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "fwt": _mean_std(fwts)[0],
         "forgetting": _mean_std(forgetting)[0],
         "train_step_ms": statistics.fmean(r["train_step_ms"] for r in runs),
+        "diverged_seeds": [r["seed"] for r in runs if r.get("diverged_in_task") is not None],
         "per_seed": runs,
     }
 
