@@ -68,10 +68,12 @@ class MetaGradCallback(Callback):
     number of tasks.
 
     Args:
-        predictor: ``"paper"`` -- the paper's coordinate-wise meta-networks h(theta_j),
-            distilled into g (:class:`~lightning_metagrad.predictors.MetaNetPredictor`);
-            ``"anchored"`` -- a diagonal Taylor model around each old task's end point with a
-            trust region (:class:`~lightning_metagrad.predictors.AnchoredPredictor`);
+        predictor: ``"anchored"`` (default) -- a diagonal Taylor model around each old task's
+            end point with a trust region
+            (:class:`~lightning_metagrad.predictors.AnchoredPredictor`); ``"paper"`` -- the
+            paper exactly: coordinate-wise meta-networks h(theta_j), distilled into g
+            (:class:`~lightning_metagrad.predictors.MetaNetPredictor`; it diverges on the
+            paper's own protocol, see docs/science.md);
             ``"replay"`` -- the real old-task gradient from a small episodic memory of old
             batches (:class:`~lightning_metagrad.predictors.ReplayPredictor`); or a configured
             predictor instance.
@@ -101,7 +103,7 @@ class MetaGradCallback(Callback):
     def __init__(
         self,
         *,
-        predictor: str | OldGradientPredictor = "paper",
+        predictor: str | OldGradientPredictor = "anchored",
         combine: Literal["sign", "average"] = "sign",
         target: Literal["auto", "gradient", "update"] = "auto",
         task_boundaries: str | TaskBoundarySource | Sequence[str | TaskBoundarySource] = "fit",

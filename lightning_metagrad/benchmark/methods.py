@@ -38,7 +38,7 @@ def method_registry() -> dict[str, tuple[Factory, float | None]]:
     registry: dict[str, tuple[Factory, float | None]] = {
         "naive": (lambda s: [], None),
         "joint": (lambda s: [], None),
-        "metagrad": (lambda s: [MetaGradCallback()], None),
+        "metagrad": (lambda s: [MetaGradCallback()], None),  # the default: anchored
         "metagrad-paper": (lambda s: [MetaGradCallback(predictor="paper")], None),
         "metagrad-anchored": (lambda s: [MetaGradCallback(predictor="anchored")], None),
         "metagrad-replay": (lambda s: [MetaGradCallback(predictor="replay")], None),
