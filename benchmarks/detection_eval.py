@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_metagrad import MetaGradCallback
+from lightning_metagrad import AutoBoundaries, MetaGradCallback
 from lightning_metagrad.benchmark import MLPClassifier
 from lightning_metagrad.data import PermutedStream
 from lightning_metagrad.metrics import average_accuracy, backward_transfer
@@ -78,7 +78,15 @@ def accuracy_row(model: MLPClassifier, stream: PermutedStream, tasks: int) -> li
 
 
 def run(
-    dataset: str, root: str, seed: int, tasks: int, per_task: int, blur: int, given: bool, lr: float
+    dataset: str,
+    root: str,
+    seed: int,
+    tasks: int,
+    per_task: int,
+    blur: int,
+    given: bool,
+    lr: float,
+    signal: str = "error",
 ) -> dict[str, Any]:
     pl.seed_everything(seed, verbose=False)
     stream = PermutedStream(dataset=dataset, root=root, num_tasks=tasks, seed=seed)
@@ -101,7 +109,7 @@ def run(
             matrix.append(accuracy_row(model, stream, tasks))
         switches: list[int] = []
     else:
-        cb = MetaGradCallback(predictor="anchored", task_boundaries="auto")
+        cb = MetaGradCallback(predictor="anchored", task_boundaries=AutoBoundaries(signal=signal))
         batches = build_stream(stream, tasks, per_task, blur, seed)
 
         class AtTaskEnds(pl.Callback):  # the accuracy matrix, at the true task ends
@@ -142,6 +150,8 @@ def main() -> None:
     parser.add_argument("--per-task", type=int, default=1000)
     parser.add_argument("--blur", type=int, default=200)
     parser.add_argument("--lr", type=float, default=0.03)
+    parser.add_argument("--signal", choices=["error", "loss"], default="error")
+    parser.add_argument("--skip-given", action="store_true", help="no given-boundary runs")
     parser.add_argument("--output", type=Path, default=Path("runs/detection"))
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -154,7 +164,10 @@ def main() -> None:
         for kind, blur in (("abrupt", 0), ("blurry", args.blur)):
             scores, accs, bwts = [], [], []
             for seed in args.seeds:
-                r = run(dataset, args.root, seed, args.tasks, args.per_task, blur, False, args.lr)
+                r = run(
+                    dataset, args.root, seed, args.tasks, args.per_task, blur, False, args.lr,
+                    args.signal,
+                )  # fmt: skip
                 s = score(r["switches"], true, total, tolerance=args.per_task // 2)
                 r.update(dataset=dataset, kind=kind, seed=seed, score=s)
                 results["runs"].append(r)
@@ -175,6 +188,8 @@ def main() -> None:
                 }
             )
             print(rows[-1], flush=True)
+        if args.skip_given:
+            continue
         accs, bwts = [], []
         for seed in args.seeds:
             r = run(dataset, args.root, seed, args.tasks, args.per_task, 0, True, args.lr)

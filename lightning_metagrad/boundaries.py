@@ -29,6 +29,11 @@ class TaskBoundarySource:
 
     name = "manual"
 
+    @property
+    def uses_loss(self) -> bool:
+        """Whether :meth:`on_loss` must be fed (the callback then reads each batch's loss)."""
+        return False
+
     def on_fit_start(self) -> bool:
         """Called at each ``fit`` start (after any checkpoint is restored)."""
         return False
@@ -44,6 +49,10 @@ class TaskBoundarySource:
         """Called with each optimizer step's finite ``(theta, target)`` pairs; return True to
         start a new task before the next batch (automatic detection)."""
         return False
+
+    def on_loss(self, loss: Tensor) -> None:
+        """Called after each training batch with its detached loss (the mean over ranks under
+        DDP), if :attr:`uses_loss`."""
 
     def on_task_start(self) -> None:
         """Called whenever a new task starts, whatever started it."""
@@ -148,6 +157,9 @@ class BatchTaskIdBoundaries(TaskBoundarySource):
         self.current_id = state["current_id"]
 
 
+_AUTO_SIGNALS = ("error", "loss")
+
+
 class AutoBoundaries(TaskBoundarySource):
     """Task switches detected from a jump in a meta-network's reconstruction error (sec. 5.1).
 
@@ -160,6 +172,14 @@ class AutoBoundaries(TaskBoundarySource):
     the meta-network is re-initialised for the new task. The first ``settle`` observations
     of the whole run only train the meta-network: from a random initialisation the
     gradients grow and change fast, which is not a task switch.
+
+    ``signal="loss"`` tests the mean training loss since the previous observation instead,
+    with the meta-network's error as auxiliary evidence (Stouffer's weighted z, see
+    :class:`~lightning_metagrad.detection.ChangePointDetector`). On streams where a
+    θ-only meta-network explains almost nothing of the gradient (Permuted Fashion-MNIST) its
+    error hardly moves at a switch while the loss of a new task jumps several-fold; see
+    ``docs/detection.md``. A ``detector`` passed in decides itself: its ``signal`` and
+    ``weights`` may name ``"error"`` and ``"loss"``.
 
     Example:
         >>> src = AutoBoundaries(every=1, detector=ChangePointDetector(warmup=5, patience=2))
@@ -177,14 +197,29 @@ class AutoBoundaries(TaskBoundarySource):
         detector: ChangePointDetector | None = None,
         settle: int = 100,
         seed: int = 0,
+        signal: str = "error",
     ) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"`every` must be an int >= 1, got {every!r}")
         if not isinstance(settle, int) or settle < 0:
             raise ValueError(f"`settle` must be an int >= 0, got {settle!r}")
+        if signal not in _AUTO_SIGNALS:
+            raise ValueError(f"`signal` must be one of {_AUTO_SIGNALS}, got {signal!r}")
+        if detector is None:
+            weights = {"error": 1.0} if signal == "loss" else None
+            detector = ChangePointDetector(signal=signal, weights=weights)
+        names = {detector.signal, *detector.weights}
+        if not names <= set(_AUTO_SIGNALS):
+            raise ValueError(
+                f"`detector` may only use the signals {_AUTO_SIGNALS} (as `signal` or in "
+                f"`weights`), got {sorted(names)}"
+            )
         self.settle = settle
         self.every = every
-        self.detector = detector if detector is not None else ChangePointDetector()
+        self.detector = detector
+        self._loss_sum: Tensor | None = None  # losses since the last observation (no sync)
+        self._loss_count = 0  # on_loss calls since the last observation
+        self._loss_count_t = torch.zeros(())  # of which finite (a tensor: no host sync)
         gen = torch.Generator().manual_seed(seed)
         self.meta = MetaNetwork(
             CoordinateMLP(hidden_sizes), coords_per_step=coords_per_step, lr=3e-3, generator=gen
@@ -209,14 +244,47 @@ class AutoBoundaries(TaskBoundarySource):
             # From a random initialisation the gradients first grow and change fast; the
             # detector learns its baseline once training has settled.
             return False
-        return self.detector.update(error=self.last_error)
+        signals = {"error": self.last_error}
+        if self.uses_loss:
+            mean = self._take_mean_loss()
+            if mean is not None:
+                signals["loss"] = mean
+        if self.detector.signal not in signals:
+            return False  # no loss seen since the last observation: nothing to test
+        return self.detector.update(**signals)
+
+    @property
+    def uses_loss(self) -> bool:
+        return self.detector.signal == "loss" or "loss" in self.detector.weights
+
+    def on_loss(self, loss: Tensor) -> None:
+        loss = loss.detach().float().reshape(())
+        # Non-finite losses are left out by zero weight (no host sync here).
+        ok = torch.isfinite(loss)
+        value = torch.where(ok, loss, torch.zeros_like(loss))
+        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+        count = ok.to(torch.float32)
+        self._loss_count_t = count if self._loss_count == 0 else self._loss_count_t + count
+        self._loss_count += 1
+
+    def _take_mean_loss(self) -> float | None:
+        if self._loss_sum is None or self._loss_count == 0:
+            return None
+        total, count = float(self._loss_sum), float(self._loss_count_t)
+        self._loss_sum, self._loss_count = None, 0
+        return total / count if count > 0 else None
 
     def on_task_start(self) -> None:
         self.detector.restart()
         self._needs_reset = True
+        self._loss_sum, self._loss_count = None, 0
 
     def state_dict(self) -> dict:
+        pending = self._loss_sum is not None and self._loss_count > 0
         return {
+            "loss_sum": float(self._loss_sum) if pending else 0.0,  # type: ignore[arg-type]
+            "loss_count": float(self._loss_count_t) if pending else 0.0,
+            "loss_calls": self._loss_count,
             "meta": self.meta.state_dict(),
             "generator": self.meta.generator.get_state(),
             "detector": self.detector.state_dict(),
@@ -230,6 +298,12 @@ class AutoBoundaries(TaskBoundarySource):
         self.detector.load_state_dict(state["detector"])
         self.steps = int(state["steps"])
         self._needs_reset = bool(state["needs_reset"])
+        self._loss_count = int(state.get("loss_calls", 0))
+        if self._loss_count:
+            self._loss_sum = torch.tensor(float(state["loss_sum"]))
+            self._loss_count_t = torch.tensor(float(state["loss_count"]))
+        else:
+            self._loss_sum = None
 
 
 class CombinedBoundaries(TaskBoundarySource):
@@ -260,6 +334,15 @@ class CombinedBoundaries(TaskBoundarySource):
 
     def on_pairs(self, theta: Tensor, target: Tensor) -> bool:
         return any([s.on_pairs(theta, target) for s in self.sources])
+
+    @property
+    def uses_loss(self) -> bool:
+        return any(s.uses_loss for s in self.sources)
+
+    def on_loss(self, loss: Tensor) -> None:
+        for s in self.sources:
+            if s.uses_loss:
+                s.on_loss(loss)
 
     def on_task_start(self) -> None:
         for s in self.sources:

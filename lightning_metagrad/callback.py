@@ -25,7 +25,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_metagrad._module_utils import count_optimizers, several_optimizers_message
+from lightning_metagrad._module_utils import (
+    count_optimizers,
+    loss_of,
+    several_optimizers_message,
+)
 from lightning_metagrad.boundaries import (
     AutoBoundaries,
     BatchTaskIdBoundaries,
@@ -365,6 +369,13 @@ class MetaGradCallback(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        if self.boundaries.uses_loss:
+            loss = loss_of(outputs)
+            if loss is not None:
+                loss = loss.detach().float()
+                if trainer.world_size > 1:  # every rank must take the same decision
+                    loss = trainer.strategy.reduce(loss, reduce_op="mean")
+                self.boundaries.on_loss(loss)
         if not self._stepped:
             return
         self._stepped = False

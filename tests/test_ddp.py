@@ -6,7 +6,7 @@ rank writes its final state to ``DIR``. The module-scoped fixture runs it once (
 in one process group, ~10 s on 2 cores) and the tests compare the files:
 
 * every rank ends with identical callback state (meta-network, distilled predictor, table,
-  task bookkeeping), bit for bit;
+  task bookkeeping, a loss-based switch detector's statistics), bit for bit;
 * the run matches a single-process run with the same global batch: 2 ranks x 8 samples vs
   1 x 16, the distributed sampler off and each rank reading every other sample, so the union
   of the ranks' batches is the single process's batch. DDP averages the two per-rank mean
@@ -28,11 +28,22 @@ import torch
 from conftest import TinyClassifier, loader, make_trainer, small_callback_kwargs
 from torch.utils.data import DataLoader, Subset
 
-from lightning_metagrad import MetaGradCallback
+from lightning_metagrad import AutoBoundaries, ChangePointDetector, MetaGradCallback
 
 GLOBAL_BATCH = 16
 # name -> (tasks, optimizer steps per task, accumulate_grad_batches)
-SCENARIOS = {"plain": (2, 6, 1), "accumulate": (2, 3, 2)}
+SCENARIOS = {"plain": (2, 6, 1), "accumulate": (2, 3, 2), "auto-loss": (2, 6, 1)}
+
+
+def boundary_kwargs(name: str) -> dict[str, Any]:
+    """``auto-loss``: detection on the training loss, which differs per rank unless reduced."""
+    if name != "auto-loss":
+        return {}
+    detector = ChangePointDetector(signal="loss", weights={"error": 1.0}, warmup=2, window=1)
+    auto = AutoBoundaries(every=1, settle=0, detector=detector)
+    return {"task_boundaries": ["fit", auto]}
+
+
 ATOL, RTOL = 1e-5, 1e-4  # DDP vs single process (float reduction order only)
 PROBE = torch.linspace(-1.0, 1.0, 101)
 
@@ -53,7 +64,8 @@ def run_scenario(name: str, devices: int) -> dict[str, Any]:
     """Train the scenario's tasks on ``devices`` CPU processes; this rank's final state."""
     tasks, steps, accumulate = SCENARIOS[name]
     pl.seed_everything(0, verbose=False)
-    model, cb = ShardedClassifier(), MetaGradCallback(**small_callback_kwargs())
+    model = ShardedClassifier()
+    cb = MetaGradCallback(**small_callback_kwargs(), **boundary_kwargs(name))
     ddp: dict[str, Any] = {}
     if devices > 1:
         ddp = {"strategy": "ddp", "use_distributed_sampler": False}
