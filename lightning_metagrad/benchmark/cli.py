@@ -35,6 +35,13 @@ def _strength(text: str) -> tuple[str, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``metagrad-benchmark`` argument parser.
+
+    Example:
+        >>> args = build_parser().parse_args(["--tasks", "3", "--strength", "ewc=10"])
+        >>> args.tasks, args.stream, args.strength
+        (3, 'permuted', [('ewc', 10.0)])
+    """
     p = argparse.ArgumentParser(
         prog="metagrad-benchmark",
         description="Continual-learning benchmark: accuracy matrix, ACC, BWT, FWT, forgetting.",
@@ -73,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def format_table(results: dict[str, Any]) -> str:
+    """One line per method of a ``results.json`` document: ACC ± std, BWT, FWT, forgetting
+    and the median training-step time.
+
+    Example:
+        >>> from lightning_metagrad.benchmark import BenchmarkConfig, run_benchmark
+        >>> config = BenchmarkConfig(tasks=2, iters=2, methods=("naive",), hidden_sizes=(8,))
+        >>> table = format_table(run_benchmark(config))
+        >>> print(table.splitlines()[0])
+        method                  ACC      BWT      FWT   forget  step ms
+        >>> table.splitlines()[1].split()[0]
+        'naive'
+    """
     lines = [
         f"{'method':<12} {'ACC':>14} {'BWT':>8} {'FWT':>8} {'forget':>8} {'step ms':>8}",
     ]
@@ -86,6 +105,17 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def format_matrices(results: dict[str, Any]) -> str:
+    """The mean accuracy matrix ``R`` of each method of a ``results.json`` document.
+
+    Example:
+        >>> from lightning_metagrad.benchmark import BenchmarkConfig, run_benchmark
+        >>> config = BenchmarkConfig(tasks=2, iters=2, methods=("naive",), hidden_sizes=(8,))
+        >>> lines = format_matrices(run_benchmark(config)).splitlines()
+        >>> print(lines[0])
+        naive: R[i][j] = accuracy on task j after training task i
+        >>> len(lines)
+        3
+    """
     out = []
     for name, e in results["methods"].items():
         out.append(f"{name}: R[i][j] = accuracy on task j after training task i")
@@ -94,6 +124,18 @@ def format_matrices(results: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``metagrad-benchmark``: run, print the table, write results and plots.
+
+    Example:
+        >>> import contextlib, io, tempfile
+        >>> argv = ["--tasks", "2", "--iters", "2", "--methods", "naive", "--hidden", "8"]
+        >>> argv += ["--eval-every", "1"]
+        >>> with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        ...     code = main([*argv, "--output-dir", tmp])
+        ...     written = sorted(p.name for p in Path(tmp).iterdir())
+        >>> code, written
+        (0, ['curves.png', 'matrices.png', 'results.json'])
+    """
     args = build_parser().parse_args(argv)
     try:
         config = BenchmarkConfig(

@@ -34,7 +34,15 @@ def _baselines() -> dict[str, tuple[Factory, float | None]]:
 
 def method_registry() -> dict[str, tuple[Factory, float | None]]:
     """All methods: ``naive`` (no callback), ``joint`` (all tasks so far, an upper bound),
-    MetaGrad and the regularisation baselines."""
+    MetaGrad and the regularisation baselines.
+
+    Maps a name to ``(factory(strength or None) -> callbacks, default strength or None)``.
+
+    Example:
+        >>> factory, default = method_registry()["si"]
+        >>> default, [type(c).__name__ for c in factory(0.5)]
+        (1.0, ['SICallback'])
+    """
     registry: dict[str, tuple[Factory, float | None]] = {
         "naive": (lambda s: [], None),
         "joint": (lambda s: [], None),
@@ -67,4 +75,10 @@ def make_callbacks(name: str, strength: float | None = None) -> list[Callback]:
 
 
 def default_strength(name: str) -> Any:
+    """A method's default regularisation strength, or None where it has none.
+
+    Example:
+        >>> default_strength("ewc"), default_strength("metagrad")
+        (100.0, None)
+    """
     return method_registry()[name][1]

@@ -12,7 +12,19 @@ import matplotlib.pyplot as plt
 
 
 def plot_curves(results: dict[str, Any], path: Path) -> Path:
-    """Per-task test accuracy against iteration, one panel per method (first seed)."""
+    """Per-task test accuracy against iteration, one panel per method (first seed).
+
+    Example:
+        >>> import tempfile
+        >>> from lightning_metagrad.benchmark import BenchmarkConfig, run_benchmark
+        >>> config = BenchmarkConfig(
+        ...     tasks=2, iters=2, methods=("naive",), hidden_sizes=(8,), eval_every=1
+        ... )
+        >>> results = run_benchmark(config)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     plot_curves(results, Path(tmp) / "curves.png").stat().st_size > 0
+        True
+    """
     methods = results["methods"]
     iters = results["config"]["iters"]
     fig, axes = plt.subplots(
@@ -36,7 +48,17 @@ def plot_curves(results: dict[str, Any], path: Path) -> Path:
 
 
 def plot_matrices(results: dict[str, Any], path: Path) -> Path:
-    """Heatmaps of R[i][j] (accuracy on task j after training task i), mean over seeds."""
+    """Heatmaps of ``R[i][j]`` (accuracy on task j after training task i), mean over seeds.
+
+    Example:
+        >>> import tempfile
+        >>> from lightning_metagrad.benchmark import BenchmarkConfig, run_benchmark
+        >>> config = BenchmarkConfig(tasks=2, iters=2, methods=("naive",), hidden_sizes=(8,))
+        >>> results = run_benchmark(config)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     plot_matrices(results, Path(tmp) / "matrices.png").name
+        'matrices.png'
+    """
     methods = results["methods"]
     fig, axes = plt.subplots(1, len(methods), figsize=(2.8 * len(methods), 2.9), squeeze=False)
     for ax, (name, entry) in zip(axes[0], methods.items()):

@@ -1,7 +1,13 @@
 """Base image datasets held in memory as float tensors, with deterministic train/val/test splits.
 
 ``"digits"`` (scikit-learn's bundled 8x8 handwritten digits, no download) is the default;
-``"mnist"`` and ``"fashion_mnist"`` are read with torchvision from ``root``.
+``"mnist"`` and ``"fashion_mnist"`` are read with torchvision from ``root``. ``DATASETS``
+names them all.
+
+Example:
+    >>> from lightning_metagrad.data import DATASETS
+    >>> DATASETS
+    ('digits', 'mnist', 'fashion_mnist')
 """
 
 from __future__ import annotations
@@ -47,7 +53,13 @@ _RAW_FILES = (
 
 @dataclass(frozen=True)
 class Split:
-    """One split: images ``x`` (float32 ``[N, C, H, W]`` in [0, 1]) and labels ``y`` (int64)."""
+    """One split: images ``x`` (float32 ``[N, C, H, W]`` in [0, 1]) and labels ``y`` (int64).
+
+    Example:
+        >>> split = Split(torch.zeros(4, 1, 8, 8), torch.arange(4))
+        >>> len(split), split.x.shape
+        (4, torch.Size([4, 1, 8, 8]))
+    """
 
     x: Tensor
     y: Tensor
@@ -58,7 +70,13 @@ class Split:
 
 @dataclass(frozen=True)
 class DatasetSplits:
-    """The ``train``, ``val`` and ``test`` splits of one base dataset."""
+    """The ``train``, ``val`` and ``test`` splits of one base dataset.
+
+    Example:
+        >>> splits = load_splits("digits")
+        >>> splits["test"] is splits.test, len(splits["val"])
+        (True, 180)
+    """
 
     train: Split
     val: Split

@@ -208,6 +208,18 @@ class TaskStream(LightningDataModule):
         num_workers: ``DataLoader`` workers.
         flatten: batches carry flat vectors ``[B, C*H*W]`` (default) or images ``[B, C, H, W]``.
         eval_batch_size: batch size of the val/test loaders (default: ``batch_size``).
+
+    Example:
+        A stream whose tasks differ by a label flip (``9 - y``) on even tasks:
+
+        >>> class FlippedStream(TaskStream):
+        ...     def task_label_map(self, task):
+        ...         return torch.arange(9, -1, -1) if task % 2 == 0 else None
+        >>> stream = FlippedStream(num_tasks=2, batch_size=4)
+        >>> flipped = stream.task_dataset(0).fetch(torch.arange(3))["y"]
+        >>> kept = stream.task_dataset(1).fetch(torch.arange(3))["y"]
+        >>> torch.equal(flipped, 9 - kept)
+        True
     """
 
     def __init__(
