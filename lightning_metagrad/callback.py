@@ -49,10 +49,17 @@ from lightning_metagrad.predictors import (
 _COMBINE = ("sign", "average")
 _TARGETS = ("auto", "gradient", "update")
 _BOUNDARIES = ("fit", "batch", "manual", "auto")
+# Coordinates per chunk of the fused eq. 5 pass: small enough that the temporaries stay in
+# cache and are not fresh page-faulting allocations of P floats every step.
+_CHUNK = 1 << 16
 
 
-def _flat(tensors: Sequence[Tensor]) -> Tensor:
-    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+def _flat(tensors: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
+    parts = [t.detach().reshape(-1) for t in tensors]
+    if out is not None and all(t.dtype == out.dtype for t in parts):
+        # Reused buffer: no fresh (page-faulting) allocation of P floats every step.
+        return torch.cat(parts, out=out)
+    return torch.cat([t.float() for t in parts])
 
 
 def _write_flat(dest: Sequence[Tensor], flat: Tensor) -> None:
@@ -157,6 +164,7 @@ class MetaGradCallback(Callback):
         self._step_params: list[torch.nn.Parameter] = []
         self._stepped = False
         self._to_log: dict[str, Tensor | float] = {}
+        self._buffers: list[Tensor | None] = [None, None]  # reused flat theta / gradient
 
     @staticmethod
     def _boundary_source(
@@ -349,15 +357,16 @@ class MetaGradCallback(Callback):
         self._stepped = False
         if not params:
             return
-        theta = _flat(params)
         if self._resolved_target == "update":
-            self._theta_before = theta  # finished in _after_optimizer_step
+            self._theta_before = _flat(params)  # finished in _after_optimizer_step
             return
-        grad = _flat([p.grad for p in params])  # type: ignore[misc]
-        self._observe(theta, grad)
-        combined = self._combine(theta, grad)
+        theta = _flat(params, out=self._buffer(0, params))
+        grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
+        grad = _flat(grads, out=self._buffer(1, params))
+        finite = self._observe(theta, grad)
+        combined = self._combine(theta, grad, inplace=finite)
         if combined is not None:
-            _write_flat([p.grad for p in params], combined[0])  # type: ignore[misc]
+            _write_flat(grads, combined[0])
         self._stepped = True
 
     @override
@@ -381,11 +390,15 @@ class MetaGradCallback(Callback):
         self._stepped = False
         self._steps_in_task += 1
         self._global_step = trainer.global_step
-        self._to_log["metagrad/task"] = float(self.task_index)
         self._to_log.update(self.diagnostics.step(self._params, self.task_index))
-        for name, value in self._to_log.items():
-            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
-        self._to_log = {}
+        # Like Lightning's LearningRateMonitor: only on steps whose logs are written
+        # (`log_every_n_steps`), each figure's latest value; a `self.log` call costs about as
+        # much as a small model's whole step.
+        if trainer._logger_connector.should_update_logs:
+            self._to_log["metagrad/task"] = float(self.task_index)
+            for name, value in self._to_log.items():
+                pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
+            self._to_log = {}
 
     # ------------------------------------------------------------------ checkpointing
 
@@ -438,15 +451,32 @@ class MetaGradCallback(Callback):
         )
         return "gradient" if plain_sgd else "update"
 
-    def _observe(self, theta: Tensor, target: Tensor) -> None:
-        """Train the predictor on this step's ``(theta_j, target_j)`` pairs (section 2.2)."""
-        if not bool(torch.isfinite(target).all()):
+    def _buffer(self, slot: int, params: Sequence[Tensor]) -> Tensor:
+        """A flat float32 buffer for ``params``, kept between steps (released at fit end)."""
+        numel = sum(p.numel() for p in params)
+        buf = self._buffers[slot]
+        if buf is None or buf.numel() != numel or buf.device != params[0].device:
+            buf = torch.empty(numel, dtype=torch.float32, device=params[0].device)
+            self._buffers[slot] = buf
+        return buf
+
+    def _observe(self, theta: Tensor, target: Tensor) -> bool:
+        """Train the predictor on this step's ``(theta_j, target_j)`` pairs (section 2.2).
+
+        Returns whether ``target`` is finite everywhere.
+        """
+        # One reduction pass instead of an elementwise isfinite + all: a dot product is
+        # finite iff every entry is, unless it overflows (then the exact check decides).
+        finite = bool(torch.isfinite(torch.dot(target, target))) or bool(
+            torch.isfinite(target).all()
+        )
+        if not finite:
             self._skipped_steps += 1
             rank_zero_warn(
                 "MetaGrad: non-finite gradient/update at this step; its pairs are not used to "
                 "train the predictor.",
             )
-            return
+            return False
         logged = self.predictor.observe(theta, target)
         self._to_log.update(logged)
         self.diagnostics.observe_prediction_quality(logged)
@@ -459,9 +489,18 @@ class MetaGradCallback(Callback):
                 f"task {self.task_index + 1} starts with the next batch."
             )
             self.on_switch_detected(self._global_step)
+        return True
 
-    def _combine(self, theta: Tensor, current: Tensor) -> tuple[Tensor, Tensor | None] | None:
-        """The rewritten direction and, for eq. 5, the mask of zeroed coordinates."""
+    def _combine(
+        self, theta: Tensor, current: Tensor, inplace: bool = False
+    ) -> tuple[Tensor, Tensor | None] | None:
+        """The rewritten direction and, for eq. 5, the mask of zeroed coordinates.
+
+        ``inplace``: ``current`` is a finite scratch buffer that eq. 5 may overwrite.
+        """
+        chunked = type(self.predictor).predict_slice is not OldGradientPredictor.predict_slice
+        if inplace and self.combine == "sign" and chunked:
+            return self._sign_rule_chunked(theta, current)
         prediction = self.predictor.predict(theta)
         if prediction is None:
             return None
@@ -476,6 +515,25 @@ class MetaGradCallback(Callback):
             combined = torch.where(zeroed, torch.zeros_like(current), current)
         self._to_log["metagrad/zeroed_fraction"] = zeroed.float().mean()
         return combined, zeroed
+
+    def _sign_rule_chunked(self, theta: Tensor, current: Tensor) -> tuple[Tensor, None] | None:
+        """Eq. 5 (magnitude-aware where the predictor says so) in place on the finite buffer
+        ``current``, chunk by chunk: one pass over memory, no per-step P-sized temporaries."""
+        kept = torch.zeros((), dtype=torch.float64, device=current.device)
+        for start in range(0, current.numel(), _CHUNK):
+            prediction = self.predictor.predict_slice(theta[start : start + _CHUNK], start)
+            if prediction is None:
+                return None
+            predicted, trusted = prediction
+            cur = current[start : start + _CHUNK]
+            # 0/1 floats, not booleans: branch-free and several times faster on CPU.
+            keep = torch.mul(cur, predicted).gt_(0)  # signs agree (a NaN prediction: 0)
+            if trusted is not None:  # magnitude-aware: keep the gradient where not trusted
+                keep.sub_(1).mul_(trusted).add_(1)
+            cur.mul_(keep)
+            kept += keep.sum()
+        self._to_log["metagrad/zeroed_fraction"] = 1.0 - kept / max(current.numel(), 1)
+        return current, None
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
         """Update-vector mode: pairs from the update, and the rule applied to the update."""
@@ -501,3 +559,4 @@ class MetaGradCallback(Callback):
             self._hook_handle.remove()
             self._hook_handle = None
         self._theta_before = None
+        self._buffers = [None, None]

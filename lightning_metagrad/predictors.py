@@ -39,6 +39,24 @@ class OldGradientPredictor:
     The callback calls :meth:`bind` at each fit start with the trainable parameters' names and
     sizes (the flat layout of ``theta``), :meth:`observe` on every optimizer step of a task,
     :meth:`end_task` at a boundary, and :meth:`predict` from the second task on.
+
+    Example:
+        >>> class ZeroPredictor(OldGradientPredictor):
+        ...     def observe(self, theta, target):
+        ...         return {}
+        ...     def end_task(self, theta):
+        ...         self._old_tasks += 1
+        ...     def predict(self, theta):
+        ...         return (torch.zeros_like(theta), None) if self.num_old_tasks else None
+        >>> pred = ZeroPredictor()
+        >>> pred.predict(torch.ones(2)) is None
+        True
+        >>> pred.end_task(torch.ones(2))
+        >>> pred.predict(torch.ones(2))
+        (tensor([0., 0.]), None)
+        >>> from lightning_metagrad import MetaGradCallback
+        >>> MetaGradCallback(predictor=pred).predictor_name
+        'ZeroPredictor'
     """
 
     _old_tasks = 0
@@ -69,6 +87,15 @@ class OldGradientPredictor:
         """``(mean old-task gradient, confident mask or None)`` at ``theta``; None before task 2.
 
         Where the mask is False the rule keeps the current gradient whatever its sign.
+        """
+        raise NotImplementedError
+
+    def predict_slice(self, theta: Tensor, start: int) -> tuple[Tensor, Tensor | None] | None:
+        """:meth:`predict` for the coordinates ``start : start + len(theta)`` only.
+
+        Optional: a predictor whose prediction is coordinate-wise overrides it, and the callback
+        then evaluates the rule chunk by chunk (small temporaries, cache-resident passes). The
+        mask may be boolean or 0/1 floats of ``theta``'s dtype.
         """
         raise NotImplementedError
 
@@ -184,6 +211,9 @@ class MetaNetPredictor(OldGradientPredictor):
             return None
         return self.table(theta), None
 
+    def predict_slice(self, theta: Tensor, start: int) -> tuple[Tensor, Tensor | None] | None:
+        return self.predict(theta)  # coordinate-wise: the position does not matter
+
     def state_dict(self) -> dict:
         return {
             "meta": self.meta.state_dict(),
@@ -242,6 +272,7 @@ class AnchoredPredictor(OldGradientPredictor):
         self._count = 0
         self._b: Tensor | None = None
         self._c: Tensor | None = None
+        self._b_mean: float | None = None  # cached mean(B), reset whenever B changes
 
     def bind(self, names: Sequence[str], numels: Sequence[int], device: torch.device) -> None:
         self._unbind()
@@ -260,8 +291,15 @@ class AnchoredPredictor(OldGradientPredictor):
             return torch.cat(parts) if parts else torch.zeros(total, device=device)
 
         self._sq_sum = gather("sq_sum")
-        self._b = gather("b")
+        self._b, self._b_mean = gather("b"), None
         self._c = gather("c")
+        self._forget_bound()
+
+    def _forget_bound(self) -> None:
+        """Drop the per-name copies of the bound names: the flat buffers hold them now
+        (keeping both would cost three more floats per parameter)."""
+        for name in self._names:
+            self._stored.pop(name, None)
 
     def _unbind(self) -> None:
         """Write the flat buffers back into the per-name store."""
@@ -287,28 +325,41 @@ class AnchoredPredictor(OldGradientPredictor):
         importance = self._sq_sum / self._count
         # Eq. 6, exactly: running means of F_i and F_i * theta*_i.
         self._b.mul_(t / (t + 1)).add_(importance, alpha=1 / (t + 1))
+        self._b_mean = None
         self._c.mul_(t / (t + 1)).add_(importance * theta, alpha=1 / (t + 1))
         self._sq_sum.zero_()
         self._count = 0
         self._old_tasks += 1
 
     def predict(self, theta: Tensor) -> tuple[Tensor, Tensor | None] | None:
+        out = self.predict_slice(theta, 0)
+        return None if out is None or out[1] is None else (out[0], out[1] > 0)
+
+    def predict_slice(self, theta: Tensor, start: int) -> tuple[Tensor, Tensor | None] | None:
         if self.num_old_tasks == 0 or self._b is None or self._c is None:
             return None
-        predicted = self._b * theta - self._c
+        end = start + theta.numel()
+        b, c = self._b[start:end], self._c[start:end]
+        predicted = torch.mul(b, theta).sub_(c)
         # Outside the trust region: pred^2 / B > radius^2 mean(B)  (no division by B needed).
-        threshold = (self.radius**2) * self._b.mean()
-        trusted = predicted * predicted > threshold * self._b
+        if self._b_mean is None:  # B changes only at a boundary: one reduction (sync) per task
+            self._b_mean = float(self._b.mean())
+        threshold = (self.radius**2) * self._b_mean
+        # A 0/1 float mask: float kernels are several times faster than boolean ones on CPU.
+        trusted = torch.mul(predicted, predicted).sub_(b, alpha=threshold).gt_(0)
         return predicted, trusted
 
     def state_dict(self) -> dict:
         self._unbind()
-        return {
+        state = {
             "radius": self.radius,
             "num_old_tasks": self.num_old_tasks,
             "count": self._count,
             "stored": {k: dict(v) for k, v in self._stored.items()},
         }
+        if self._b is not None:  # still bound: the copies belong to the returned state only
+            self._forget_bound()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self._old_tasks = int(state["num_old_tasks"])

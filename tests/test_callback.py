@@ -144,12 +144,32 @@ def test_meta_network_trains_during_the_task_and_logs() -> None:
     make_trainer([cb]).fit(model, loader(0))
     after = cb.meta_network.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("net"))
-    trainer = make_trainer([cb])
+    trainer = make_trainer([cb], log_every_n_steps=1)
     trainer.fit(model, loader(1))
     logged = trainer.callback_metrics
     assert {"metagrad/meta_loss", "metagrad/zeroed_fraction", "metagrad/task"} <= set(logged)
     assert float(logged["metagrad/task"]) == 1.0
     assert 0.0 <= float(logged["metagrad/zeroed_fraction"]) <= 1.0
+
+
+class LogCounter(TinyClassifier):
+    """Records the global step of each ``self.log`` call of the callback's figures."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metagrad_log_steps: list[int] = []
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        if name == "metagrad/task":
+            self.metagrad_log_steps.append(self.trainer.global_step)
+        super().log(name, value, *args, **kwargs)
+
+
+def test_figures_are_logged_only_on_the_trainers_logging_steps() -> None:
+    model = LogCounter()
+    cb = MetaGradCallback(**small_callback_kwargs())
+    make_trainer([cb], max_steps=12, log_every_n_steps=4).fit(model, loader(0))
+    assert model.metagrad_log_steps == [4, 8, 12]  # after the 4th, 8th and 12th step
 
 
 def test_state_dict_round_trip_continues_identically() -> None:

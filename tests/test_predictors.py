@@ -78,7 +78,7 @@ def test_anchored_blocks_moves_away_from_an_important_anchor() -> None:
     anchor = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
     free = TinyClassifier(lr=0.1)
     free.load_state_dict(model.state_dict())
-    trainer = make_trainer([cb], max_steps=16)
+    trainer = make_trainer([cb], max_steps=16, log_every_n_steps=1)
     trainer.fit(model, loader(1))
     make_trainer([], max_steps=16).fit(free, loader(1))
     moved = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - anchor
@@ -117,7 +117,7 @@ def test_callback_logs_prediction_quality_and_drift() -> None:
     cb = MetaGradCallback(
         predictor=MetaNetPredictor(hidden_sizes=(8,), coords_per_step=64, update_every=1)
     )
-    trainer = make_trainer([cb], max_steps=4)
+    trainer = make_trainer([cb], max_steps=4, log_every_n_steps=1)
     trainer.fit(TinyClassifier(), loader(0))
     logged = trainer.callback_metrics
     assert float(logged["metagrad/meta_rel_error"]) >= 0.0
