@@ -93,12 +93,12 @@ def test_auto_combines_with_fit_boundaries() -> None:
 
 
 def test_auto_boundary_state_round_trips() -> None:
-    src = AutoBoundaries(every=1, settle=0)
+    src = AutoBoundaries(every=1, settle=0, signal="error")
     gen = torch.Generator().manual_seed(0)
     for _ in range(30):
         theta = torch.randn(500, generator=gen)
         src.on_pairs(theta, -theta)
-    clone = AutoBoundaries(every=1, settle=0)
+    clone = AutoBoundaries(every=1, settle=0, signal="error")
     clone.load_state_dict(src.state_dict())
     theta = torch.randn(500, generator=gen)
     assert src.on_pairs(theta, -theta) == clone.on_pairs(theta, -theta)
@@ -111,7 +111,8 @@ def test_loss_signal_tests_the_mean_loss_with_the_error_as_evidence() -> None:
     src = AutoBoundaries(signal="loss")
     assert src.uses_loss and src.detector.signal == "loss"
     assert src.detector.weights == {"error": 1.0}
-    assert not AutoBoundaries().uses_loss  # the paper's signal needs no loss
+    assert AutoBoundaries().uses_loss  # the default
+    assert not AutoBoundaries(signal="error").uses_loss  # the paper's signal needs no loss
 
 
 def test_loss_signal_ignores_non_finite_losses_and_round_trips() -> None:
