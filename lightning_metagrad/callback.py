@@ -95,8 +95,8 @@ class MetaGradCallback(Callback):
         task_boundaries: ``"fit"`` (each new ``trainer.fit`` starts a task), ``"batch"`` (a
             change of the task id read from the batch), ``"auto"`` (switches detected from a
             jump in the training loss, with a meta-network's reconstruction error as evidence,
-            section 5.1; ``AutoBoundaries(signal="error")`` uses the paper's signal alone), ``"manual"`` (only
-            :meth:`start_new_task`), a
+            section 5.1; ``AutoBoundaries(signal="error")`` uses the paper's signal alone),
+            ``"manual"`` (only :meth:`start_new_task`), a
             :class:`~lightning_metagrad.boundaries.TaskBoundarySource`, or a list of these
             (a new task starts when any of them says so, e.g. ``["fit", "auto"]``).
         task_id_key: dict-batch key holding the task id, for ``task_boundaries="batch"``.

@@ -22,8 +22,10 @@ class Diagnostics:
       (1 minus the explained fraction), is averaged (EMA); once ``warmup`` values were seen in
       a task and the average stays above ``uninformative_error`` the prediction carries no
       information, and a warning says so.
-    * ``metagrad/param_norm_growth`` is ``||theta|| / ||theta at the first step||``; above
-      ``runaway_growth`` the weights are running away, and a warning says so.
+    * ``metagrad/param_norm_growth`` is ``||theta|| / ||theta at the first step of the first
+      task with old tasks||`` (where the rule starts acting: plain training away from a
+      random initialisation may well grow the norm several-fold, which is not the rule's
+      doing); above ``runaway_growth`` the weights are running away, and a warning says so.
 
     Example:
         >>> d = Diagnostics(warmup=2)
@@ -54,6 +56,7 @@ class Diagnostics:
         self.uninformative = False
         self.runaway = False
         self._task = 0
+        self._rule_acting = False  # a step with old tasks was seen (the norm baseline's task)
 
     def observe_prediction_quality(self, logged: dict[str, Tensor]) -> None:
         value = logged.get("metagrad/meta_rel_error")
@@ -80,6 +83,9 @@ class Diagnostics:
             self._task = task_index
             self.error_ema, self.error_count = None, 0
         self.steps += 1
+        rebase = task_index > 0 and not self._rule_acting
+        if rebase:  # the first step with old tasks: measure drift from here
+            self._rule_acting, self.initial_norm, self.max_growth = True, None, 1.0
         if (self.steps - 1) % self.check_every != 0 and self.initial_norm is not None:
             return {}
         norms = torch._foreach_norm([p.detach() for p in params])
@@ -89,13 +95,15 @@ class Diagnostics:
             self.initial_norm = value if value > 0 else 1.0
         growth = value / self.initial_norm
         self.max_growth = max(self.max_growth, growth) if growth == growth else float("inf")
-        if not growth <= self.runaway_growth:  # also catches NaN
+        # Only once the rule acts: growth in the first task is plain training's own.
+        if self._rule_acting and not growth <= self.runaway_growth:  # also catches NaN
             if not self.runaway and self.warn:
                 rank_zero_warn(
-                    f"MetaGrad: the parameter norm grew {growth:.1f}x since training started: "
-                    "the weights are running away (the one-way filter of eq. 5 turns gradient "
-                    "noise into drift when the prediction is uninformative). Consider "
-                    "predictor='anchored' or a lower learning rate."
+                    f"MetaGrad: the parameter norm grew {growth:.1f}x since the rule started "
+                    "acting (the first task with old tasks): the weights are running away (the "
+                    "one-way filter of eq. 5 turns gradient noise into drift when the "
+                    "prediction is uninformative). Consider a lower learning rate, or "
+                    "predictor='anchored' if you use predictor='paper'."
                 )
             self.runaway = True
         return {"metagrad/param_norm_growth": norm.new_tensor(growth)}
@@ -110,6 +118,7 @@ class Diagnostics:
             "uninformative": self.uninformative,
             "runaway": self.runaway,
             "task": self._task,
+            "rule_acting": self._rule_acting,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -121,3 +130,4 @@ class Diagnostics:
         self.uninformative = bool(state["uninformative"])
         self.runaway = bool(state["runaway"])
         self._task = int(state["task"])
+        self._rule_acting = bool(state.get("rule_acting", self.initial_norm is not None))

@@ -102,14 +102,17 @@ def test_diagnostics_stay_quiet_for_an_informative_prediction() -> None:
     assert not d.uninformative
 
 
-def test_diagnostics_warn_when_the_weights_run_away() -> None:
+def test_diagnostics_warn_when_the_weights_run_away_once_the_rule_acts() -> None:
     d = Diagnostics(check_every=1)
     w = torch.ones(10)
-    d.step([w], 0)
-    d.step([w * 2], 0)
+    d.step([w * 0.1], 0)
+    d.step([w], 0)  # 10x in the first task: plain training's own growth, no warning
+    assert not d.runaway
+    d.step([w], 1)  # the first step with an old task: growth is measured from here
+    d.step([w * 2], 1)
     assert not d.runaway
     with pytest.warns(UserWarning, match="running away"):
-        figures = d.step([w * 5], 0)
+        figures = d.step([w * 5], 1)
     assert d.runaway and float(figures["metagrad/param_norm_growth"]) == pytest.approx(5.0)
 
 

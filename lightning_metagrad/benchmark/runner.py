@@ -197,6 +197,7 @@ def run_method(
     extra = probes(stream, model, callbacks) if probes is not None else []
     matrix: list[list[float]] = []
     diverged: int | None = None
+    collapsed: int | None = None
     curves: list[dict[str, Any]] = []
     step_times: list[float] = []
     for task in range(config.tasks):
@@ -226,8 +227,16 @@ def run_method(
             # The method drove the weights to NaN/inf: record the divergence, keep evaluating
             # (a NaN model scores at chance) so the run still yields a full matrix.
             diverged = task if diverged is None else diverged
+        if diverged is None and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            diverged = task  # non-finite weights without an error (NaN losses are trained on)
         step_times += timer.times[5:]  # skip warm-up steps of each task
         matrix.append([model.accuracy(loader) for loader in test_loaders])
+        chance = 1.5 / stream.num_classes
+        learned_before = any(matrix[i][i] > chance for i in range(task))
+        if collapsed is None and learned_before and matrix[-1][task] <= chance:
+            # Earlier tasks were learned, yet the task just trained scores at chance: training
+            # collapsed (e.g. a penalty's curvature above SGD's stability limit).
+            collapsed = task
         if on_task_end is not None:
             on_task_end()
     return {
@@ -235,6 +244,7 @@ def run_method(
         "acc_matrix": matrix,
         "random_init": random_init,
         "diverged_in_task": diverged,
+        "collapsed_in_task": collapsed,
         "curves": curves,
         "train_step_ms": 1000 * statistics.median(step_times) if step_times else float("nan"),
     }
@@ -275,6 +285,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "forgetting": _mean_std(forgetting)[0],
         "train_step_ms": statistics.fmean(r["train_step_ms"] for r in runs),
         "diverged_seeds": [r["seed"] for r in runs if r.get("diverged_in_task") is not None],
+        "collapsed_seeds": [r["seed"] for r in runs if r.get("collapsed_in_task") is not None],
         "per_seed": runs,
     }
 
