@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TinyClassifier, loader, make_trainer
+from conftest import TinyClassifier, loader, make_trainer, task_data
+from torch.utils.data import DataLoader
 
 from lightning_metagrad import AnchoredPredictor, Diagnostics, MetaGradCallback, MetaNetPredictor
 
@@ -173,3 +174,22 @@ def test_replay_memory_stays_constant_over_tasks() -> None:
     restored = ReplayPredictor(memory_batches=6)
     restored.load_state_dict(replay.state_dict())
     assert [len(b) for b in restored.memory] == [len(b) for b in replay.memory]
+
+
+@pytest.mark.parametrize("free_where_zero", [True, False])
+def test_replay_leaves_coordinates_without_an_old_gradient_free(free_where_zero: bool) -> None:
+    from torch.utils.data import TensorDataset
+
+    from lightning_metagrad import ReplayPredictor
+
+    x0, y0 = task_data(0)
+    x0[:, 0] = 0.0  # input 0 is always 0 in the old task: its first-layer weights get no gradient
+    old = DataLoader(TensorDataset(x0, y0), batch_size=16)
+    replay = ReplayPredictor(memory_batches=8, refresh_every=1, free_where_zero=free_where_zero)
+    cb = MetaGradCallback(predictor=replay)
+    model = TinyClassifier()
+    make_trainer([cb], max_steps=8).fit(model, old)
+    before = model.net[0].weight[:, 0].detach().clone()
+    make_trainer([cb], max_steps=1).fit(model, loader(1))  # input 0 is used in the new task
+    moved = bool((model.net[0].weight[:, 0] != before).any())
+    assert moved is free_where_zero  # eq. 5 literally (False) zeroes them: 0 * grad is not > 0
