@@ -381,12 +381,12 @@ class ReplayPredictor(OldGradientPredictor):
     logging silenced, ``.grad`` untouched), averaged over old tasks (eq. 2's mean) and reused
     until the next refresh. Under DDP each rank's estimate is averaged over ranks.
 
-    ``free_where_zero``: a coordinate whose old-task gradient is exactly 0 carries no
-    constraint from the old tasks (an input that is 0 in every stored sample, a dead ReLU), so
-    the rule keeps the current gradient there (a "not trusted" mask, as the anchored predictor
-    returns). ``False`` applies eq. 5 literally, which zeroes them: on Permuted Fashion-MNIST
-    that froze most first-layer weights of pixels that are background in the old tasks
-    (``docs/science.md``).
+    ``free_below``: coordinates whose old-task gradient is small carry no constraint from the
+    old tasks, so the rule keeps the current gradient there (a "not trusted" mask, as the
+    anchored predictor returns): those with ``|old_j| <= free_below * mean(|old|)``. The
+    default 0 frees exactly-zero entries only (an input that is 0 in every stored sample, a
+    dead ReLU); ``None`` applies eq. 5 literally, which zeroes them too (first-layer weights
+    of pixels that are background in every stored old sample can then never move again).
 
     Example:
         >>> ReplayPredictor(memory_batches=8, refresh_every=10).num_old_tasks
@@ -398,15 +398,21 @@ class ReplayPredictor(OldGradientPredictor):
         memory_batches: int = 8,
         refresh_every: int = 10,
         seed: int = 0,
-        free_where_zero: bool = True,
+        free_below: float | None = 0.0,
     ) -> None:
         if not isinstance(memory_batches, int) or memory_batches < 1:
             raise ValueError(f"`memory_batches` must be an int >= 1, got {memory_batches!r}")
         if not isinstance(refresh_every, int) or refresh_every < 1:
             raise ValueError(f"`refresh_every` must be an int >= 1, got {refresh_every!r}")
-        if not isinstance(free_where_zero, bool):
-            raise ValueError(f"`free_where_zero` must be a bool, got {free_where_zero!r}")
-        self.free_where_zero = free_where_zero
+        if free_below is not None and (
+            isinstance(free_below, bool)
+            or not isinstance(free_below, (int, float))
+            or not 0 <= free_below < float("inf")
+        ):
+            raise ValueError(
+                f"`free_below` must be None or a finite number >= 0, got {free_below!r}"
+            )
+        self.free_below = None if free_below is None else float(free_below)
         self._trusted: Tensor | None = None
         self.memory_batches = memory_batches
         self.refresh_every = refresh_every
@@ -455,9 +461,18 @@ class ReplayPredictor(OldGradientPredictor):
             return None
         if self._cached is None or self._calls % self.refresh_every == 0:
             self._cached = self._old_gradient().to(theta.device)
-            self._trusted = self._cached != 0 if self.free_where_zero else None
+            self._trusted = self._constrained(self._cached)
         self._calls += 1
         return self._cached, self._trusted
+
+    def _constrained(self, old: Tensor) -> Tensor | None:
+        """Where the old tasks constrain the update (the rule's "trusted" mask)."""
+        if self.free_below is None:
+            return None
+        magnitude = old.abs()
+        if self.free_below == 0:
+            return magnitude > 0
+        return magnitude > self.free_below * magnitude.mean()
 
     def _old_gradient(self) -> Tensor:
         module, trainer = self._module, self._trainer

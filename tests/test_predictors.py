@@ -176,8 +176,8 @@ def test_replay_memory_stays_constant_over_tasks() -> None:
     assert [len(b) for b in restored.memory] == [len(b) for b in replay.memory]
 
 
-@pytest.mark.parametrize("free_where_zero", [True, False])
-def test_replay_leaves_coordinates_without_an_old_gradient_free(free_where_zero: bool) -> None:
+@pytest.mark.parametrize("free_below", [0.0, None])
+def test_replay_leaves_coordinates_without_an_old_gradient_free(free_below: float | None) -> None:
     from torch.utils.data import TensorDataset
 
     from lightning_metagrad import ReplayPredictor
@@ -185,11 +185,22 @@ def test_replay_leaves_coordinates_without_an_old_gradient_free(free_where_zero:
     x0, y0 = task_data(0)
     x0[:, 0] = 0.0  # input 0 is always 0 in the old task: its first-layer weights get no gradient
     old = DataLoader(TensorDataset(x0, y0), batch_size=16)
-    replay = ReplayPredictor(memory_batches=8, refresh_every=1, free_where_zero=free_where_zero)
+    replay = ReplayPredictor(memory_batches=8, refresh_every=1, free_below=free_below)
     cb = MetaGradCallback(predictor=replay)
     model = TinyClassifier()
     make_trainer([cb], max_steps=8).fit(model, old)
     before = model.net[0].weight[:, 0].detach().clone()
     make_trainer([cb], max_steps=1).fit(model, loader(1))  # input 0 is used in the new task
     moved = bool((model.net[0].weight[:, 0] != before).any())
-    assert moved is free_where_zero  # eq. 5 literally (False) zeroes them: 0 * grad is not > 0
+    assert moved is (free_below is not None)  # eq. 5 literally (None) zeroes them: 0 * g <= 0
+
+
+def test_replay_frees_small_old_gradients_above_zero_when_asked() -> None:
+    from lightning_metagrad import ReplayPredictor
+
+    old = torch.tensor([0.0, 0.1, -0.2, 3.0])  # mean |old| = 0.825
+    assert ReplayPredictor()._constrained(old).tolist() == [False, True, True, True]
+    assert ReplayPredictor(free_below=1.0)._constrained(old).tolist() == [False, False, False, True]
+    assert ReplayPredictor(free_below=None)._constrained(old) is None
+    with pytest.raises(ValueError, match="free_below"):
+        ReplayPredictor(free_below=-1.0)
