@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=0.03)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--eval-split", choices=["test", "val"], default="test")
     parser.add_argument("--output", type=Path, default=Path("runs/variants"))
     args = parser.parse_args(argv)
     namespace: dict[str, Any] = {k: getattr(lm, k) for k in lm.__all__}
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     config = BenchmarkConfig(
         stream=args.stream, dataset=args.dataset, root=args.root, tasks=args.tasks,
         iters=args.iters, lr=args.lr, seeds=tuple(args.seeds), methods=("naive",),
-        eval_every=400, eval_samples=500,
+        eval_every=400, eval_samples=500, eval_split=args.eval_split,
     )  # fmt: skip
     out: dict[str, Any] = {"config": {**vars(args), "output": str(args.output)}, "methods": {}}
     for name, expression in variants.items():

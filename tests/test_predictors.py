@@ -199,8 +199,9 @@ def test_replay_frees_small_old_gradients_above_zero_when_asked() -> None:
     from lightning_metagrad import ReplayPredictor
 
     old = torch.tensor([0.0, 0.1, -0.2, 3.0])  # mean |old| = 0.825
-    assert ReplayPredictor()._constrained(old).tolist() == [False, True, True, True]
+    assert ReplayPredictor(free_below=0.0)._constrained(old).tolist() == [False, True, True, True]
     assert ReplayPredictor(free_below=1.0)._constrained(old).tolist() == [False, False, False, True]
     assert ReplayPredictor(free_below=None)._constrained(old) is None
+    assert ReplayPredictor().free_below == 4.0  # the default: the middle of the measured plateau
     with pytest.raises(ValueError, match="free_below"):
         ReplayPredictor(free_below=-1.0)
