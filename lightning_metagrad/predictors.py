@@ -462,11 +462,24 @@ class ReplayPredictor(OldGradientPredictor):
     def predict(self, theta: Tensor) -> tuple[Tensor, Tensor | None] | None:
         if not self.memory:
             return None
+        self._refresh(theta.device)
+        return self._cached, self._trusted  # type: ignore[return-value]
+
+    def predict_slice(self, theta: Tensor, start: int) -> tuple[Tensor, Tensor | None] | None:
+        if not self.memory:
+            return None
+        if start == 0:  # one call per step: the callback walks the chunks in order
+            self._refresh(theta.device)
+        end = start + theta.numel()
+        trusted = None if self._trusted is None else self._trusted[start:end]
+        return self._cached[start:end], trusted  # type: ignore[index]
+
+    def _refresh(self, device: torch.device) -> None:
+        """Recompute the old gradient every ``refresh_every`` calls (one call per step)."""
         if self._cached is None or self._calls % self.refresh_every == 0:
-            self._cached = self._old_gradient().to(theta.device)
+            self._cached = self._old_gradient().to(device)
             self._trusted = self._constrained(self._cached)
         self._calls += 1
-        return self._cached, self._trusted
 
     def _constrained(self, old: Tensor) -> Tensor | None:
         """Where the old tasks constrain the update (the rule's "trusted" mask)."""

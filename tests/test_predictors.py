@@ -205,3 +205,28 @@ def test_replay_frees_small_old_gradients_above_zero_when_asked() -> None:
     assert ReplayPredictor().free_below == 4.0  # the default: the middle of the measured plateau
     with pytest.raises(ValueError, match="free_below"):
         ReplayPredictor(free_below=-1.0)
+
+
+@pytest.mark.parametrize("name", ["anchored", "replay", "paper"])
+def test_chunked_rule_equals_the_reference_rule(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_metagrad.callback as callback_module
+    from lightning_metagrad import ReplayPredictor
+
+    predictor = {
+        "anchored": AnchoredPredictor(radius=1e-3),
+        "replay": ReplayPredictor(refresh_every=1, free_below=1.0),
+        "paper": MetaNetPredictor(hidden_sizes=(8,), coords_per_step=64, update_every=1),
+    }[name]
+    cb = MetaGradCallback(predictor=predictor)
+    model = TinyClassifier()
+    for task in range(2):
+        make_trainer([cb], max_steps=8).fit(model, loader(task))
+    cb.predictor.attach(make_trainer([cb]), model)  # the replay memory reads the module
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    grad = torch.randn_like(theta)
+    monkeypatch.setattr(callback_module, "_CHUNK", 37)  # many uneven chunks
+    chunked = cb._combine(theta, grad.clone(), inplace=True)
+    reference = cb._combine(theta, grad.clone(), inplace=False)
+    assert chunked is not None and reference is not None
+    torch.testing.assert_close(chunked[0], reference[0])
+    assert 0 < int((chunked[0] == 0).sum()) < theta.numel()  # the rule did something
