@@ -6,7 +6,8 @@ rank writes its final state to ``DIR``. The module-scoped fixture runs it once (
 in one process group, ~10 s on 2 cores) and the tests compare the files:
 
 * every rank ends with identical callback state (meta-network, distilled predictor, table,
-  task bookkeeping, a loss-based switch detector's statistics), bit for bit;
+  task bookkeeping, a loss-based switch detector's statistics; with the replay predictor the
+  replayed old gradient and the model), bit for bit;
 * the run matches a single-process run with the same global batch: 2 ranks x 8 samples vs
   1 x 16, the distributed sampler off and each rank reading every other sample, so the union
   of the ranks' batches is the single process's batch. DDP averages the two per-rank mean
@@ -28,20 +29,38 @@ import torch
 from conftest import TinyClassifier, loader, make_trainer, small_callback_kwargs
 from torch.utils.data import DataLoader, Subset
 
-from lightning_metagrad import AutoBoundaries, ChangePointDetector, MetaGradCallback
+from lightning_metagrad import (
+    AutoBoundaries,
+    ChangePointDetector,
+    MetaGradCallback,
+    ReplayPredictor,
+)
 
 GLOBAL_BATCH = 16
 # name -> (tasks, optimizer steps per task, accumulate_grad_batches)
-SCENARIOS = {"plain": (2, 6, 1), "accumulate": (2, 3, 2), "auto-loss": (2, 6, 1)}
+SCENARIOS = {
+    "plain": (2, 6, 1),
+    "accumulate": (2, 3, 2),
+    "auto-loss": (2, 6, 1),
+    "replay": (2, 6, 1),
+}
 
 
-def boundary_kwargs(name: str) -> dict[str, Any]:
-    """``auto-loss``: detection on the training loss, which differs per rank unless reduced."""
+def scenario_kwargs(name: str) -> dict[str, Any]:
+    """The callback's arguments: the paper predictor, except
+
+    * ``auto-loss``: detection on the training loss, which differs per rank unless reduced;
+    * ``replay``: each rank stores its own shard of the batches; the replayed old gradient
+      (and the rule's mask from it) must be averaged over ranks to be the same everywhere.
+    """
+    if name == "replay":
+        return {"predictor": ReplayPredictor(memory_batches=4, refresh_every=1, free_below=1.0)}
+    kwargs = small_callback_kwargs()
     if name != "auto-loss":
-        return {}
+        return kwargs
     detector = ChangePointDetector(signal="loss", weights={"error": 1.0}, warmup=2, window=1)
     auto = AutoBoundaries(every=1, settle=0, detector=detector)
-    return {"task_boundaries": ["fit", auto]}
+    return {**kwargs, "task_boundaries": ["fit", auto]}
 
 
 ATOL, RTOL = 1e-5, 1e-4  # DDP vs single process (float reduction order only)
@@ -65,7 +84,7 @@ def run_scenario(name: str, devices: int) -> dict[str, Any]:
     tasks, steps, accumulate = SCENARIOS[name]
     pl.seed_everything(0, verbose=False)
     model = ShardedClassifier()
-    cb = MetaGradCallback(**small_callback_kwargs(), **boundary_kwargs(name))
+    cb = MetaGradCallback(**scenario_kwargs(name))
     ddp: dict[str, Any] = {}
     if devices > 1:
         ddp = {"strategy": "ddp", "use_distributed_sampler": False}
@@ -75,19 +94,26 @@ def run_scenario(name: str, devices: int) -> dict[str, Any]:
             [cb], max_steps=steps, devices=devices, accumulate_grad_batches=accumulate, **ddp
         )
         trainer.fit(model)
-    predictor_network = cb.predictor_network
-    assert predictor_network is not None
-    return {
+    result = {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
         "task_index": cb.task_index,
         "num_old_tasks": cb.num_old_tasks,
         "callback": cb.state_dict(),
-        "meta_network": cb.meta_network.state_dict(),
-        "predictor_network": predictor_network.state_dict(),
-        "prediction": cb.predict_old_gradient(PROBE),
         "model": model.state_dict(),
     }
+    if name == "replay":
+        del result["callback"]["predictor"]  # the stored batches: this rank's shard
+        cb.predictor.attach(trainer, model)
+        theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        result["prediction"] = cb.predict_old_gradient(theta)  # reduced over ranks
+        return result
+    predictor_network = cb.predictor_network
+    assert predictor_network is not None
+    result["meta_network"] = cb.meta_network.state_dict()
+    result["predictor_network"] = predictor_network.state_dict()
+    result["prediction"] = cb.predict_old_gradient(PROBE)
+    return result
 
 
 def _ddp_run(out_dir: Path) -> None:
@@ -169,7 +195,7 @@ def test_ddp_matches_a_single_process_run_with_the_same_global_batch(
             assert torch.equal(a, b), path  # integer tensors, e.g. the RNG state
         else:
             assert a == b, path
-    assert compared > 1000
+    assert compared > 400  # at least the model and the prediction
 
 
 if __name__ == "__main__":
