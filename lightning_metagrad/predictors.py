@@ -436,7 +436,10 @@ class ReplayPredictor(OldGradientPredictor):
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer, self._module = trainer, pl_module
         self._params = [p for p in pl_module.parameters() if p.requires_grad]
-        self._cached = None
+        if self._cached is not None and self._cached.numel() != sum(
+            p.numel() for p in self._params
+        ):
+            self._cached = self._trusted = None  # the trainable parameters changed
 
     def observe_batch(self, batch: Any) -> None:
         # Reservoir sampling: every batch of the task has the same chance to be kept.
@@ -479,6 +482,9 @@ class ReplayPredictor(OldGradientPredictor):
         if self._cached is None or self._calls % self.refresh_every == 0:
             self._cached = self._old_gradient().to(device)
             self._trusted = self._constrained(self._cached)
+        elif self._cached.device != device:  # restored from a checkpoint (saved on the CPU)
+            self._cached = self._cached.to(device)
+            self._trusted = self._constrained(self._cached)
         self._calls += 1
 
     def _constrained(self, old: Tensor) -> Tensor | None:
@@ -518,6 +524,9 @@ class ReplayPredictor(OldGradientPredictor):
             "seen": self._seen,
             "calls": self._calls,
             "rng": list(self._rng.getstate()[1]),
+            # The old gradient in use until the next refresh (so a resumed run rewrites the
+            # same gradients as the uninterrupted one, not a fresh one at resumed weights).
+            "cached": None if self._cached is None else self._cached.detach().cpu().clone(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -526,7 +535,8 @@ class ReplayPredictor(OldGradientPredictor):
         self._seen = int(state["seen"])
         self._calls = int(state["calls"])
         self._rng.setstate((3, tuple(state["rng"]), None))
-        self._cached = None
+        self._cached = state.get("cached")
+        self._trusted = None if self._cached is None else self._constrained(self._cached)
 
 
 def _detached(batch: Any) -> Any:

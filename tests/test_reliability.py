@@ -329,15 +329,22 @@ def test_norm_clipping_applies_to_the_rewritten_gradient() -> None:
 # --------------------------------------------------------------------------- resume
 
 
-def _seeded_start(seed: int = 0, optimizer: str = "sgd") -> tuple[TinyClassifier, Any]:
+def _seeded_start(
+    seed: int = 0, optimizer: str = "sgd", predictor: str = "paper"
+) -> tuple[TinyClassifier, Any]:
     pl.seed_everything(seed, verbose=False)
-    return TinyClassifier(optimizer), MetaGradCallback(**small_callback_kwargs())
+    kwargs = small_callback_kwargs()
+    if predictor == "replay":  # refreshed every 4 steps: the checkpoint at step 3 is mid-cache
+        kwargs["predictor"] = ReplayPredictor(memory_batches=4, refresh_every=4, free_below=1.0)
+    elif predictor == "anchored":
+        kwargs["predictor"] = AnchoredPredictor(radius=1e-3)
+    return TinyClassifier(optimizer), MetaGradCallback(**kwargs)
 
 
 def _uninterrupted_two_tasks(
-    n2: int = 128, steps2: int = 8, optimizer: str = "sgd"
+    n2: int = 128, steps2: int = 8, optimizer: str = "sgd", predictor: str = "paper"
 ) -> tuple[TinyClassifier, Any]:
-    model, cb = _seeded_start(optimizer=optimizer)
+    model, cb = _seeded_start(optimizer=optimizer, predictor=predictor)
     make_trainer([cb], max_steps=8).fit(model, loader(0))
     make_trainer([cb], max_steps=steps2).fit(model, loader(1, n=n2))
     return model, cb
@@ -349,18 +356,21 @@ def _uninterrupted_two_tasks(
 N2, STEPS2, EVERY = 48, 9, 3
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])  # gradient / update-vector target
+@pytest.mark.parametrize(
+    ("optimizer", "predictor"),  # gradient / update-vector target; each predictor
+    [("sgd", "paper"), ("adam", "paper"), ("sgd", "anchored"), ("sgd", "replay")],
+)
 def test_resume_mid_task_from_checkpoint_matches_uninterrupted_run(
-    tmp_path: Path, deterministic: None, optimizer: str
+    tmp_path: Path, deterministic: None, optimizer: str, predictor: str
 ) -> None:
-    ref_model, ref_cb = _uninterrupted_two_tasks(N2, STEPS2, optimizer)
+    ref_model, ref_cb = _uninterrupted_two_tasks(N2, STEPS2, optimizer, predictor)
 
-    model, cb = _seeded_start(optimizer=optimizer)
+    model, cb = _seeded_start(optimizer=optimizer, predictor=predictor)
     make_trainer([cb], max_steps=8).fit(model, loader(0))
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=EVERY, save_top_k=-1)
     make_trainer([cb, ckpt], max_steps=5, enable_checkpointing=True).fit(model, loader(1, n=N2))
     # "A new process": nothing but the step-3 checkpoint of task 2 carries over.
-    new_model, new_cb = _seeded_start(seed=123, optimizer=optimizer)
+    new_model, new_cb = _seeded_start(seed=123, optimizer=optimizer, predictor=predictor)
     make_trainer([new_cb], max_steps=STEPS2).fit(
         new_model, loader(1, n=N2), ckpt_path=tmp_path / "epoch=0-step=3.ckpt"
     )
