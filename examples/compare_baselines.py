@@ -8,6 +8,7 @@ of callbacks added to an unchanged ``LightningModule``:
 * ``si``: ``SICallback`` (synaptic intelligence);
 * ``mas``: ``MASCallback`` (memory-aware synapses);
 * ``metagrad``: ``MetaGradCallback()``;
+* ``metagrad-replay``: ``MetaGradCallback(predictor="replay")`` (8 stored batches);
 * ``joint`` (optional, ``--methods ... joint``): trains on all tasks so far, an upper bound.
 
 The runs come from ``lightning_metagrad.benchmark`` (what ``metagrad-benchmark`` runs): the
@@ -46,7 +47,7 @@ from lightning_metagrad.benchmark.methods import ALL_METHODS
 from lightning_metagrad.benchmark.plots import plot_curves, plot_matrices
 from lightning_metagrad.benchmark.runner import STREAMS
 
-METHODS = ("naive", "ewc", "online-ewc", "si", "mas", "metagrad")
+METHODS = ("naive", "ewc", "online-ewc", "si", "mas", "metagrad", "metagrad-replay")
 
 
 def _strength(text: str) -> tuple[str, float]:

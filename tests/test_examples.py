@@ -93,7 +93,9 @@ def test_compare_baselines_runs_every_method_and_writes_plots(tmp_path, capsys):
     out_dir = tmp_path / "compare"
     results = load_example("compare_baselines").main([*argv, "--out", str(out_dir)])
     methods = results["results"]["methods"]
-    assert list(methods) == ["naive", "ewc", "online-ewc", "si", "mas", "metagrad"]
+    assert list(methods) == [
+        "naive", "ewc", "online-ewc", "si", "mas", "metagrad", "metagrad-replay"
+    ]  # fmt: skip
     for entry in methods.values():
         R = torch.tensor(entry["acc_matrix"])
         assert R.shape == (2, 2) and R[0, 0] > 0.5  # well above chance (0.1) on task 0

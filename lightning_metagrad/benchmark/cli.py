@@ -89,12 +89,13 @@ def format_table(results: dict[str, Any]) -> str:
         >>> config = BenchmarkConfig(tasks=2, iters=2, methods=("naive",), hidden_sizes=(8,))
         >>> table = format_table(run_benchmark(config))
         >>> print(table.splitlines()[0])
-        method                  ACC      BWT      FWT   forget  step ms  failed seeds
+        method            ACC      BWT      FWT   forget  step ms  failed seeds
         >>> table.splitlines()[1].split()[0]
         'naive'
     """
+    width = max([len("method"), *map(len, results["methods"])])
     lines = [
-        f"{'method':<12} {'ACC':>14} {'BWT':>8} {'FWT':>8} {'forget':>8} {'step ms':>8}"
+        f"{'method':<{width}} {'ACC':>14} {'BWT':>8} {'FWT':>8} {'forget':>8} {'step ms':>8}"
         "  failed seeds",
     ]
     for name, e in results["methods"].items():
@@ -102,7 +103,7 @@ def format_table(results: dict[str, Any]) -> str:
         failed = [f"{s} diverged" for s in e.get("diverged_seeds", [])]
         failed += [f"{s} collapsed" for s in e.get("collapsed_seeds", [])]
         lines.append(
-            f"{name:<12} {e['acc']:>7.3f} ± {e['acc_std']:.3f} {e['bwt']:>+8.3f} {fwt:>8} "
+            f"{name:<{width}} {e['acc']:>7.3f} ± {e['acc_std']:.3f} {e['bwt']:>+8.3f} {fwt:>8} "
             f"{e['forgetting']:>8.3f} {e['train_step_ms']:>8.2f}  {', '.join(failed) or '-'}"
         )
     return "\n".join(lines)

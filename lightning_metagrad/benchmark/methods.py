@@ -55,8 +55,9 @@ def method_registry() -> dict[str, tuple[Factory, float | None]]:
     return registry
 
 
-METHOD_NAMES = ("naive", "joint", "metagrad", "ewc", "online-ewc", "si", "mas")
-VARIANT_NAMES = ("metagrad-paper", "metagrad-anchored", "metagrad-replay")
+# The default set: MetaGrad's default, its stored-data mode and the baselines.
+METHOD_NAMES = ("naive", "joint", "metagrad", "metagrad-replay", "ewc", "online-ewc", "si", "mas")
+VARIANT_NAMES = ("metagrad-paper", "metagrad-anchored")
 ALL_METHODS = METHOD_NAMES + VARIANT_NAMES
 
 
