@@ -241,7 +241,8 @@ class AnchoredPredictor(OldGradientPredictor):
     squared gradient). Around the task's end point ``theta*_i`` its gradient is modelled as
     ``F_i,j (theta_j - theta*_i,j)``; the mean over old tasks (eq. 6) is linear in theta,
     ``B theta - C`` with ``B = mean_i F_i`` and ``C = mean_i F_i theta*_i``, so the running
-    mean is exact and costs two floats per parameter (three during a task).
+    mean is exact and costs two floats per parameter between tasks (in checkpoints), three
+    while bound to a model.
 
     Magnitude-aware rule: the prediction is trusted only outside a trust region, where the
     modelled old-task loss increase ``B (theta - anchor)^2 / 2`` exceeds
@@ -305,7 +306,10 @@ class AnchoredPredictor(OldGradientPredictor):
         """Write the flat buffers back into the per-name store."""
         if self._b is None or self._c is None or self._sq_sum is None:
             return
-        for key, flat in (("b", self._b), ("c", self._c), ("sq_sum", self._sq_sum)):
+        buffers = [("b", self._b), ("c", self._c)]
+        if self._count:  # between tasks the squared-gradient sum is all zeros: not stored
+            buffers.append(("sq_sum", self._sq_sum))
+        for key, flat in buffers:
             for name, piece in zip(self._names, flat.split(self._numels)):
                 self._stored.setdefault(name, {})[key] = piece.detach().clone()
 
