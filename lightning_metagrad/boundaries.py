@@ -224,9 +224,10 @@ class AutoBoundaries(TaskBoundarySource):
         self.settle = settle
         self.every = every
         self.detector = detector
-        self._loss_sum: Tensor | None = None  # losses since the last observation (no sync)
-        self._loss_count = 0  # on_loss calls since the last observation
-        self._loss_count_t = torch.zeros(())  # of which finite (a tensor: no host sync)
+        # Sum and count of the finite losses since the last observation; tensors, so feeding
+        # them never syncs with the device. None: no loss since the last observation.
+        self._loss_sum: Tensor | None = None
+        self._loss_finite: Tensor | None = None
         gen = torch.Generator().manual_seed(seed)
         self.meta = MetaNetwork(
             CoordinateMLP(hidden_sizes), coords_per_step=coords_per_step, lr=3e-3, generator=gen
@@ -266,32 +267,29 @@ class AutoBoundaries(TaskBoundarySource):
 
     def on_loss(self, loss: Tensor) -> None:
         loss = loss.detach().float().reshape(())
-        # Non-finite losses are left out by zero weight (no host sync here).
-        ok = torch.isfinite(loss)
-        value = torch.where(ok, loss, torch.zeros_like(loss))
-        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
-        count = ok.to(torch.float32)
-        self._loss_count_t = count if self._loss_count == 0 else self._loss_count_t + count
-        self._loss_count += 1
+        finite = torch.isfinite(loss)  # a non-finite loss is left out by zero weight
+        value = torch.where(finite, loss, torch.zeros_like(loss))
+        if self._loss_sum is None or self._loss_finite is None:
+            self._loss_sum, self._loss_finite = value, finite.float()
+        else:
+            self._loss_sum, self._loss_finite = self._loss_sum + value, self._loss_finite + finite
 
     def _take_mean_loss(self) -> float | None:
-        if self._loss_sum is None or self._loss_count == 0:
+        if self._loss_sum is None or self._loss_finite is None:
             return None
-        total, count = float(self._loss_sum), float(self._loss_count_t)
-        self._loss_sum, self._loss_count = None, 0
+        total, count = float(self._loss_sum), float(self._loss_finite)
+        self._loss_sum = self._loss_finite = None
         return total / count if count > 0 else None
 
     def on_task_start(self) -> None:
         self.detector.restart()
         self._needs_reset = True
-        self._loss_sum, self._loss_count = None, 0
+        self._loss_sum = self._loss_finite = None
 
     def state_dict(self) -> dict:
-        pending = self._loss_sum is not None and self._loss_count > 0
         return {
-            "loss_sum": float(self._loss_sum) if pending else 0.0,  # type: ignore[arg-type]
-            "loss_count": float(self._loss_count_t) if pending else 0.0,
-            "loss_calls": self._loss_count,
+            "loss_sum": float(self._loss_sum) if self._loss_sum is not None else None,
+            "loss_finite": float(self._loss_finite) if self._loss_finite is not None else None,
             "meta": self.meta.state_dict(),
             "generator": self.meta.generator.get_state(),
             "detector": self.detector.state_dict(),
@@ -305,12 +303,11 @@ class AutoBoundaries(TaskBoundarySource):
         self.detector.load_state_dict(state["detector"])
         self.steps = int(state["steps"])
         self._needs_reset = bool(state["needs_reset"])
-        self._loss_count = int(state.get("loss_calls", 0))
-        if self._loss_count:
-            self._loss_sum = torch.tensor(float(state["loss_sum"]))
-            self._loss_count_t = torch.tensor(float(state["loss_count"]))
+        total, finite = state.get("loss_sum"), state.get("loss_finite")
+        if total is None or finite is None:
+            self._loss_sum = self._loss_finite = None
         else:
-            self._loss_sum = None
+            self._loss_sum, self._loss_finite = torch.tensor(total), torch.tensor(finite)
 
 
 class CombinedBoundaries(TaskBoundarySource):

@@ -488,7 +488,7 @@ class ReplayPredictor(OldGradientPredictor):
             self._trusted = self._constrained(self._cached)
         elif self._cached.device != device:  # restored from a checkpoint (saved on the CPU)
             self._cached = self._cached.to(device)
-            self._trusted = self._constrained(self._cached)
+            self._trusted = None if self._trusted is None else self._trusted.to(device)
         self._calls += 1
 
     def _constrained(self, old: Tensor) -> Tensor | None:

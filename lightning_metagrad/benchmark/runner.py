@@ -222,12 +222,12 @@ def run_method(
         try:
             trainer.fit(model, train_dataloaders=train_loader)
         except Exception:
-            if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            if _weights_finite(model):
                 raise
             # The method drove the weights to NaN/inf: record the divergence, keep evaluating
             # (a NaN model scores at chance) so the run still yields a full matrix.
             diverged = task if diverged is None else diverged
-        if diverged is None and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        if diverged is None and not _weights_finite(model):
             diverged = task  # non-finite weights without an error (NaN losses are trained on)
         step_times += timer.times[5:]  # skip warm-up steps of each task
         matrix.append([model.accuracy(loader) for loader in test_loaders])
@@ -248,6 +248,10 @@ def run_method(
         "curves": curves,
         "train_step_ms": 1000 * statistics.median(step_times) if step_times else float("nan"),
     }
+
+
+def _weights_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
