@@ -40,7 +40,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_metagrad import MetaGradCallback
+from lightning_metagrad import Diagnostics, MetaGrad, MetaGradCallback
+from lightning_metagrad.callback import build_predictor
 from lightning_metagrad.baselines import EWCCallback, SICallback
 from lightning_metagrad.benchmark.models import MLPClassifier
 from lightning_metagrad.predictors import MetaNetPredictor
@@ -170,14 +171,23 @@ def held_bytes(obj: Any, exclude: list[Tensor]) -> int:
     return sum(storages.values())
 
 
-def callback_floats_per_param(cb: Callback, module: nn.Module) -> dict[str, float]:
+# Predictor state that lives only during a task (running sums), not between tasks.
+_WORKSPACE_KEYS = ("cov", "sq_sum")
+
+
+def callback_floats_per_param(cb: Any, module: nn.Module) -> dict[str, float]:
+    """Floats the callback (or a bare MetaGrad engine) holds per model parameter: in total,
+    in per-task running sums (workspace), and the rest (state kept between tasks)."""
     params = list(module.parameters())
     exclude = params + [p.grad for p in params if p.grad is not None]
     num = sum(p.numel() for p in params)
     total = held_bytes(cb, exclude) / (4 * num)
     workspace = 0.0
-    if isinstance(cb, MetaGradCallback):
-        workspace = held_bytes(cb._buffers, exclude) / (4 * num)
+    engine = getattr(cb, "engine", cb)
+    if isinstance(engine, MetaGrad):
+        state = engine.predictor.state_dict()
+        sums = [state[k] for k in _WORKSPACE_KEYS if k in state]
+        workspace = sum(t.numel() for d in sums for t in d.values()) / num
     return {"total": total, "workspace": workspace, "state": total - workspace}
 
 
@@ -224,6 +234,12 @@ def _no_consolidation(cb: Callback) -> None:
     cb.on_train_end = lambda *a, **k: None  # type: ignore[method-assign]
 
 
+def _predictor_of(config: str) -> str:
+    """``metagrad/task2`` -> the default predictor, ``metagrad-anchored/task1`` -> anchored."""
+    base = config.split("/")[0]
+    return "subspace" if base == "metagrad" else base.removeprefix("metagrad-")
+
+
 def build_configs(names: list[str], model_name: str, loader: DataLoader, setup_steps: int):
     """Per configuration: (model, callbacks-per-fit factory). Task-2 configurations are
     trained through task 1 here, once."""
@@ -233,15 +249,15 @@ def build_configs(names: list[str], model_name: str, loader: DataLoader, setup_s
         if name == "plain":
             configs[name] = (model, lambda: [])
         elif name.endswith("/task1"):
-            predictor = name.split("/")[0].removeprefix("metagrad-")
+            predictor = _predictor_of(name)
 
             def fresh(predictor: str = predictor) -> list[Callback]:
                 return [MetaGradCallback(predictor=predictor)]
 
             configs[name] = (model, fresh)
         else:
-            if name.startswith("metagrad-"):
-                predictor = name.split("/")[0].removeprefix("metagrad-")
+            if name.startswith("metagrad"):
+                predictor = _predictor_of(name)
                 cb: Callback = MetaGradCallback(predictor=predictor, task_boundaries="manual")
                 _fit(model, [cb], loader, setup_steps)
                 cb.start_new_task(model)  # type: ignore[attr-defined]
@@ -307,37 +323,35 @@ def time_trainer(
 # ---------------------------------------------------------------------------- hot-path scaling
 
 
-def _hot_path_setup(num: int, predictor: str, task: int, chunks: int = 8):
+def _hot_path_setup(num: int, predictor: str, task: int, chunks: int = 8, cols: int = 512):
+    """The engine alone (the callback's per-step work without a Trainer) on ``chunks`` weight
+    matrices of ``cols`` columns holding ``num`` parameters in all."""
     torch.manual_seed(0)
-    sizes = [num // chunks] * (chunks - 1) + [num - (num // chunks) * (chunks - 1)]
-    params = [nn.Parameter(torch.randn(n) * 0.05) for n in sizes]
-    for p in params:
-        p.grad = torch.randn_like(p) * 1e-3
-    cb = MetaGradCallback(predictor=predictor, task_boundaries="manual")
-    cb._bind([(f"p{i}", p) for i, p in enumerate(params)])
-    cb._resolved_target = "gradient"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-
-        def step() -> None:
-            cb.on_before_optimizer_step(None, None, None)  # type: ignore[arg-type]
-            cb._steps_in_task += 1
-            cb.diagnostics.step(cb._params, cb.task_index)
-            cb._to_log = {}
-
-        if task == 2:
-            for _ in range(2):
-                step()
-            cb.start_new_task()
+    rows = max(1, num // (chunks * cols))
+    params = [nn.Parameter(torch.randn(rows, cols) * 0.05) for _ in range(chunks)]
     module = nn.ParameterList(params)
-    return cb, module, step
+    core = MetaGrad(build_predictor(predictor))
+    core.bind(module.named_parameters())
+    diagnostics = Diagnostics(warn=False)
+
+    def step() -> None:
+        for p in params:  # a fresh gradient: the rule rewrites it in place
+            p.grad = torch.randn_like(p) * 1e-3
+        core.step()
+        diagnostics.step(params, task - 1)
+
+    if task == 2:
+        for _ in range(8):
+            step()
+        core.end_task()
+    return core, module, step
 
 
 def time_scaling(sizes: list[int], rounds: int, steps: int) -> list[dict[str, Any]]:
     """Per size and method, rounds of ``steps`` plain SGD steps interleaved with ``steps`` hot
     paths on the same parameters (one method alive at a time, to bound memory at 1e8)."""
     rows = []
-    methods = [("anchored", 1), ("anchored", 2), ("paper", 1), ("paper", 2)]
+    methods = [(name, task) for name in ("subspace", "anchored", "paper") for task in (1, 2)]
     for num in sizes:
         row: dict[str, Any] = {"params": num, "methods": {}}
         sgd_times: list[float] = []
@@ -539,6 +553,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=[
             "plain",
+            "metagrad-subspace/task1",
+            "metagrad-subspace/task2",
             "metagrad-anchored/task1",
             "metagrad-anchored/task2",
             "metagrad-paper/task1",
@@ -566,7 +582,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.models = ["mlp"]
-        args.configs = ["plain", "metagrad-anchored/task1", "metagrad-anchored/task2", "si/task2"]
+        args.configs = ["plain", "metagrad/task1", "metagrad/task2", "metagrad-anchored/task2"]
+        args.configs += ["si/task2"]
         args.rounds, args.steps, args.warmup, args.setup_steps = 2, 6, 1, 3
         args.sizes, args.scaling_rounds, args.scaling_steps = [1e4], 1, 2
         args.quality_iters, args.quality_tasks = 12, 2

@@ -17,6 +17,7 @@ from lightning_metagrad.combination import joint_average, sign_agreement
 from lightning_metagrad.detection import ChangePointDetector
 from lightning_metagrad.diagnostics import Diagnostics
 from lightning_metagrad.distillation import RunningMeanDistiller
+from lightning_metagrad.engine import MetaGrad
 from lightning_metagrad.meta_network import CoordinateMLP, MetaNetwork
 from lightning_metagrad.predictors import (
     AnchoredPredictor,
@@ -24,6 +25,7 @@ from lightning_metagrad.predictors import (
     OldGradientPredictor,
     ReplayPredictor,
 )
+from lightning_metagrad.subspace import SubspacePredictor
 from lightning_metagrad.tabulation import TabulatedFunction
 
 __version__ = "0.1.0"
@@ -36,6 +38,7 @@ __all__ = [
     "CombinedBoundaries",
     "CoordinateMLP",
     "Diagnostics",
+    "MetaGrad",
     "MetaGradCallback",
     "MetaNetPredictor",
     "MetaNetwork",
@@ -43,6 +46,7 @@ __all__ = [
     "OldGradientPredictor",
     "ReplayPredictor",
     "RunningMeanDistiller",
+    "SubspacePredictor",
     "TabulatedFunction",
     "TaskBoundarySource",
     "joint_average",

@@ -45,9 +45,14 @@ class TaskBoundarySource:
         """Called before each training batch; return True to start a new task before it."""
         return False
 
+    @property
+    def uses_pairs(self) -> bool:
+        """Whether :meth:`on_pairs` must be fed (the callback then flattens each step's pairs)."""
+        return False
+
     def on_pairs(self, theta: Tensor, target: Tensor) -> bool:
-        """Called with each optimizer step's finite ``(theta, target)`` pairs; return True to
-        start a new task before the next batch (automatic detection)."""
+        """Called with each optimizer step's finite flat ``(theta, target)`` pairs, if
+        :attr:`uses_pairs`; return True to start a new task before the next batch."""
         return False
 
     def on_loss(self, loss: Tensor) -> None:
@@ -237,6 +242,10 @@ class AutoBoundaries(TaskBoundarySource):
         self.last_error: float | None = None
         self._needs_reset = True
 
+    @property
+    def uses_pairs(self) -> bool:
+        return True
+
     def on_pairs(self, theta: Tensor, target: Tensor) -> bool:
         self.meta.net.to(theta.device)
         if self._needs_reset:
@@ -335,6 +344,10 @@ class CombinedBoundaries(TaskBoundarySource):
 
     def on_train_batch(self, batch: Any, batch_idx: int) -> bool:
         return any([s.on_train_batch(batch, batch_idx) for s in self.sources])
+
+    @property
+    def uses_pairs(self) -> bool:
+        return any(s.uses_pairs for s in self.sources)
 
     def on_pairs(self, theta: Tensor, target: Tensor) -> bool:
         return any([s.on_pairs(theta, target) for s in self.sources])

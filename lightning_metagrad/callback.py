@@ -1,12 +1,13 @@
-"""``MetaGradCallback``: the paper's method wired into Lightning's hooks.
+"""``MetaGradCallback``: the method wired into Lightning's hooks.
 
-The callback only connects hooks to the plain-PyTorch parts:
+The callback is a thin adapter: it reads the task boundaries, hands each optimizer step's
+gradients (or update vectors) to the plain-PyTorch core
+:class:`~lightning_metagrad.engine.MetaGrad`, refuses set-ups it cannot support, and logs.
 
-* a :class:`~lightning_metagrad.predictors.OldGradientPredictor` learns from
-  ``(theta_j, target_j)`` pairs during a task, folds it into the running mean of old-task
-  gradients at a boundary (eqs. 6-7) and predicts that mean (the paper's meta-networks are
-  :class:`~lightning_metagrad.predictors.MetaNetPredictor`);
-* :mod:`~lightning_metagrad.combination` rewrites the update (eq. 5, or eq. 2's average);
+* a predictor (:mod:`~lightning_metagrad.subspace`, :mod:`~lightning_metagrad.predictors`)
+  learns each task's gradients and folds it in at a boundary (eqs. 6-7);
+* the engine rewrites ``.grad`` before ``optimizer.step()`` (eq. 5, in the learned subspace by
+  default);
 * :mod:`~lightning_metagrad.boundaries` decides where tasks start;
 * :class:`~lightning_metagrad.diagnostics.Diagnostics` watches prediction quality and drift.
 """
@@ -37,34 +38,50 @@ from lightning_metagrad.boundaries import (
     NewFitBoundaries,
     TaskBoundarySource,
 )
-from lightning_metagrad.combination import joint_average, sign_agreement
 from lightning_metagrad.diagnostics import Diagnostics
+from lightning_metagrad.engine import MetaGrad
 from lightning_metagrad.meta_network import CoordinateMLP
 from lightning_metagrad.predictors import (
+    AnchoredPredictor,
     MetaNetPredictor,
     OldGradientPredictor,
-    build_predictor,
+    ReplayPredictor,
 )
+from lightning_metagrad.subspace import SubspacePredictor
 
 _COMBINE = ("sign", "average")
 _TARGETS = ("auto", "gradient", "update")
 _BOUNDARIES = ("fit", "batch", "manual", "auto")
-# Coordinates per chunk of the fused eq. 5 pass: small enough that the temporaries stay in
-# cache and are not fresh page-faulting allocations of P floats every step.
-_CHUNK = 1 << 16
+_STATE_VERSION = 3
+PREDICTORS: dict[str, type[OldGradientPredictor]] = {
+    "subspace": SubspacePredictor,
+    "paper": MetaNetPredictor,
+    "anchored": AnchoredPredictor,
+    "replay": ReplayPredictor,
+}
+PredictorName = Literal["subspace", "paper", "anchored", "replay"]
 
 
-def _flat(tensors: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
-    parts = [t.detach().reshape(-1) for t in tensors]
-    if out is not None and all(t.dtype == out.dtype for t in parts):
-        # Reused buffer: no fresh (page-faulting) allocation of P floats every step.
-        return torch.cat(parts, out=out)
-    return torch.cat([t.float() for t in parts])
+def build_predictor(spec: str | OldGradientPredictor) -> OldGradientPredictor:
+    """A predictor from its name (``"subspace"``, ``"paper"``, ``"anchored"``, ``"replay"``)
+    or an instance.
+
+    Example:
+        >>> type(build_predictor("subspace")).__name__
+        'SubspacePredictor'
+    """
+    if isinstance(spec, OldGradientPredictor):
+        return spec
+    if spec not in PREDICTORS:
+        raise ValueError(
+            f"`predictor` must be one of {sorted(PREDICTORS)} or an OldGradientPredictor, "
+            f"got {spec!r}"
+        )
+    return PREDICTORS[spec]()
 
 
-def _write_flat(dest: Sequence[Tensor], flat: Tensor) -> None:
-    pieces = flat.split([d.numel() for d in dest])
-    torch._foreach_copy_(list(dest), [p.view_as(d) for p, d in zip(pieces, dest)])
+def _flat(tensors: Sequence[Tensor]) -> Tensor:
+    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
 
 
 class MetaGradCallback(Callback):
@@ -79,8 +96,10 @@ class MetaGradCallback(Callback):
     number of tasks.
 
     Args:
-        predictor: ``"anchored"`` (default) -- a diagonal Taylor model around each old task's
-            end point with a trust region
+        predictor: ``"subspace"`` (default) -- per weight matrix, the old tasks' gradient
+            subspace, learned from the gradients and projected out of later ones
+            (:class:`~lightning_metagrad.subspace.SubspacePredictor`); ``"anchored"`` -- a
+            diagonal Taylor model around each old task's end point with a trust region
             (:class:`~lightning_metagrad.predictors.AnchoredPredictor`); ``"paper"`` -- the
             paper exactly: coordinate-wise meta-networks h(theta_j), distilled into g
             (:class:`~lightning_metagrad.predictors.MetaNetPredictor`; it diverges on the
@@ -88,7 +107,8 @@ class MetaGradCallback(Callback):
             ``"replay"`` -- the real old-task gradient from a small episodic memory of old
             batches (:class:`~lightning_metagrad.predictors.ReplayPredictor`); or a configured
             predictor instance.
-        combine: ``"sign"`` (eq. 5) or ``"average"`` (eq. 2 with predicted old gradients).
+        combine: for the elementwise predictors, ``"sign"`` (eq. 5) or ``"average"`` (eq. 2
+            with predicted old gradients); the subspace predictor always projects.
         target: what the predictor learns: ``"gradient"`` (plain SGD), ``"update"`` (the
             optimizer's update vector; the rule then applies to that update), or ``"auto"``:
             gradient for ``torch.optim.SGD`` without momentum and weight decay, else update.
@@ -106,7 +126,7 @@ class MetaGradCallback(Callback):
 
     Example:
         >>> from lightning.pytorch import Trainer
-        >>> cb = MetaGradCallback(predictor="anchored")
+        >>> cb = MetaGradCallback()
         >>> trainer = Trainer(callbacks=[cb], max_steps=1, logger=False)
         >>> cb.task_index
         0
@@ -115,7 +135,7 @@ class MetaGradCallback(Callback):
     def __init__(
         self,
         *,
-        predictor: str | OldGradientPredictor = "anchored",
+        predictor: PredictorName | OldGradientPredictor = "subspace",
         combine: Literal["sign", "average"] = "sign",
         target: Literal["auto", "gradient", "update"] = "auto",
         task_boundaries: str | TaskBoundarySource | Sequence[str | TaskBoundarySource] = "fit",
@@ -143,7 +163,10 @@ class MetaGradCallback(Callback):
         self.boundaries = sources[0] if len(sources) == 1 else CombinedBoundaries(sources)
         if task_id_fn is not None and "batch" not in names:
             raise ValueError("`task_id_fn` is only used with `task_boundaries='batch'`")
+        if task_id_key != "task_id" and "batch" not in names:
+            raise ValueError("`task_id_key` is only used with `task_boundaries='batch'`")
         self.predictor = build_predictor(predictor)
+        self.engine = MetaGrad(self.predictor, combine=combine)
         self.predictor_name = predictor if isinstance(predictor, str) else type(predictor).__name__
         self.combine = combine
         self.target = target
@@ -154,18 +177,17 @@ class MetaGradCallback(Callback):
         self.detected_switches: list[int] = []  # global steps of automatically detected switches
         self._switch_pending = False
         self._global_step = 0
-        self._steps_in_task = 0
-        self._skipped_steps = 0
+        # Inside trainer.test/validate/predict: a checkpoint they load must not roll back what
+        # the callback learned (only `fit` resumes the continual-learning state).
+        self._evaluating = False
 
         # Per-fit run-time state (rebuilt in on_fit_start).
-        self._params: list[torch.nn.Parameter] = []
         self._resolved_target: str | None = None
         self._hook_handle: Any = None
-        self._theta_before: Tensor | None = None
-        self._step_params: list[torch.nn.Parameter] = []
+        self._before: list[Tensor] | None = None  # update mode: parameters before the step
+        self._step_names: list[str] = []
         self._stepped = False
         self._to_log: dict[str, Tensor | float] = {}
-        self._buffers: list[Tensor | None] = [None, None]  # reused flat theta / gradient
 
     @staticmethod
     def _boundary_source(
@@ -216,40 +238,58 @@ class MetaGradCallback(Callback):
         return self._meta_predictor().g
 
     def predict_old_gradient(self, theta: Tensor) -> Tensor:
-        """The predicted mean old-task gradient at flat ``theta``; zeros before task 2."""
-        out = self.predictor.predict(theta)
-        return torch.zeros_like(theta, dtype=torch.float32) if out is None else out[0]
+        """Elementwise predictors: the predicted mean old-task gradient at a flat ``theta``
+        laid out like the bound parameters (``cat(p.reshape(-1))``); 0 where a parameter is
+        free or before task 2."""
+        if self.predictor.rule != "elementwise":
+            raise TypeError(
+                f"the {self.predictor_name!r} predictor rewrites by projection and predicts no "
+                "old-task gradient; use an elementwise predictor ('anchored', 'paper', 'replay')"
+            )
+        params = self.engine.params
+        if not params:
+            raise RuntimeError("predict_old_gradient() needs the model: call it after a fit")
+        names = list(params)
+        thetas = [
+            t.view_as(params[n])
+            for n, t in zip(names, theta.split([p.numel() for p in params.values()]))
+        ]
+        out = torch.zeros_like(theta, dtype=torch.float32)
+        if self.num_old_tasks == 0:
+            return out
+        pieces = out.split([p.numel() for p in params.values()])
+        for piece, prediction in zip(pieces, self.predictor.predict(names, thetas)):
+            if prediction is not None:
+                piece.copy_(prediction[0].reshape(-1))
+        return out
 
     def start_new_task(self, pl_module: pl.LightningModule | None = None) -> None:
-        """End the current task and start the next: fold it into the running mean (eq. 7).
+        """End the current task and start the next: fold it into the predictor (eq. 7).
 
         Call it by hand between tasks (e.g. with ``task_boundaries="manual"``); ``pl_module``
         is needed only outside a running ``fit``.
         """
-        if not self._params and pl_module is not None:
-            self._bind([(n, p) for n, p in pl_module.named_parameters() if p.requires_grad])
-        if not self._params:
+        if not self.engine.params and pl_module is not None:
+            self._bind(pl_module)
+        if not self.engine.params:
             raise RuntimeError(
                 "start_new_task() needs the model's parameters: call it during fit, or pass "
                 "`pl_module=`."
             )
-        if self._steps_in_task == 0:
+        try:
+            folded = self.engine.end_task()
+        except RuntimeError as err:
+            raise RuntimeError(f"MetaGrad, task {self.task_index}: {err}") from None
+        if not folded:
             rank_zero_warn(
                 f"MetaGrad: task {self.task_index} ended before any optimizer step; it is not "
                 "added to the old-task predictor."
             )
         else:
-            theta = _flat(self._params)
-            if not bool(torch.isfinite(theta).all()):
-                raise RuntimeError(
-                    f"MetaGrad: the model's parameters are non-finite at the end of task "
-                    f"{self.task_index}; the task cannot be folded into the old-task predictor, "
-                    "which was left unchanged. Resume from the last good checkpoint and keep the "
-                    "loss finite (lower learning rate, gradient clipping, or skip such steps)."
-                )
-            self.predictor.end_task(theta)
+            self._to_log.update(
+                {f"metagrad/subspace_dim/{n}": float(k) for n, k in self._subspace_dims().items()}
+            )
         self.task_index += 1
-        self._steps_in_task = 0
         self.boundaries.on_task_start()
         self.on_task_start(self.task_index)
 
@@ -267,6 +307,7 @@ class MetaGradCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
+            self._evaluating = True
             return
         if not pl_module.automatic_optimization:
             raise MisconfigurationException(
@@ -301,13 +342,12 @@ class MetaGradCallback(Callback):
             raise MisconfigurationException(
                 several_optimizers_message("MetaGradCallback", len(trainer.optimizers))
             )
-        named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
-        if not named:
+        if not any(p.requires_grad for p in pl_module.parameters()):
             raise MisconfigurationException(
                 "MetaGradCallback found no trainable parameters (all have requires_grad=False). "
                 "Unfreeze the parameters to train, or remove the callback."
             )
-        self._bind(named)
+        self._bind(pl_module)
         self.predictor.attach(trainer, pl_module)
         optimizer = trainer.optimizers[0]
         self._resolved_target = self._resolve_target(optimizer)
@@ -323,6 +363,11 @@ class MetaGradCallback(Callback):
             self.boundaries.on_fit_end()
         if self.boundaries.on_fit_start():
             self.start_new_task()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            self._evaluating = False
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -353,21 +398,18 @@ class MetaGradCallback(Callback):
     ) -> None:
         # Fires once per real optimizer step, after unscaling (AMP) and the whole accumulation
         # window, before clipping: the right place to read and rewrite the gradient.
-        params = [p for p in self._params if p.grad is not None]
-        self._step_params = params
+        params = self.engine.params
+        names = [n for n, p in params.items() if p.grad is not None]
+        self._step_names = names
         self._stepped = False
-        if not params:
+        if not names:
             return
+        thetas = [params[n].detach() for n in names]
         if self._resolved_target == "update":
-            self._theta_before = _flat(params)  # finished in _after_optimizer_step
+            self._before = [t.clone() for t in thetas]  # finished in _after_optimizer_step
             return
-        theta = _flat(params, out=self._buffer(0, params))
-        grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
-        grad = _flat(grads, out=self._buffer(1, params))
-        finite = self._observe(theta, grad)
-        combined = self._combine(theta, grad, inplace=finite)
-        if combined is not None:
-            _write_flat(grads, combined[0])
+        grads: list[Tensor] = [params[n].grad for n in names]  # type: ignore[misc]
+        self._step(names, thetas, grads)
         self._stepped = True
 
     @override
@@ -389,9 +431,10 @@ class MetaGradCallback(Callback):
         if not self._stepped:
             return
         self._stepped = False
-        self._steps_in_task += 1
         self._global_step = trainer.global_step
-        self._to_log.update(self.diagnostics.step(self._params, self.task_index))
+        self._to_log.update(
+            self.diagnostics.step(list(self.engine.params.values()), self.task_index)
+        )
         # Like Lightning's LearningRateMonitor: only on steps whose logs are written
         # (`log_every_n_steps`), each figure's latest value; a `self.log` call costs about as
         # much as a small model's whole step.
@@ -406,25 +449,36 @@ class MetaGradCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "version": 2,
+            "version": _STATE_VERSION,
             "task_index": self.task_index,
             "detected_switches": list(self.detected_switches),
             "switch_pending": self._switch_pending,
-            "steps_in_task": self._steps_in_task,
-            "skipped_steps": self._skipped_steps,
-            "predictor": self.predictor.state_dict(),
+            "engine": self.engine.state_dict(),
             "boundaries": self.boundaries.state_dict(),
             "diagnostics": self.diagnostics.state_dict(),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._evaluating:
+            rank_zero_info(
+                "MetaGrad: trainer.test/validate/predict loaded a checkpoint; the callback's "
+                "continual-learning state is kept as it is (only `fit` resumes it)."
+            )
+            return
+        version = state_dict.get("version")
+        if version != _STATE_VERSION:
+            raise ValueError(
+                f"MetaGradCallback state version {version!r} cannot be read by this release "
+                f"(it reads version {_STATE_VERSION}). The checkpoint was written by an older "
+                "lightning-metagrad; load its model weights only (e.g. "
+                "`model.load_state_dict(torch.load(path)['state_dict'])`) and start a new task "
+                "stream, or use the release that wrote it."
+            )
         self.task_index = int(state_dict["task_index"])
         self.detected_switches = [int(s) for s in state_dict["detected_switches"]]
         self._switch_pending = bool(state_dict["switch_pending"])
-        self._steps_in_task = int(state_dict["steps_in_task"])
-        self._skipped_steps = int(state_dict["skipped_steps"])
-        self.predictor.load_state_dict(state_dict["predictor"])
+        self.engine.load_state_dict(state_dict["engine"])
         self.boundaries.load_state_dict(state_dict["boundaries"])
         self.diagnostics.load_state_dict(state_dict["diagnostics"])
 
@@ -437,11 +491,13 @@ class MetaGradCallback(Callback):
             )
         return self.predictor
 
-    def _bind(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
-        self._params = [p for _, p in named]
-        self.predictor.bind(
-            [n for n, _ in named], [p.numel() for _, p in named], self._params[0].device
-        )
+    def _subspace_dims(self) -> dict[str, int]:
+        if isinstance(self.predictor, SubspacePredictor):
+            return self.predictor.subspace_dims()
+        return {}
+
+    def _bind(self, pl_module: torch.nn.Module) -> None:
+        self.engine.bind(pl_module.named_parameters())
 
     def _resolve_target(self, optimizer: torch.optim.Optimizer) -> str:
         if self.target != "auto":
@@ -452,36 +508,21 @@ class MetaGradCallback(Callback):
         )
         return "gradient" if plain_sgd else "update"
 
-    def _buffer(self, slot: int, params: Sequence[Tensor]) -> Tensor:
-        """A flat float32 buffer for ``params``, kept between steps (released at fit end)."""
-        numel = sum(p.numel() for p in params)
-        buf = self._buffers[slot]
-        if buf is None or buf.numel() != numel or buf.device != params[0].device:
-            buf = torch.empty(numel, dtype=torch.float32, device=params[0].device)
-            self._buffers[slot] = buf
-        return buf
-
-    def _observe(self, theta: Tensor, target: Tensor) -> bool:
-        """Train the predictor on this step's ``(theta_j, target_j)`` pairs (section 2.2).
-
-        Returns whether ``target`` is finite everywhere.
-        """
-        # One reduction pass instead of an elementwise isfinite + all: a dot product is
-        # finite iff every entry is, unless it overflows (then the exact check decides).
-        finite = bool(torch.isfinite(torch.dot(target, target))) or bool(
-            torch.isfinite(target).all()
-        )
-        if not finite:
-            self._skipped_steps += 1
+    def _step(
+        self, names: Sequence[str], thetas: Sequence[Tensor], targets: Sequence[Tensor]
+    ) -> bool:
+        """One step through the engine, plus detection; returns whether it was finite."""
+        pairs = (_flat(thetas), _flat(targets)) if self.boundaries.uses_pairs else None
+        logged = self.engine.step_(names, thetas, targets)
+        if "finite" in logged:
             rank_zero_warn(
-                "MetaGrad: non-finite gradient/update at this step; its pairs are not used to "
-                "train the predictor.",
+                "MetaGrad: non-finite gradient/update at this step; it is passed on unchanged "
+                "and its pairs are not used to train the predictor.",
             )
             return False
-        logged = self.predictor.observe(theta, target)
         self._to_log.update(logged)
         self.diagnostics.observe_prediction_quality(logged)
-        if self.boundaries.on_pairs(theta, target):
+        if pairs is not None and self.boundaries.on_pairs(*pairs):
             self._switch_pending = True
             self.detected_switches.append(self._global_step)
             self._to_log["metagrad/switch_detected"] = 1.0
@@ -492,72 +533,30 @@ class MetaGradCallback(Callback):
             self.on_switch_detected(self._global_step)
         return True
 
-    def _combine(
-        self, theta: Tensor, current: Tensor, inplace: bool = False
-    ) -> tuple[Tensor, Tensor | None] | None:
-        """The rewritten direction and, for eq. 5, the mask of zeroed coordinates.
-
-        ``inplace``: ``current`` is a finite scratch buffer that eq. 5 may overwrite.
-        """
-        chunked = type(self.predictor).predict_slice is not OldGradientPredictor.predict_slice
-        if inplace and self.combine == "sign" and chunked:
-            return self._sign_rule_chunked(theta, current)
-        prediction = self.predictor.predict(theta)
-        if prediction is None:
-            return None
-        predicted, trusted = prediction
-        if self.combine == "average":
-            combined = joint_average(current, predicted, self.num_old_tasks)
-            # Guard: a non-finite prediction never reaches the weights.
-            return torch.where(torch.isfinite(combined), combined, current), None
-        combined, zeroed = sign_agreement(current, predicted)
-        if trusted is not None:  # magnitude-aware: keep the gradient where not trusted
-            zeroed = zeroed & trusted
-            combined = torch.where(zeroed, torch.zeros_like(current), current)
-        self._to_log["metagrad/zeroed_fraction"] = zeroed.float().mean()
-        return combined, zeroed
-
-    def _sign_rule_chunked(self, theta: Tensor, current: Tensor) -> tuple[Tensor, None] | None:
-        """Eq. 5 (magnitude-aware where the predictor says so) in place on the finite buffer
-        ``current``, chunk by chunk: one pass over memory, no per-step P-sized temporaries."""
-        kept = torch.zeros((), dtype=torch.float64, device=current.device)
-        for start in range(0, current.numel(), _CHUNK):
-            prediction = self.predictor.predict_slice(theta[start : start + _CHUNK], start)
-            if prediction is None:
-                return None
-            predicted, trusted = prediction
-            cur = current[start : start + _CHUNK]
-            # 0/1 floats, not booleans: branch-free and several times faster on CPU.
-            keep = torch.mul(cur, predicted).gt_(0)  # signs agree (a NaN prediction: 0)
-            if trusted is not None:  # magnitude-aware: keep the gradient where not trusted
-                keep.sub_(1).mul_(trusted).add_(1)
-            cur.mul_(keep)
-            kept += keep.sum()
-        self._to_log["metagrad/zeroed_fraction"] = 1.0 - kept / max(current.numel(), 1)
-        return current, None
-
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
-        """Update-vector mode: pairs from the update, and the rule applied to the update."""
-        if self._theta_before is None:
+        """Update-vector mode: learn from the update, and apply the rule to the update."""
+        if self._before is None:
             return
-        theta_before, self._theta_before = self._theta_before, None
-        params = self._step_params
+        before, self._before = self._before, None
+        names = self._step_names
+        params = [self.engine.params[n] for n in names]
         with torch.no_grad():
-            theta_after = _flat(params)
-            update = theta_before - theta_after  # gradient-like sign: theta' = theta - update
-            self._observe(theta_before, update)
-            combined = self._combine(theta_before, update)
-            if combined is not None:
-                new_update, zeroed = combined
-                if zeroed is None:
-                    _write_flat(params, theta_before - new_update)
-                else:  # eq. 5 on the update: a zeroed coordinate keeps its old value exactly
-                    _write_flat(params, torch.where(zeroed, theta_before, theta_after))
+            after = [p.detach() for p in params]
+            update = torch._foreach_sub(before, after)  # gradient-like: theta' = theta - update
+            finite = self._step(names, before, update)
+            rewritten = self.engine.protected(names, update) if finite else []
+            if rewritten:
+                # A zeroed coordinate of the update keeps its old value exactly (before - 0).
+                torch._foreach_copy_(
+                    [after[i] for i in rewritten],
+                    torch._foreach_sub(
+                        [before[i] for i in rewritten], [update[i] for i in rewritten]
+                    ),
+                )
         self._stepped = True
 
     def _release(self) -> None:
         if self._hook_handle is not None:
             self._hook_handle.remove()
             self._hook_handle = None
-        self._theta_before = None
-        self._buffers = [None, None]
+        self._before = None

@@ -1,26 +1,28 @@
-"""Predictors of the mean old-task gradient, the ``bar-nabla`` of eq. 5.
+"""Predictors of the old tasks' gradients, on the model's named parameter tensors.
 
-A predictor is trained on ``(theta_j, target_j)`` pairs of the current task (the gradient, or
-the optimizer's update vector), folds the finished task into a running mean at each boundary
-(eqs. 6-7), and predicts that mean at the current parameters. Plain PyTorch; the callback only
-calls these methods. Two are built in:
+A predictor is trained during a task on the gradients (or the optimizer's update vectors) the
+callback sees, folds the finished task in at each boundary (eqs. 6-7), and from the second
+task on tells the engine (:class:`~lightning_metagrad.engine.MetaGrad`) how to rewrite the
+current gradient. Everything works per parameter tensor, by name, so a parameter without a
+gradient on a step, or one the old tasks never trained, is simply absent. Plain PyTorch.
 
-* :class:`MetaNetPredictor` -- the paper exactly: a coordinate-wise MLP ``h(theta_j)`` per task
-  (section 2.2), distilled online into ``g`` (section 5.2), evaluated through a table.
-* :class:`AnchoredPredictor` -- per coordinate, a diagonal Taylor model of each old task's
-  gradient around its end point, with a trust region inside which the prediction is not
-  trusted; no data stored.
-* :class:`ReplayPredictor` -- a small episodic memory of old batches yields the real old-task
-  gradient at the current parameters: the upper reference for the rule, and a practical mode
-  where keeping a few batches is allowed.
+Two kinds, declared by :attr:`OldGradientPredictor.rule` (the engine dispatches on it):
+
+* ``"elementwise"``: :meth:`~OldGradientPredictor.predict` returns the predicted mean old-task
+  gradient per tensor, and the engine applies eq. 5 (or eq. 2's average) coordinate by
+  coordinate. Built in: :class:`MetaNetPredictor` (the paper exactly), :class:`AnchoredPredictor`
+  (a diagonal Taylor model with a trust region) and :class:`ReplayPredictor` (the real old-task
+  gradient from a small episodic memory).
+* ``"projection"``: the predictor rewrites the gradient itself
+  (:meth:`~OldGradientPredictor.rewrite_`): :class:`~lightning_metagrad.subspace.SubspacePredictor`,
+  the default, removes each weight matrix's component in the old tasks' gradient subspace.
 """
 
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -32,42 +34,48 @@ from lightning_metagrad.distillation import RunningMeanDistiller
 from lightning_metagrad.meta_network import CoordinateMLP, MetaNetwork
 from lightning_metagrad.tabulation import TabulatedFunction
 
+#: Per tensor: ``(mean old-task gradient, trusted mask or None)``, or None (the tensor is free).
+Prediction = tuple[Tensor, Tensor | None] | None
+
 
 class OldGradientPredictor:
-    """Interface of a predictor of the mean old-task gradient (subclass to add one).
+    """Interface of a predictor of the old tasks' gradients (subclass to add one).
 
-    The callback calls :meth:`bind` at each fit start with the trainable parameters' names and
-    sizes (the flat layout of ``theta``), :meth:`observe` on every optimizer step of a task,
-    :meth:`end_task` at a boundary, and :meth:`predict` from the second task on.
+    The engine calls :meth:`bind` with the trainable parameters by name, :meth:`observe` on
+    every optimizer step with the tensors that have a gradient, :meth:`end_task` at a boundary,
+    and, from the second task on, :meth:`predict` (``rule = "elementwise"``) or
+    :meth:`rewrite_` (``rule = "projection"``). ``names``, ``thetas`` and ``targets`` are
+    parallel lists; ``targets`` are gradients or update vectors, float32 or lower precision.
 
     Example:
         >>> class ZeroPredictor(OldGradientPredictor):
-        ...     def observe(self, theta, target):
+        ...     def observe(self, names, thetas, targets):
         ...         return {}
-        ...     def end_task(self, theta):
+        ...     def end_task(self, names, thetas):
         ...         self._old_tasks += 1
-        ...     def predict(self, theta):
-        ...         return (torch.zeros_like(theta), None) if self.num_old_tasks else None
+        ...     def predict(self, names, thetas):
+        ...         return [(torch.zeros_like(t), None) for t in thetas]
         >>> pred = ZeroPredictor()
-        >>> pred.predict(torch.ones(2)) is None
-        True
-        >>> pred.end_task(torch.ones(2))
-        >>> pred.predict(torch.ones(2))
-        (tensor([0., 0.]), None)
+        >>> pred.end_task(["w"], [torch.ones(2)])
+        >>> pred.predict(["w"], [torch.ones(2)])
+        [(tensor([0., 0.]), None)]
+        >>> pred.state_dict()
+        {'num_old_tasks': 1}
         >>> from lightning_metagrad import MetaGradCallback
         >>> MetaGradCallback(predictor=pred).predictor_name
         'ZeroPredictor'
     """
 
+    rule: ClassVar[Literal["elementwise", "projection"]] = "elementwise"
     _old_tasks = 0
 
     @property
     def num_old_tasks(self) -> int:
-        """Tasks folded into the running mean (``t`` in eqs. 6-7)."""
+        """Tasks folded into the old-task state (``t`` in eqs. 6-7)."""
         return self._old_tasks
 
-    def bind(self, names: Sequence[str], numels: Sequence[int], device: torch.device) -> None:
-        """Adopt the flat layout ``theta = cat(p.reshape(-1) for p in params)``."""
+    def bind(self, params: Mapping[str, Tensor]) -> None:
+        """Adopt the trainable parameters (name -> tensor) at each fit start."""
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Called at each fit start; predictors that evaluate the model keep it here."""
@@ -75,35 +83,40 @@ class OldGradientPredictor:
     def observe_batch(self, batch: Any) -> None:
         """Called with every training batch (on the device); only a memory needs it."""
 
-    def observe(self, theta: Tensor, target: Tensor) -> dict[str, Tensor]:
-        """Learn from one step's finite pairs; return diagnostics to log (name -> scalar)."""
+    def observe(
+        self, names: Sequence[str], thetas: Sequence[Tensor], targets: Sequence[Tensor]
+    ) -> dict[str, Tensor]:
+        """Learn from one step's finite targets; return diagnostics to log (name -> scalar)."""
         raise NotImplementedError
 
-    def end_task(self, theta: Tensor) -> None:
-        """Fold the finished task into the running mean of old-task gradients (eqs. 6-7)."""
+    def end_task(self, names: Sequence[str], thetas: Sequence[Tensor]) -> None:
+        """Fold the finished task in (eqs. 6-7); ``thetas`` are its end point."""
         raise NotImplementedError
 
-    def predict(self, theta: Tensor) -> tuple[Tensor, Tensor | None] | None:
-        """``(mean old-task gradient, confident mask or None)`` at ``theta``; None before task 2.
+    def predict(self, names: Sequence[str], thetas: Sequence[Tensor]) -> list[Prediction]:
+        """Elementwise rule: per tensor ``(mean old-task gradient, trusted mask or None)``.
 
-        Where the mask is False the rule keeps the current gradient whatever its sign.
+        Where the mask is 0 the rule keeps the current gradient whatever its sign; the mask may
+        be boolean or 0/1 floats. A None entry leaves that tensor free.
         """
         raise NotImplementedError
 
-    def predict_slice(self, theta: Tensor, start: int) -> tuple[Tensor, Tensor | None] | None:
-        """:meth:`predict` for the coordinates ``start : start + len(theta)`` only.
-
-        Optional: a predictor whose prediction is coordinate-wise overrides it, and the callback
-        then evaluates the rule chunk by chunk (small temporaries, cache-resident passes). The
-        mask may be boolean or 0/1 floats of ``theta``'s dtype.
-        """
+    def rewrite_(
+        self, names: Sequence[str], thetas: Sequence[Tensor], targets: Sequence[Tensor]
+    ) -> dict[str, Tensor]:
+        """Projection rule: rewrite ``targets`` in place; return diagnostics to log."""
         raise NotImplementedError
 
     def state_dict(self) -> dict:
-        raise NotImplementedError
+        """Plain values and tensors only (Lightning checkpoints load with ``weights_only``)."""
+        return {"num_old_tasks": self._old_tasks}
 
     def load_state_dict(self, state: dict) -> None:
-        raise NotImplementedError
+        self._old_tasks = int(state["num_old_tasks"])
+
+
+def _flat(tensors: Sequence[Tensor]) -> Tensor:
+    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
 
 
 class MetaNetPredictor(OldGradientPredictor):
@@ -113,14 +126,15 @@ class MetaNetPredictor(OldGradientPredictor):
     random coordinates every ``update_every`` optimizer steps; inputs are divided by the
     parameters' standard deviation at the first step, targets by their RMS at each task's first
     update. At a boundary h is distilled into g (eq. 7) with ``distill_steps`` Adam steps, and
-    g is tabulated on ``table_points`` points for O(P) prediction.
+    g is tabulated on ``table_points`` points for O(P) prediction. Coordinate-wise: it flattens
+    the tensors only on its update steps, to sample coordinates over the whole model.
 
     Example:
         >>> pred = MetaNetPredictor(hidden_sizes=(8,), coords_per_step=16, update_every=1)
         >>> theta = torch.randn(100)
-        >>> _ = pred.observe(theta, -theta)
-        >>> pred.end_task(theta)
-        >>> pred.predict(theta)[0].shape
+        >>> _ = pred.observe(["w"], [theta], [-theta])
+        >>> pred.end_task(["w"], [theta])
+        >>> pred.predict(["w"], [theta])[0][0].shape
         torch.Size([100])
     """
 
@@ -142,6 +156,8 @@ class MetaNetPredictor(OldGradientPredictor):
             raise ValueError(f"`table_points` must be an int >= 2, got {table_points!r}")
         if not isinstance(seed, int):
             raise ValueError(f"`seed` must be an int, got {seed!r}")
+        if not isinstance(distill_steps, int) or distill_steps < 0:
+            raise ValueError(f"`distill_steps` must be an int >= 0, got {distill_steps!r}")
         self.update_every = update_every
         self.table_points = table_points
         self.generator = torch.Generator().manual_seed(seed)
@@ -164,41 +180,51 @@ class MetaNetPredictor(OldGradientPredictor):
 
     @property
     def h(self) -> CoordinateMLP:
+        """The current task's meta-network."""
         return self.meta.net
 
     @property
     def g(self) -> CoordinateMLP | None:
+        """The distilled predictor of the mean old-task gradient (None before task 2)."""
         return self.distiller.g
 
-    def bind(self, names: Sequence[str], numels: Sequence[int], device: torch.device) -> None:
+    def bind(self, params: Mapping[str, Tensor]) -> None:
         # Coordinate-wise: the layout does not matter, only the device.
+        device = next(iter(params.values())).device
         self.meta.net.to(device)
         if self.distiller.g is not None:
             self.distiller.g.to(device)
         if self.table is not None:
             self.table = self.table.to(device)
 
-    def observe(self, theta: Tensor, target: Tensor) -> dict[str, Tensor]:
-        if self.in_scale is None:
-            # One input scale for every task's network: the parameters' spread at the start.
-            std = float(theta.float().std())
-            self.in_scale = std if math.isfinite(std) and std > 0 else 1.0
-            self.meta.reset(self.in_scale)
+    def observe(
+        self, names: Sequence[str], thetas: Sequence[Tensor], targets: Sequence[Tensor]
+    ) -> dict[str, Tensor]:
         step = self.steps_in_task
         self.steps_in_task += 1
+        if self.in_scale is not None and step % self.update_every != 0:
+            return {}
+        theta = _flat(thetas)
+        if self.in_scale is None:
+            # One input scale for every task's network: the parameters' spread at the start.
+            std = float(theta.std())
+            self.in_scale = std if math.isfinite(std) and std > 0 else 1.0
+            self.meta.reset(self.in_scale)
         if step % self.update_every != 0:
             return {}
         index = self.meta.sample_indices(theta.numel(), theta.device)
         # The loss on freshly drawn coordinates, before the update: a held-out error.
-        loss, rel_error = self.meta.observe(theta, target, index)
+        loss, rel_error = self.meta.observe(theta, _flat(targets), index)
         return {"metagrad/meta_loss": loss, "metagrad/meta_rel_error": rel_error}
 
-    def end_task(self, theta: Tensor) -> None:
-        if self.meta.num_updates == 0:
+    def end_task(self, names: Sequence[str], thetas: Sequence[Tensor]) -> None:
+        if self.meta.num_updates == 0 or self.in_scale is None:
             raise RuntimeError("the task ended before its meta-network had any update")
+        theta = _flat(thetas)
         self.distiller.add_task(self.meta.net, theta, generator=self.generator)
         g = self.distiller.g
-        assert g is not None and self.in_scale is not None
+        if g is None:  # pragma: no cover - add_task always sets it
+            raise RuntimeError("distillation produced no predictor")
         reach = max(2.0 * float(theta.abs().max()), 8.0 * self.in_scale)
         self.table = TabulatedFunction.from_function(
             g, -reach, reach, num_points=self.table_points, device=theta.device
@@ -206,13 +232,11 @@ class MetaNetPredictor(OldGradientPredictor):
         self.meta.reset(self.in_scale)
         self.steps_in_task = 0
 
-    def predict(self, theta: Tensor) -> tuple[Tensor, Tensor | None] | None:
-        if self.table is None:
-            return None
-        return self.table(theta), None
-
-    def predict_slice(self, theta: Tensor, start: int) -> tuple[Tensor, Tensor | None] | None:
-        return self.predict(theta)  # coordinate-wise: the position does not matter
+    def predict(self, names: Sequence[str], thetas: Sequence[Tensor]) -> list[Prediction]:
+        table = self.table
+        if table is None:
+            return [None] * len(thetas)
+        return [(table(t.reshape(-1)).view_as(t), None) for t in thetas]
 
     def state_dict(self) -> dict:
         return {
@@ -234,145 +258,124 @@ class MetaNetPredictor(OldGradientPredictor):
         self.generator.set_state(state["generator"])
 
 
+def _finite_positive(name: str, value: Any) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 class AnchoredPredictor(OldGradientPredictor):
     r"""Per-coordinate diagonal Taylor model of the old tasks' gradients, with a trust region.
 
-    During task i the importance ``F_i = mean_s target_j(s)^2`` is accumulated (a running
-    squared gradient). Around the task's end point ``theta*_i`` its gradient is modelled as
-    ``F_i,j (theta_j - theta*_i,j)``; the mean over old tasks (eq. 6) is linear in theta,
-    ``B theta - C`` with ``B = mean_i F_i`` and ``C = mean_i F_i theta*_i``, so the running
-    mean is exact and costs two floats per parameter between tasks (in checkpoints), three
-    while bound to a model.
+    During task i the importance ``F_i = mean_s target_j(s)^2`` is accumulated per tensor (a
+    running squared gradient, over the steps the tensor had a gradient). Around the task's end
+    point ``theta*_i`` its gradient is modelled as ``F_i,j (theta_j - theta*_i,j)``; the mean
+    over old tasks (eq. 6) is linear in theta, ``B theta - C`` with ``B = mean_i F_i`` and
+    ``C = mean_i F_i theta*_i``, so the running mean is exact and costs two floats per
+    parameter between tasks, three during one.
 
     Magnitude-aware rule: the prediction is trusted only outside a trust region, where the
     modelled old-task loss increase ``B (theta - anchor)^2 / 2`` exceeds
     ``radius^2 mean(B) / 2``; inside it the current gradient is kept (eq. 5 would otherwise
-    freeze every coordinate at the anchor, where the prediction is 0). Important coordinates
-    get a small region, unimportant ones a large one.
+    freeze every coordinate at the anchor, where the prediction is 0).
 
     Example:
         >>> pred = AnchoredPredictor(radius=0.01)
-        >>> pred.bind(["w"], [3], torch.device("cpu"))
-        >>> _ = pred.observe(torch.zeros(3), torch.tensor([1.0, 0.1, 0.0]))
-        >>> pred.end_task(torch.zeros(3))
-        >>> mean_grad, trusted = pred.predict(torch.tensor([0.5, 0.5, 0.5]))
+        >>> _ = pred.observe(["w"], [torch.zeros(3)], [torch.tensor([1.0, 0.1, 0.0])])
+        >>> pred.end_task(["w"], [torch.zeros(3)])
+        >>> [(mean_grad, trusted)] = pred.predict(["w"], [torch.tensor([0.5, 0.5, 0.5])])
         >>> mean_grad, trusted
-        (tensor([0.5000, 0.0050, 0.0000]), tensor([ True,  True, False]))
+        (tensor([0.5000, 0.0050, 0.0000]), tensor([1., 1., 0.]))
     """
 
     def __init__(self, radius: float = 0.01) -> None:
-        if not radius > 0:
-            raise ValueError(f"`radius` must be > 0, got {radius!r}")
-        self.radius = float(radius)
+        self.radius = _finite_positive("radius", radius)
         self._old_tasks = 0
-        self._names: list[str] = []
-        self._numels: list[int] = []
-        # Per-parameter-name state, so the model may change between tasks.
-        self._stored: dict[str, dict[str, Tensor]] = {}
-        self._sq_sum: Tensor | None = None  # running sum of target^2 in the current task
-        self._count = 0
-        self._b: Tensor | None = None
-        self._c: Tensor | None = None
+        # Per parameter name, so the model may change between tasks.
+        self._b: dict[str, Tensor] = {}
+        self._c: dict[str, Tensor] = {}
+        self._sq_sum: dict[str, Tensor] = {}  # running sum of target^2 in the current task
+        self._count: dict[str, int] = {}
         self._b_mean: float | None = None  # cached mean(B), reset whenever B changes
 
-    def bind(self, names: Sequence[str], numels: Sequence[int], device: torch.device) -> None:
-        self._unbind()
-        self._names, self._numels = list(names), list(numels)
-        total = sum(self._numels)
+    def bind(self, params: Mapping[str, Tensor]) -> None:
+        for store in (self._b, self._c, self._sq_sum):
+            for name, value in list(store.items()):
+                p = params.get(name)
+                if p is not None and value.shape != p.shape:
+                    del store[name]  # the tensor changed shape: a new parameter for old tasks
+                elif p is not None:
+                    store[name] = value.to(p.device)
+        self._b_mean = None
 
-        def gather(key: str) -> Tensor:
-            parts = []
-            for name, n in zip(self._names, self._numels):
-                t = self._stored.get(name, {}).get(key)
-                parts.append(
-                    t.to(device)
-                    if t is not None and t.numel() == n
-                    else torch.zeros(n, device=device)
-                )
-            return torch.cat(parts) if parts else torch.zeros(total, device=device)
-
-        self._sq_sum = gather("sq_sum")
-        self._b, self._b_mean = gather("b"), None
-        self._c = gather("c")
-        self._forget_bound()
-
-    def _forget_bound(self) -> None:
-        """Drop the per-name copies of the bound names: the flat buffers hold them now
-        (keeping both would cost three more floats per parameter)."""
-        for name in self._names:
-            self._stored.pop(name, None)
-
-    def _unbind(self) -> None:
-        """Write the flat buffers back into the per-name store."""
-        if self._b is None or self._c is None or self._sq_sum is None:
-            return
-        buffers = [("b", self._b), ("c", self._c)]
-        if self._count:  # between tasks the squared-gradient sum is all zeros: not stored
-            buffers.append(("sq_sum", self._sq_sum))
-        for key, flat in buffers:
-            for name, piece in zip(self._names, flat.split(self._numels)):
-                self._stored.setdefault(name, {})[key] = piece.detach().clone()
-
-    def observe(self, theta: Tensor, target: Tensor) -> dict[str, Tensor]:
-        if self._sq_sum is None:
-            raise RuntimeError("AnchoredPredictor.observe() before bind()")
-        self._sq_sum.addcmul_(target, target)
-        self._count += 1
+    def observe(
+        self, names: Sequence[str], thetas: Sequence[Tensor], targets: Sequence[Tensor]
+    ) -> dict[str, Tensor]:
+        for name, target in zip(names, targets):
+            acc = self._sq_sum.get(name)
+            if acc is None:
+                acc = self._sq_sum[name] = torch.zeros_like(target, dtype=torch.float32)
+            acc.addcmul_(target, target)
+            self._count[name] = self._count.get(name, 0) + 1
         return {}
 
-    def end_task(self, theta: Tensor) -> None:
-        if self._sq_sum is None or self._b is None or self._c is None:
-            raise RuntimeError("AnchoredPredictor.end_task() before bind()")
-        if self._count == 0:
+    def end_task(self, names: Sequence[str], thetas: Sequence[Tensor]) -> None:
+        if not self._count:
             raise RuntimeError("the task ended before any step was observed")
         t = float(self._old_tasks)
-        importance = self._sq_sum / self._count
-        # Eq. 6, exactly: running means of F_i and F_i * theta*_i.
-        self._b.mul_(t / (t + 1)).add_(importance, alpha=1 / (t + 1))
+        for name, theta in zip(names, thetas):
+            b = self._b.get(name)
+            if b is None:
+                b = self._b[name] = torch.zeros_like(theta, dtype=torch.float32)
+                self._c[name] = torch.zeros_like(b)
+            count = self._count.get(name, 0)
+            # Eq. 6, exactly: running means of F_i and F_i * theta*_i (F_i = 0 where untrained).
+            b.mul_(t / (t + 1))
+            self._c[name].mul_(t / (t + 1))
+            if count:
+                importance = self._sq_sum[name] / count
+                b.add_(importance, alpha=1 / (t + 1))
+                self._c[name].add_(importance * theta, alpha=1 / (t + 1))
+        self._sq_sum, self._count = {}, {}
         self._b_mean = None
-        self._c.mul_(t / (t + 1)).add_(importance * theta, alpha=1 / (t + 1))
-        self._sq_sum.zero_()
-        self._count = 0
         self._old_tasks += 1
 
-    def predict(self, theta: Tensor) -> tuple[Tensor, Tensor | None] | None:
-        out = self.predict_slice(theta, 0)
-        return None if out is None or out[1] is None else (out[0], out[1] > 0)
-
-    def predict_slice(self, theta: Tensor, start: int) -> tuple[Tensor, Tensor | None] | None:
-        if self.num_old_tasks == 0 or self._b is None or self._c is None:
-            return None
-        end = start + theta.numel()
-        b, c = self._b[start:end], self._c[start:end]
-        predicted = torch.mul(b, theta).sub_(c)
-        # Outside the trust region: pred^2 / B > radius^2 mean(B)  (no division by B needed).
+    def predict(self, names: Sequence[str], thetas: Sequence[Tensor]) -> list[Prediction]:
         if self._b_mean is None:  # B changes only at a boundary: one reduction (sync) per task
-            self._b_mean = float(self._b.mean())
+            total = sum(b.numel() for b in self._b.values())
+            self._b_mean = float(sum(b.sum() for b in self._b.values())) / max(total, 1)
         threshold = (self.radius**2) * self._b_mean
-        # A 0/1 float mask: float kernels are several times faster than boolean ones on CPU.
-        trusted = torch.mul(predicted, predicted).sub_(b, alpha=threshold).gt_(0)
-        return predicted, trusted
+        out: list[Prediction] = []
+        for name, theta in zip(names, thetas):
+            b = self._b.get(name)
+            if b is None:
+                out.append(None)
+                continue
+            predicted = torch.mul(b, theta).sub_(self._c[name])
+            # Outside the trust region: pred^2 / B > radius^2 mean(B) (no division by B).
+            # A 0/1 float mask: float kernels are several times faster than boolean ones on CPU.
+            trusted = torch.mul(predicted, predicted).sub_(b, alpha=threshold).gt_(0)
+            out.append((predicted, trusted.to(predicted.dtype)))
+        return out
 
     def state_dict(self) -> dict:
-        self._unbind()
-        state = {
+        return {
             "radius": self.radius,
-            "num_old_tasks": self.num_old_tasks,
-            "count": self._count,
-            "stored": {k: dict(v) for k, v in self._stored.items()},
+            "num_old_tasks": self._old_tasks,
+            "b": {k: v.detach().clone() for k, v in self._b.items()},
+            "c": {k: v.detach().clone() for k, v in self._c.items()},
+            "sq_sum": {k: v.detach().clone() for k, v in self._sq_sum.items()},
+            "count": dict(self._count),
         }
-        if self._b is not None:  # still bound: the copies belong to the returned state only
-            self._forget_bound()
-        return state
 
     def load_state_dict(self, state: dict) -> None:
         self._old_tasks = int(state["num_old_tasks"])
-        self._count = int(state["count"])
-        self._stored = {k: dict(v) for k, v in state["stored"].items()}
-        self._b = self._c = self._sq_sum = None
-        if self._names:
-            device = next(iter(self._stored.values()))["b"].device if self._stored else "cpu"
-            self.bind(self._names, self._numels, torch.device(device))
+        self._b = {k: v.clone() for k, v in state["b"].items()}
+        self._c = {k: v.clone() for k, v in state["c"].items()}
+        self._sq_sum = {k: v.clone() for k, v in state["sq_sum"].items()}
+        self._count = {k: int(v) for k, v in state["count"].items()}
+        self._b_mean = None
 
 
 class ReplayPredictor(OldGradientPredictor):
@@ -386,14 +389,10 @@ class ReplayPredictor(OldGradientPredictor):
     until the next refresh. Under DDP each rank's estimate is averaged over ranks.
 
     ``free_below``: a magnitude-aware eq. 5. Coordinates whose old-task gradient is small carry
-    no real constraint from the old tasks, so the rule keeps the current gradient there (a "not
-    trusted" mask, as the anchored predictor returns): those with
-    ``|old_j| <= free_below * mean(|old|)``. Only the few coordinates where the old tasks pull
-    hard can then veto the current gradient. On the Fig. 1 protocol (``docs/science.md``) the
-    validation split gave a plateau for 2-8 and a fall at 16; the default 4 is its middle.
-    ``0`` frees exactly-zero entries only (an input that is 0 in every stored sample, a dead
-    ReLU); ``None`` applies eq. 5 literally and blocks ~75 % of the coordinates there, so new
-    tasks are learned with a fraction of their gradient.
+    no real constraint from the old tasks, so the rule keeps the current gradient there: those
+    with ``|old_j| <= free_below * mean(|old|)`` (the mean over all parameters). ``0`` frees
+    exactly-zero entries only (an input that is 0 in every stored sample, a dead ReLU);
+    ``None`` applies eq. 5 literally. The default's choice is in ``docs/science.md``.
 
     Example:
         >>> ReplayPredictor(memory_batches=8, refresh_every=10).num_old_tasks
@@ -411,6 +410,8 @@ class ReplayPredictor(OldGradientPredictor):
             raise ValueError(f"`memory_batches` must be an int >= 1, got {memory_batches!r}")
         if not isinstance(refresh_every, int) or refresh_every < 1:
             raise ValueError(f"`refresh_every` must be an int >= 1, got {refresh_every!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"`seed` must be an int, got {seed!r}")
         if free_below is not None and (
             isinstance(free_below, bool)
             or not isinstance(free_below, (int, float))
@@ -420,18 +421,18 @@ class ReplayPredictor(OldGradientPredictor):
                 f"`free_below` must be None or a finite number >= 0, got {free_below!r}"
             )
         self.free_below = None if free_below is None else float(free_below)
-        self._trusted: Tensor | None = None
         self.memory_batches = memory_batches
         self.refresh_every = refresh_every
-        self._rng = random.Random(seed)
+        self._generator = torch.Generator().manual_seed(seed)
         self.memory: list[list[Any]] = []  # per old task: stored batches
         self.current: list[Any] = []
         self._seen = 0
         self._calls = 0
-        self._cached: Tensor | None = None
+        self._cached: dict[str, Tensor] | None = None  # the old gradient in use, by name
+        self._trusted: dict[str, Tensor] | None = None
         self._trainer: pl.Trainer | None = None
         self._module: pl.LightningModule | None = None
-        self._params: list[Tensor] = []
+        self._params: dict[str, Tensor] = {}
 
     @property
     def num_old_tasks(self) -> int:
@@ -439,11 +440,7 @@ class ReplayPredictor(OldGradientPredictor):
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer, self._module = trainer, pl_module
-        self._params = [p for p in pl_module.parameters() if p.requires_grad]
-        if self._cached is not None and self._cached.numel() != sum(
-            p.numel() for p in self._params
-        ):
-            self._cached = self._trusted = None  # the trainable parameters changed
+        self._params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
 
     def observe_batch(self, batch: Any) -> None:
         # Reservoir sampling: every batch of the task has the same chance to be kept.
@@ -451,75 +448,78 @@ class ReplayPredictor(OldGradientPredictor):
         if len(self.current) < self.memory_batches:
             self.current.append(_detached(batch))
         else:
-            slot = self._rng.randrange(self._seen)
+            slot = int(torch.randint(self._seen, (1,), generator=self._generator))
             if slot < self.memory_batches:
                 self.current[slot] = _detached(batch)
 
-    def observe(self, theta: Tensor, target: Tensor) -> dict[str, Tensor]:
+    def observe(
+        self, names: Sequence[str], thetas: Sequence[Tensor], targets: Sequence[Tensor]
+    ) -> dict[str, Tensor]:
         return {}
 
-    def end_task(self, theta: Tensor) -> None:
+    def end_task(self, names: Sequence[str], thetas: Sequence[Tensor]) -> None:
         if not self.current:
             raise RuntimeError("the task ended before any batch was stored")
         self.memory.append(self.current)
         share = max(1, self.memory_batches // len(self.memory))
         self.memory = [batches[:share] for batches in self.memory]
-        self.current, self._seen, self._cached = [], 0, None
+        self.current, self._seen, self._cached, self._trusted = [], 0, None, None
 
-    def predict(self, theta: Tensor) -> tuple[Tensor, Tensor | None] | None:
+    def predict(self, names: Sequence[str], thetas: Sequence[Tensor]) -> list[Prediction]:
         if not self.memory:
-            return None
-        self._refresh(theta.device)
-        return self._cached, self._trusted  # type: ignore[return-value]
-
-    def predict_slice(self, theta: Tensor, start: int) -> tuple[Tensor, Tensor | None] | None:
-        if not self.memory:
-            return None
-        if start == 0:  # one call per step: the callback walks the chunks in order
-            self._refresh(theta.device)
-        end = start + theta.numel()
-        trusted = None if self._trusted is None else self._trusted[start:end]
-        return self._cached[start:end], trusted  # type: ignore[index]
-
-    def _refresh(self, device: torch.device) -> None:
-        """Recompute the old gradient every ``refresh_every`` calls (one call per step)."""
+            return [None] * len(thetas)
+        # One call per step: recompute every `refresh_every` calls.
         if self._cached is None or self._calls % self.refresh_every == 0:
-            self._cached = self._old_gradient().to(device)
+            self._cached = self._old_gradient()
             self._trusted = self._constrained(self._cached)
-        elif self._cached.device != device:  # restored from a checkpoint (saved on the CPU)
-            self._cached = self._cached.to(device)
-            self._trusted = None if self._trusted is None else self._trusted.to(device)
         self._calls += 1
+        cached, trusted = self._cached, self._trusted
+        out: list[Prediction] = []
+        for name, theta in zip(names, thetas):
+            old = cached.get(name)
+            if old is None or old.shape != theta.shape:
+                out.append(None)  # a parameter the memory's loss does not reach: free
+                continue
+            if old.device != theta.device:  # restored from a checkpoint saved on the CPU
+                old = cached[name] = old.to(theta.device)
+                if trusted is not None:
+                    trusted[name] = trusted[name].to(theta.device)
+            out.append((old, None if trusted is None else trusted[name]))
+        return out
 
-    def _constrained(self, old: Tensor) -> Tensor | None:
-        """Where the old tasks constrain the update (the rule's "trusted" mask)."""
+    def _constrained(self, old: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """Where the old tasks constrain the update (the rule's "trusted" mask), by name."""
         if self.free_below is None:
             return None
-        magnitude = old.abs()
         if self.free_below == 0:
-            return magnitude > 0
-        return magnitude > self.free_below * magnitude.mean()
+            return {n: g.abs() > 0 for n, g in old.items()}
+        total = sum(g.numel() for g in old.values())
+        mean = sum(g.abs().sum() for g in old.values()) / max(total, 1)
+        return {n: g.abs() > self.free_below * mean for n, g in old.items()}
 
-    def _old_gradient(self) -> Tensor:
+    def _old_gradient(self) -> dict[str, Tensor]:
         module, trainer = self._module, self._trainer
         if module is None or trainer is None:
             raise RuntimeError("ReplayPredictor.predict() before attach()")
-        total = [torch.zeros_like(p, dtype=torch.float32) for p in self._params]
+        names = list(self._params)
+        params = list(self._params.values())
+        total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        reached = [False] * len(params)
         with quiet_eval(module):
             for batches in self.memory:
                 for i, batch in enumerate(batches):
                     loss = loss_of(module.training_step(batch, i))
                     if loss is None:
                         continue
-                    grads = torch.autograd.grad(loss, self._params, allow_unused=True)
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
                     scale = 1.0 / (len(batches) * len(self.memory))
-                    for acc, g in zip(total, grads):
+                    for k, (acc, g) in enumerate(zip(total, grads)):
                         if g is not None:
                             acc.add_(g.float(), alpha=scale)
-        flat = torch.cat([t.reshape(-1) for t in total])
+                            reached[k] = True
         if trainer.world_size > 1:
-            flat = trainer.strategy.reduce(flat, reduce_op="mean")
-        return flat
+            total = [trainer.strategy.reduce(t, reduce_op="mean") for t in total]
+        return {n: t for n, t, r in zip(names, total, reached) if r}
 
     def state_dict(self) -> dict:
         return {
@@ -527,10 +527,12 @@ class ReplayPredictor(OldGradientPredictor):
             "current": self.current,
             "seen": self._seen,
             "calls": self._calls,
-            "rng": list(self._rng.getstate()[1]),
+            "generator": self._generator.get_state(),
             # The old gradient in use until the next refresh (so a resumed run rewrites the
             # same gradients as the uninterrupted one, not a fresh one at resumed weights).
-            "cached": None if self._cached is None else self._cached.detach().cpu().clone(),
+            "cached": None
+            if self._cached is None
+            else {n: t.detach().cpu().clone() for n, t in self._cached.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -538,25 +540,10 @@ class ReplayPredictor(OldGradientPredictor):
         self.current = list(state["current"])
         self._seen = int(state["seen"])
         self._calls = int(state["calls"])
-        self._rng.setstate((3, tuple(state["rng"]), None))
-        self._cached = state.get("cached")
+        self._generator.set_state(state["generator"])
+        self._cached = None if state["cached"] is None else dict(state["cached"])
         self._trusted = None if self._cached is None else self._constrained(self._cached)
 
 
 def _detached(batch: Any) -> Any:
     return apply_to_collection(batch, Tensor, lambda t: t.detach().clone())
-
-
-PREDICTORS = {"paper": MetaNetPredictor, "anchored": AnchoredPredictor, "replay": ReplayPredictor}
-
-
-def build_predictor(spec: str | OldGradientPredictor) -> OldGradientPredictor:
-    """A predictor from its name (``"paper"``, ``"anchored"``, ``"replay"``) or an instance."""
-    if isinstance(spec, OldGradientPredictor):
-        return spec
-    if spec not in PREDICTORS:
-        raise ValueError(
-            f"`predictor` must be one of {sorted(PREDICTORS)} or an OldGradientPredictor, "
-            f"got {spec!r}"
-        )
-    return PREDICTORS[spec]()

@@ -34,6 +34,7 @@ from lightning_metagrad import (
     ChangePointDetector,
     MetaGradCallback,
     ReplayPredictor,
+    SubspacePredictor,
 )
 
 GLOBAL_BATCH = 16
@@ -43,6 +44,7 @@ SCENARIOS = {
     "accumulate": (2, 3, 2),
     "auto-loss": (2, 6, 1),
     "replay": (2, 6, 1),
+    "subspace": (3, 6, 1),
 }
 
 
@@ -55,6 +57,8 @@ def scenario_kwargs(name: str) -> dict[str, Any]:
     """
     if name == "replay":
         return {"predictor": ReplayPredictor(memory_batches=4, refresh_every=1, free_below=1.0)}
+    if name == "subspace":  # the default predictor; a basis per weight matrix from the gradients
+        return {"predictor": SubspacePredictor(every=1, threshold=0.9, input_threshold=None)}
     kwargs = small_callback_kwargs()
     if name != "auto-loss":
         return kwargs
@@ -64,7 +68,7 @@ def scenario_kwargs(name: str) -> dict[str, Any]:
 
 
 ATOL, RTOL = 1e-5, 1e-4  # DDP vs single process (float reduction order only)
-PROBE = torch.linspace(-1.0, 1.0, 101)
+PROBE = torch.linspace(-1.0, 1.0, sum(p.numel() for p in TinyClassifier().parameters()))
 
 
 class ShardedClassifier(TinyClassifier):
@@ -102,8 +106,17 @@ def run_scenario(name: str, devices: int) -> dict[str, Any]:
         "callback": cb.state_dict(),
         "model": model.state_dict(),
     }
+    if name == "subspace":
+        bases = result["callback"]["engine"]["predictor"]["basis"]
+        assert bases and all(m.shape[1] > 0 for m in bases.values())
+        # A basis is defined up to the signs of its vectors; the projector M M^T is not, so it
+        # is what a single process must match (the ranks must agree on M itself, bit for bit).
+        result["projectors"] = {n: m @ m.T for n, m in bases.items()}
+        return result
     if name == "replay":
-        predictor_state = result["callback"].pop("predictor")  # stored batches: this rank's shard
+        predictor_state = result["callback"]["engine"].pop(
+            "predictor"
+        )  # stored batches: this rank's shard
         # The old gradient the last step used, averaged over ranks (read from the state: a
         # fresh prediction would need a collective after the fit).
         result["prediction"] = predictor_state["cached"]
@@ -189,8 +202,8 @@ def test_ddp_matches_a_single_process_run_with_the_same_global_batch(
     assert single["num_old_tasks"] == ddp["num_old_tasks"]
     compared = 0
     for path, a, b in _pairs(ddp, single):
-        if path in ("/rank", "/world_size"):
-            continue
+        if path in ("/rank", "/world_size") or path.startswith("/callback/engine/predictor/basis"):
+            continue  # a basis vector's sign is arbitrary: the projectors are compared
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=path)
             compared += a.numel()

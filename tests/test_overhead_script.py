@@ -26,13 +26,21 @@ def test_overhead_script_quick_writes_json(tmp_path: Path) -> None:
     assert {"machine", "args", "trainer", "scaling"} <= result.keys()
     mlp = result["trainer"]["mlp"]
     assert mlp["params"] == 335_114
-    for name in ("plain", "metagrad-anchored/task1", "metagrad-anchored/task2", "si/task2"):
+    for name in (
+        "plain",
+        "metagrad/task1",
+        "metagrad/task2",
+        "metagrad-anchored/task2",
+        "si/task2",
+    ):
         entry = mlp["configs"][name]
         assert entry["median_ms"] > 0 and entry["mean_ms"] > 0 and entry["steps_timed"] > 0
         assert entry["ratio_median"] > 0
         assert {"state", "workspace", "total"} <= entry["memory_floats_per_param"].keys()
-    assert mlp["configs"]["metagrad-anchored/task2"]["memory_floats_per_param"]["state"] > 0
+    for name in ("metagrad/task2", "metagrad-anchored/task2"):  # the default holds its bases
+        assert mlp["configs"][name]["memory_floats_per_param"]["state"] > 0
     (row,) = result["scaling"]
     assert row["params"] == 10_000
-    assert {"sgd-step", "metagrad-anchored/task2", "metagrad-paper/task2"} <= row["methods"].keys()
+    methods = {"sgd-step", "metagrad-subspace/task2", "metagrad-anchored/task2"}
+    assert methods | {"metagrad-paper/task2"} <= row["methods"].keys()
     assert all(m["median_ms"] > 0 for m in row["methods"].values())

@@ -10,52 +10,67 @@ from torch.utils.data import DataLoader
 from lightning_metagrad import AnchoredPredictor, Diagnostics, MetaGradCallback, MetaNetPredictor
 
 
-def _bound(pred: AnchoredPredictor, n: int) -> AnchoredPredictor:
-    pred.bind(["w"], [n], torch.device("cpu"))
-    return pred
+def _observe(pred: AnchoredPredictor, theta: list[float], target: list[float]) -> None:
+    pred.observe(["w"], [torch.tensor(theta)], [torch.tensor(target)])
+
+
+def _predict(pred: AnchoredPredictor, theta: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    [prediction] = pred.predict(["w"], [torch.tensor(theta)])
+    assert prediction is not None and prediction[1] is not None
+    return prediction[0], prediction[1].bool()
 
 
 def test_anchored_running_mean_is_exact_eq_6() -> None:
-    pred = _bound(AnchoredPredictor(radius=1e-6), 2)
+    pred = AnchoredPredictor(radius=1e-6)
     # Task 1: importance F1 = mean(target^2) = [4, 1], end point theta*_1 = [1, 0].
     for target in ([2.0, 1.0], [-2.0, -1.0]):
-        pred.observe(torch.zeros(2), torch.tensor(target))
-    pred.end_task(torch.tensor([1.0, 0.0]))
+        _observe(pred, [0.0, 0.0], target)
+    pred.end_task(["w"], [torch.tensor([1.0, 0.0])])
     # Task 2: F2 = [0, 9], theta*_2 = [0, 2].
-    pred.observe(torch.zeros(2), torch.tensor([0.0, 3.0]))
-    pred.end_task(torch.tensor([0.0, 2.0]))
-    theta = torch.tensor([3.0, 5.0])
-    mean, trusted = pred.predict(theta)  # type: ignore[misc]
+    _observe(pred, [0.0, 0.0], [0.0, 3.0])
+    pred.end_task(["w"], [torch.tensor([0.0, 2.0])])
+    mean, trusted = _predict(pred, [3.0, 5.0])
     # Mean of F_i (theta - theta*_i): [(4*2 + 0)/2, (1*5 + 9*3)/2]
     assert torch.allclose(mean, torch.tensor([4.0, 16.0]))
-    assert trusted is not None and bool(trusted.all())
+    assert bool(trusted.all())
     assert pred.num_old_tasks == 2
 
 
 def test_anchored_trust_region_scales_with_importance() -> None:
-    pred = _bound(AnchoredPredictor(radius=0.1), 2)
-    pred.observe(torch.zeros(2), torch.tensor([10.0, 0.1]))  # F = [100, 0.01], mean 50.005
-    pred.end_task(torch.zeros(2))
+    pred = AnchoredPredictor(radius=0.1)
+    _observe(pred, [0.0, 0.0], [10.0, 0.1])  # F = [100, 0.01], mean 50.005
+    pred.end_task(["w"], [torch.zeros(2)])
     # Radius_j = 0.1 * sqrt(mean F / F_j): ~0.0707 for the important, ~7.07 for the other.
-    _, trusted = pred.predict(torch.tensor([0.08, 0.08]))  # type: ignore[misc]
-    assert trusted.tolist() == [True, False]  # type: ignore[union-attr]
-    _, trusted = pred.predict(torch.tensor([0.06, 8.0]))  # type: ignore[misc]
-    assert trusted.tolist() == [False, True]  # type: ignore[union-attr]
+    assert _predict(pred, [0.08, 0.08])[1].tolist() == [True, False]
+    assert _predict(pred, [0.06, 8.0])[1].tolist() == [False, True]
 
 
 def test_anchored_state_follows_parameters_by_name() -> None:
     pred = AnchoredPredictor(radius=1e-6)
-    pred.bind(["a", "b"], [1, 1], torch.device("cpu"))
-    pred.observe(torch.zeros(2), torch.tensor([1.0, 2.0]))
-    pred.end_task(torch.zeros(2))
-    # Next task: "a" frozen (gone), a new head "c" added before "b".
-    pred.bind(["c", "b"], [1, 1], torch.device("cpu"))
-    mean, _ = pred.predict(torch.tensor([1.0, 1.0]))  # type: ignore[misc]
-    assert mean.tolist() == [0.0, 4.0]  # new parameter: no prediction; "b": F=4 * (1 - 0)
+    pred.observe(["a", "b"], [torch.zeros(1)] * 2, [torch.tensor([1.0]), torch.tensor([2.0])])
+    pred.end_task(["a", "b"], [torch.zeros(1)] * 2)
+    # Next task: "a" frozen (absent), a new head "c" before "b": no prediction for "c".
+    out = pred.predict(["c", "b"], [torch.ones(1), torch.ones(1)])
+    assert out[0] is None and out[1] is not None and out[1][0].tolist() == [4.0]  # F=4 * (1-0)
     restored = AnchoredPredictor(radius=1e-6)
     restored.load_state_dict(pred.state_dict())
-    restored.bind(["a"], [1], torch.device("cpu"))
-    assert restored.predict(torch.tensor([2.0]))[0].tolist() == [2.0]  # type: ignore[index]
+    [prediction] = restored.predict(["a"], [torch.tensor([2.0])])
+    assert prediction is not None and prediction[0].tolist() == [2.0]
+
+
+def test_anchored_state_dict_does_not_change_the_predictor() -> None:
+    pred = AnchoredPredictor(radius=1e-3)
+    _observe(pred, [0.0, 0.0], [1.0, 2.0])
+    before = pred.state_dict()
+    again = pred.state_dict()
+    assert before.keys() == again.keys() and before["count"] == again["count"] == {"w": 1}
+    assert torch.equal(before["sq_sum"]["w"], again["sq_sum"]["w"])
+
+
+@pytest.mark.parametrize("radius", ["0.1", float("inf"), 0.0, -1.0, float("nan"), True])
+def test_anchored_radius_must_be_a_finite_positive_number(radius: object) -> None:
+    with pytest.raises(ValueError, match="`radius`"):
+        AnchoredPredictor(radius=radius)  # type: ignore[arg-type]
 
 
 def test_anchored_keeps_gradients_inside_the_trust_region_through_a_trainer() -> None:
@@ -130,9 +145,8 @@ def test_callback_logs_prediction_quality_and_drift() -> None:
 
 def test_average_rule_never_lets_a_non_finite_prediction_through() -> None:
     class Exploding(AnchoredPredictor):
-        def predict(self, theta):  # type: ignore[no-untyped-def]
-            out = super().predict(theta)
-            return None if out is None else (torch.full_like(theta, float("inf")), None)
+        def predict(self, names, thetas):  # type: ignore[no-untyped-def]
+            return [(torch.full_like(t, float("inf")), None) for t in thetas]
 
     lr = 0.1
     cb = MetaGradCallback(predictor=Exploding(), combine="average")
@@ -198,9 +212,10 @@ def test_replay_leaves_coordinates_without_an_old_gradient_free(free_below: floa
 def test_replay_frees_small_old_gradients_above_zero_when_asked() -> None:
     from lightning_metagrad import ReplayPredictor
 
-    old = torch.tensor([0.0, 0.1, -0.2, 3.0])  # mean |old| = 0.825
-    assert ReplayPredictor(free_below=0.0)._constrained(old).tolist() == [False, True, True, True]
-    assert ReplayPredictor(free_below=1.0)._constrained(old).tolist() == [False, False, False, True]
+    old = {"w": torch.tensor([0.0, 0.1, -0.2, 3.0])}  # mean |old| = 0.825
+    zero, one = ReplayPredictor(free_below=0.0), ReplayPredictor(free_below=1.0)
+    assert zero._constrained(old)["w"].tolist() == [False, True, True, True]  # type: ignore[index]
+    assert one._constrained(old)["w"].tolist() == [False, False, False, True]  # type: ignore[index]
     assert ReplayPredictor(free_below=None)._constrained(old) is None
     assert ReplayPredictor().free_below == 4.0  # the default: the middle of the measured plateau
     with pytest.raises(ValueError, match="free_below"):
@@ -208,9 +223,8 @@ def test_replay_frees_small_old_gradients_above_zero_when_asked() -> None:
 
 
 @pytest.mark.parametrize("name", ["anchored", "replay", "paper"])
-def test_chunked_rule_equals_the_reference_rule(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lightning_metagrad.callback as callback_module
-    from lightning_metagrad import ReplayPredictor
+def test_per_tensor_rule_equals_the_flat_reference_rule(name: str) -> None:
+    from lightning_metagrad import ReplayPredictor, sign_agreement
 
     predictor = {
         "anchored": AnchoredPredictor(radius=1e-3),
@@ -222,11 +236,17 @@ def test_chunked_rule_equals_the_reference_rule(name: str, monkeypatch: pytest.M
     for task in range(2):
         make_trainer([cb], max_steps=8).fit(model, loader(task))
     cb.predictor.attach(make_trainer([cb]), model)  # the replay memory reads the module
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    grad = torch.randn_like(theta)
-    monkeypatch.setattr(callback_module, "_CHUNK", 37)  # many uneven chunks
-    chunked = cb._combine(theta, grad.clone(), inplace=True)
-    reference = cb._combine(theta, grad.clone(), inplace=False)
-    assert chunked is not None and reference is not None
-    torch.testing.assert_close(chunked[0], reference[0])
-    assert 0 < int((chunked[0] == 0).sum()) < theta.numel()  # the rule did something
+    names = list(cb.engine.params)
+    thetas = [p.detach() for p in cb.engine.params.values()]
+    grads = [torch.randn_like(t) for t in thetas]
+    flat_grad = torch.cat([g.reshape(-1) for g in grads])
+    predictions = cb.predictor.predict(names, thetas)
+    predicted = torch.cat([p[0].reshape(-1) for p in predictions if p is not None])
+    expected, zeroed = sign_agreement(flat_grad, predicted)
+    if predictions[0] is not None and predictions[0][1] is not None:  # magnitude-aware
+        trusted = torch.cat([p[1].reshape(-1).bool() for p in predictions if p is not None])
+        expected = torch.where(zeroed & trusted, torch.zeros_like(flat_grad), flat_grad)
+    cb.engine.rewrite_(names, thetas, grads)
+    rewritten = torch.cat([g.reshape(-1) for g in grads])
+    torch.testing.assert_close(rewritten, expected)
+    assert 0 < int((rewritten == 0).sum()) < rewritten.numel()  # the rule did something

@@ -44,6 +44,7 @@ from lightning_metagrad import (
     MetaGradCallback,
     MetaNetPredictor,
     ReplayPredictor,
+    SubspacePredictor,
     sign_agreement,
 )
 
@@ -74,9 +75,11 @@ class RecordingPredictor(MetaNetPredictor):
         )
         self.targets: list[Tensor] = []
 
-    def observe(self, theta: Tensor, target: Tensor) -> dict[str, Tensor]:
-        self.targets.append(target.detach().clone())
-        return super().observe(theta, target)
+    def observe(
+        self, names: list[str], thetas: list[Tensor], targets: list[Tensor]
+    ) -> dict[str, Tensor]:
+        self.targets.append(flat(targets))
+        return super().observe(names, thetas, targets)
 
 
 class GradSpy(Callback):
@@ -98,7 +101,7 @@ class GradSpy(Callback):
             self.steps[-1]["after"] = flat(self.steps[-1]["params"])
 
 
-PROBE = torch.linspace(-1.0, 1.0, 101)
+PROBE = torch.linspace(-1.0, 1.0, sum(p.numel() for p in TinyClassifier().parameters()))
 
 
 class MetaNetworkSnapshots(Callback):
@@ -338,6 +341,8 @@ def _seeded_start(
         kwargs["predictor"] = ReplayPredictor(memory_batches=4, refresh_every=4, free_below=1.0)
     elif predictor == "anchored":
         kwargs["predictor"] = AnchoredPredictor(radius=1e-3)
+    elif predictor == "subspace":  # every=2: the checkpoint at step 3 is between sketch updates
+        kwargs["predictor"] = SubspacePredictor(every=2, sample_rows=4)
     return TinyClassifier(optimizer), MetaGradCallback(**kwargs)
 
 
@@ -358,7 +363,14 @@ N2, STEPS2, EVERY = 48, 9, 3
 
 @pytest.mark.parametrize(
     ("optimizer", "predictor"),  # gradient / update-vector target; each predictor
-    [("sgd", "paper"), ("adam", "paper"), ("sgd", "anchored"), ("sgd", "replay")],
+    [
+        ("sgd", "paper"),
+        ("adam", "paper"),
+        ("sgd", "anchored"),
+        ("sgd", "replay"),
+        ("sgd", "subspace"),
+        ("adam", "subspace"),
+    ],
 )
 def test_resume_mid_task_from_checkpoint_matches_uninterrupted_run(
     tmp_path: Path, deterministic: None, optimizer: str, predictor: str
@@ -379,19 +391,20 @@ def test_resume_mid_task_from_checkpoint_matches_uninterrupted_run(
     assert_same_state(new_cb.state_dict(), ref_cb.state_dict())
 
 
+@pytest.mark.parametrize("predictor", ["paper", "subspace"])
 def test_resume_between_tasks_from_a_checkpoint_saved_after_fit(
-    tmp_path: Path, deterministic: None
+    tmp_path: Path, deterministic: None, predictor: str
 ) -> None:
     """The documented way: ``trainer.save_checkpoint`` after a task's fit; in the new process
     load the weights and the callback state, then fit the next task on a new Trainer."""
-    ref_model, ref_cb = _uninterrupted_two_tasks()
+    ref_model, ref_cb = _uninterrupted_two_tasks(predictor=predictor)
 
-    model, cb = _seeded_start()
+    model, cb = _seeded_start(predictor=predictor)
     trainer = make_trainer([cb], max_steps=8)
     trainer.fit(model, loader(0))
     trainer.save_checkpoint(tmp_path / "after-task-1.ckpt")
 
-    new_model, new_cb = _seeded_start(seed=123)
+    new_model, new_cb = _seeded_start(seed=123, predictor=predictor)
     ckpt = torch.load(tmp_path / "after-task-1.ckpt", weights_only=True)
     new_model.load_state_dict(ckpt["state_dict"])
     new_cb.load_state_dict(ckpt["callbacks"][new_cb.state_key])
@@ -588,21 +601,33 @@ def test_base_finetuning_freeze_is_respected() -> None:
         assert_eq5_applied(cb, step)
 
 
-def test_params_unfrozen_for_a_later_task_get_rewritten_gradients() -> None:
-    cb, model = MetaGradCallback(**small_callback_kwargs()), TinyClassifier(lr=LR)
+def assert_free_and_eq5(cb: MetaGradCallback, step: dict[str, Any], free: slice) -> None:
+    """Plain SGD applied the received gradient unchanged on ``free`` coordinates (a parameter
+    the old tasks never trained) and, for the paper's predictor, eq. 5 everywhere else."""
+    applied = (step["theta"] - step["after"]) / LR
+    torch.testing.assert_close(applied[free], step["grad"][free], rtol=0, atol=1e-5)
+    if isinstance(cb.predictor, MetaNetPredictor):  # eq. 5 literally (no trust mask)
+        expected, _ = sign_agreement(step["grad"], cb.predict_old_gradient(step["theta"]))
+        expected[free] = step["grad"][free]
+        torch.testing.assert_close(step["after"], step["theta"] - LR * expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("predictor", ["paper", "anchored", "replay"])
+def test_params_unfrozen_for_a_later_task_are_free(predictor: str) -> None:
+    kwargs = small_callback_kwargs() if predictor == "paper" else {"predictor": predictor}
+    cb, model = MetaGradCallback(**kwargs), TinyClassifier(lr=LR)
     model.net[0].requires_grad_(False)
     make_trainer([cb], max_steps=4).fit(model, loader(0))
     model.net[0].requires_grad_(True)
     spy = GradSpy()
     make_trainer([spy, cb], max_steps=4).fit(model, loader(1))
     n_first = sum(p.numel() for p in model.net[0].parameters())
-    zeroed_in_first_layer = False
+    zeroed_elsewhere = False
     for step in spy.steps:
         assert step["grad"].numel() == sum(p.numel() for p in model.parameters())
-        assert_eq5_applied(cb, step)
-        _, zeroed = sign_agreement(step["grad"], cb.predict_old_gradient(step["theta"]))
-        zeroed_in_first_layer |= bool(zeroed[:n_first].any())
-    assert zeroed_in_first_layer
+        assert_free_and_eq5(cb, step, slice(0, n_first))
+        zeroed_elsewhere |= bool((step["after"] == step["theta"])[n_first:].any())
+    assert zeroed_elsewhere or predictor == "replay"  # the rule acted on the old parameters
 
 
 class MultiHead(TinyClassifier):
@@ -620,21 +645,32 @@ class MultiHead(TinyClassifier):
         return self.heads[-1](out) if len(self.heads) else out
 
 
-def test_new_head_added_for_a_later_task_gets_predictions() -> None:
-    cb, model = MetaGradCallback(**small_callback_kwargs()), MultiHead()
+@pytest.mark.parametrize("predictor", ["paper", "anchored", "replay"])
+def test_new_head_added_for_a_later_task_is_free(predictor: str) -> None:
+    kwargs = small_callback_kwargs() if predictor == "paper" else {"predictor": predictor}
+    cb, model = MetaGradCallback(**kwargs), MultiHead()
     make_trainer([cb], max_steps=4).fit(model, loader(0))
     model.add_head()
     spy = GradSpy()
     make_trainer([spy, cb], max_steps=4).fit(model, loader(1))
     n_head = sum(p.numel() for p in model.heads[0].parameters())
-    zeroed_in_head = False
     for step in spy.steps:
         # The new head is the last trainable module: its coordinates end the flat vector.
         assert step["grad"].numel() == sum(p.numel() for p in model.parameters())
-        assert_eq5_applied(cb, step)
-        _, zeroed = sign_agreement(step["grad"], cb.predict_old_gradient(step["theta"]))
-        zeroed_in_head |= bool(zeroed[-n_head:].any())
-    assert zeroed_in_head
+        assert_free_and_eq5(cb, step, slice(-n_head, None))
+
+
+def test_new_head_is_free_and_the_body_projected_with_the_subspace_default() -> None:
+    cb, model = MetaGradCallback(predictor=SubspacePredictor(every=1)), MultiHead()
+    make_trainer([cb], max_steps=6).fit(model, loader(0))
+    model.add_head()
+    spy = GradSpy()
+    make_trainer([spy, cb], max_steps=4).fit(model, loader(1))
+    n_head = sum(p.numel() for p in model.heads[0].parameters())
+    for step in spy.steps:
+        applied = (step["theta"] - step["after"]) / LR
+        torch.testing.assert_close(applied[-n_head:], step["grad"][-n_head:], rtol=0, atol=1e-6)
+        assert float((applied[:-n_head] - step["grad"][:-n_head]).abs().max()) > 1e-4
 
 
 # --------------------------------------------------------------------------- torch.compile

@@ -1,0 +1,341 @@
+r"""The default predictor: each weight matrix's old-task gradient subspace, learned from the
+gradients the callback already sees (the paper's section 2.2 suggestion to "process a small set
+of related parameters simultaneously").
+
+For every weight matrix ``W`` (out x fan-in; a conv kernel as out x in·kh·kw; its bias, when
+the module has one, as an extra column) the predictor accumulates, during a task, the
+second moment of the task's gradients on the input side, ``C = sum_t G_t^T G_t`` with
+``G = [dW, db]``, every ``every``-th optimizer step. No extra forward or backward pass, no
+stored data. With optimizers other than plain SGD, ``G`` is the optimizer's update vector.
+
+At a task boundary ``C`` is folded into an orthonormal basis ``M`` of the old tasks'
+gradient subspace by the energy rule of Gradient Projection Memory (Saha et al., 2021),
+applied to gradient second moments: just enough new directions from the part of ``C`` outside
+``M`` are added that ``M`` explains a fraction ``threshold`` of the finished task's gradient
+energy. From the second task on, every step's gradient loses its component in that subspace,
+``G <- G - (G M) M^T``: eq. 5's hard limit (a direction the old tasks' gradients use is never
+moved against them) applied in the learned basis instead of coordinate by coordinate.
+
+Memory between tasks: ``M`` per weight matrix, at most fan-in x fan-in, constant in the number
+of tasks; during a task also ``C`` (fan-in x fan-in). One-dimensional parameters that are not a
+bias of a matrix (norm layers' scales and shifts, a lone scalar) are left free: they are few,
+and a 1-D "subspace" of a norm scale would freeze it outright.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_metagrad.predictors import OldGradientPredictor, Prediction
+
+
+@dataclass(frozen=True)
+class _Group:
+    """A weight matrix and the bias that shares its rows (an extra column)."""
+
+    weight: str
+    bias: str | None
+    rows: int
+    cols: int  # fan-in of the weight, plus one with a bias
+
+
+def _matrix_groups(params: Mapping[str, Tensor]) -> list[_Group]:
+    groups = []
+    for name, p in params.items():
+        if p.ndim < 2:
+            continue
+        bias = name[: -len("weight")] + "bias" if name.endswith("weight") else None
+        b = params.get(bias) if bias is not None else None
+        if b is None or b.ndim != 1 or b.shape[0] != p.shape[0]:
+            bias = None
+        fan_in = p[0].numel()
+        groups.append(_Group(name, bias, p.shape[0], fan_in + (bias is not None)))
+    return groups
+
+
+def _check_fraction(name: str, value: Any) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not 0 < value <= 1:
+        raise ValueError(f"`{name}` must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+class SubspacePredictor(OldGradientPredictor):
+    r"""Per weight matrix, the old tasks' gradient subspace; later gradients are projected out
+    of it (module docstring).
+
+    Args:
+        threshold: energy fraction of each finished task's gradients the basis must explain
+            (GPM's rule); higher protects more and leaves less room for new tasks.
+        input_threshold: the threshold of the first weight matrix (the layer reading the raw
+            input, whose gradients spread over many input directions); None: ``threshold``.
+        layer_thresholds: per-parameter overrides, ``{"net.4.weight": 0.9}`` (weight names).
+        every: accumulate the second moment every ``every``-th optimizer step (its cost,
+            O(out·fan-in²), is amortised over the steps between).
+        sample_rows: None for the exact ``G^T G``; an int m for an unbiased estimate from m
+            random rows of ``G`` (m·fan-in² instead of out·fan-in²).
+        full_rank_warning: warn once for a layer whose basis holds this fraction of its
+            fan-in: nothing much is left to learn with there.
+        seed: seeds the row sampling (identical on every rank under DDP).
+
+    Example:
+        >>> pred = SubspacePredictor(every=1)
+        >>> w = torch.zeros(3, 4)
+        >>> g = torch.tensor([[1.0, 0, 0, 0], [2.0, 0, 0, 0], [0, 0, 0, 0]])  # one direction
+        >>> pred.bind({"w": w})
+        >>> _ = pred.observe(["w"], [w], [g])
+        >>> pred.end_task(["w"], [w])
+        >>> pred.subspace_dims()
+        {'w': 1}
+        >>> new = torch.tensor([[1.0, 1.0, 0, 0]] * 3)
+        >>> _ = pred.rewrite_(["w"], [w], [new])
+        >>> new[0]  # the component along the old direction is gone
+        tensor([0., 1., 0., 0.])
+    """
+
+    rule: ClassVar[Literal["elementwise", "projection"]] = "projection"
+
+    def __init__(
+        self,
+        threshold: float = 0.99,
+        input_threshold: float | None = 0.95,
+        layer_thresholds: Mapping[str, float] | None = None,
+        every: int = 4,
+        sample_rows: int | None = None,
+        full_rank_warning: float = 0.9,
+        seed: int = 0,
+    ) -> None:
+        self.threshold = _check_fraction("threshold", threshold)
+        self.input_threshold = (
+            None if input_threshold is None else _check_fraction("input_threshold", input_threshold)
+        )
+        if layer_thresholds is not None and not isinstance(layer_thresholds, Mapping):
+            raise ValueError(
+                "`layer_thresholds` must map weight names to fractions, got "
+                f"{type(layer_thresholds).__name__}"
+            )
+        self.layer_thresholds = {
+            str(k): _check_fraction(f"layer_thresholds[{k!r}]", v)
+            for k, v in (layer_thresholds or {}).items()
+        }
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"`every` must be an int >= 1, got {every!r}")
+        if sample_rows is not None and (
+            isinstance(sample_rows, bool) or not isinstance(sample_rows, int) or sample_rows < 1
+        ):
+            raise ValueError(f"`sample_rows` must be None or an int >= 1, got {sample_rows!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"`seed` must be an int, got {seed!r}")
+        self.every = every
+        self.sample_rows = sample_rows
+        self.full_rank_warning = _check_fraction("full_rank_warning", full_rank_warning)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._old_tasks = 0
+        self._groups: dict[str, _Group] = {}
+        self._first: str | None = None
+        # By weight name: the orthonormal basis (cols x k), the task's second moment (cols x
+        # cols) and how many gradients it holds.
+        self._basis: dict[str, Tensor] = {}
+        self._cov: dict[str, Tensor] = {}
+        self._count: dict[str, int] = {}
+        self._shapes: dict[str, tuple[int, int]] = {}  # (rows, cols) each basis was built for
+        self._steps = 0
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ binding
+
+    def bind(self, params: Mapping[str, Tensor]) -> None:
+        groups = _matrix_groups(params)
+        self._groups = {g.weight: g for g in groups}
+        self._first = groups[0].weight if groups else None
+        for name in list(self._basis):
+            group = self._groups.get(name)
+            if group is not None and self._shapes.get(name) != (group.rows, group.cols):
+                # The matrix changed shape (e.g. a head grew): a parameter the old tasks never
+                # saw in this form, so it is free.
+                del self._basis[name]
+                self._cov.pop(name, None)
+                self._count.pop(name, None)
+        device = next(iter(params.values())).device if params else torch.device("cpu")
+        for store in (self._basis, self._cov):
+            for name, value in store.items():
+                store[name] = value.to(device)
+
+    def threshold_of(self, weight: str) -> float:
+        """The energy threshold used for a weight matrix."""
+        if weight in self.layer_thresholds:
+            return self.layer_thresholds[weight]
+        if weight == self._first and self.input_threshold is not None:
+            return self.input_threshold
+        return self.threshold
+
+    def subspace_dims(self) -> dict[str, int]:
+        """Directions protected per weight matrix."""
+        return {name: int(m.shape[1]) for name, m in self._basis.items()}
+
+    def state_floats(self) -> int:
+        """Floats held between tasks (the bases)."""
+        return sum(m.numel() for m in self._basis.values())
+
+    # ------------------------------------------------------------------ learning
+
+    def _matrices(
+        self, names: Sequence[str], tensors: Sequence[Tensor]
+    ) -> list[tuple[_Group, Tensor, Tensor | None]]:
+        """Per group present on this step: (group, weight as rows x fan-in, bias or None)."""
+        by_name = dict(zip(names, tensors))
+        out = []
+        for group in self._groups.values():
+            w = by_name.get(group.weight)
+            if w is None:
+                continue
+            b = by_name.get(group.bias) if group.bias is not None else None
+            out.append((group, w.reshape(group.rows, -1), b))
+        return out
+
+    def observe(
+        self, names: Sequence[str], thetas: Sequence[Tensor], targets: Sequence[Tensor]
+    ) -> dict[str, Tensor]:
+        step = self._steps
+        self._steps += 1
+        if step % self.every != 0:
+            return {}
+        for group, w, b in self._matrices(names, targets):
+            g = w.float()
+            if group.bias is not None:  # a bias without a gradient this step counts as zero
+                column = b.float()[:, None] if b is not None else g.new_zeros(group.rows, 1)
+                g = torch.cat([g, column], dim=1)
+            if self.sample_rows is not None and self.sample_rows < group.rows:
+                rows = torch.randint(group.rows, (self.sample_rows,), generator=self.generator)
+                g = g[rows.to(g.device)]
+            cov = self._cov.get(group.weight)
+            if cov is None:
+                cov = self._cov[group.weight] = g.new_zeros(group.cols, group.cols)
+            cov.addmm_(g.T, g)
+            self._count[group.weight] = self._count.get(group.weight, 0) + 1
+        return {}
+
+    @torch.no_grad()
+    def end_task(self, names: Sequence[str], thetas: Sequence[Tensor]) -> None:
+        if not self._count:
+            raise RuntimeError(
+                "the task ended before any gradient was observed (it needs at least one step "
+                f"with a weight-matrix gradient; observed every {self.every} steps)"
+            )
+        for name, cov in self._cov.items():
+            if not self._count.get(name):
+                continue
+            group = self._groups.get(name)
+            rows = group.rows if group is not None else self._shapes.get(name, (0, 0))[0]
+            basis = self._basis.get(name)
+            self._basis[name] = _grow_basis(cov.double(), basis, self.threshold_of(name)).to(
+                cov.dtype
+            )
+            self._shapes[name] = (rows, cov.shape[0])
+        self._cov, self._count = {}, {}
+        self._old_tasks += 1
+        self._warn_full_rank()
+
+    def _warn_full_rank(self) -> None:
+        for name, m in self._basis.items():
+            cols, k = m.shape
+            if k >= self.full_rank_warning * cols and name not in self._warned:
+                self._warned.add(name)
+                rank_zero_warn(
+                    f"MetaGrad: the protected subspace of {name!r} holds {k} of its {cols} input "
+                    "directions, so new tasks have little left to learn with there. Lower its "
+                    f"energy threshold, e.g. SubspacePredictor(layer_thresholds={{{name!r}: "
+                    "0.9}), or widen the layer."
+                )
+
+    # ------------------------------------------------------------------ the rule
+
+    def predict(self, names: Sequence[str], thetas: Sequence[Tensor]) -> list[Prediction]:
+        raise TypeError("SubspacePredictor rewrites by projection (rule='projection')")
+
+    @torch.no_grad()
+    def rewrite_(
+        self, names: Sequence[str], thetas: Sequence[Tensor], targets: Sequence[Tensor]
+    ) -> dict[str, Tensor]:
+        removed: list[Tensor] = []
+        total: list[Tensor] = []
+        for group, w, b in self._matrices(names, targets):
+            m = self._basis.get(group.weight)
+            if m is None or m.shape[1] == 0:
+                total.append(w.float().pow(2).sum() + (0 if b is None else b.float().pow(2).sum()))
+                continue
+            mw = m[: w.shape[1]]
+            wf = w.float()
+            gm = wf @ mw  # rows x k: the gradient's coordinates in the protected basis
+            if group.bias is not None and b is not None:
+                mb = m[w.shape[1]]
+                gm.addr_(b.float(), mb)
+                total.append(wf.pow(2).sum() + b.float().pow(2).sum())
+                b.sub_((gm @ mb).to(b.dtype))
+            else:
+                total.append(wf.pow(2).sum())
+            removed.append(gm.pow(2).sum())  # |G M M^T|^2 = |G M|^2 (M orthonormal)
+            if w.dtype == torch.float32:
+                w.sub_(gm @ mw.T)  # G <- G - (G M) M^T, in place in .grad
+            else:
+                w.copy_(wf - gm @ mw.T)
+        if not removed:
+            return {}
+        fraction = torch.stack(removed).sum() / torch.stack(total).sum().clamp_min(1e-30)
+        return {"metagrad/removed_energy": fraction}
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        return {
+            "num_old_tasks": self._old_tasks,
+            "basis": {k: v.detach().clone() for k, v in self._basis.items()},
+            "cov": {k: v.detach().clone() for k, v in self._cov.items()},
+            "count": dict(self._count),
+            "shapes": {k: list(v) for k, v in self._shapes.items()},
+            "steps": self._steps,
+            "generator": self.generator.get_state(),
+            "warned": sorted(self._warned),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._old_tasks = int(state["num_old_tasks"])
+        self._basis = {k: v.clone() for k, v in state["basis"].items()}
+        self._cov = {k: v.clone() for k, v in state["cov"].items()}
+        self._count = {k: int(v) for k, v in state["count"].items()}
+        self._shapes = {k: (int(v[0]), int(v[1])) for k, v in state["shapes"].items()}
+        self._steps = int(state["steps"])
+        self.generator.set_state(state["generator"])
+        self._warned = set(state["warned"])
+
+
+def _grow_basis(cov: Tensor, basis: Tensor | None, threshold: float) -> Tensor:
+    """GPM's energy rule on a second moment: ``basis`` plus just enough of the leading
+    directions of ``cov`` outside it to explain ``threshold`` of ``cov``'s energy (trace)."""
+    total = torch.trace(cov)
+    if basis is None:
+        basis = cov.new_zeros(cov.shape[0], 0)
+    basis = basis.to(cov.dtype)
+    if not bool(total > 0) or basis.shape[1] >= cov.shape[0]:
+        return basis
+    explained = torch.trace(basis.T @ cov @ basis)
+    if bool(explained >= threshold * total):
+        return basis
+    # The part of cov outside the basis: P cov P with P = I - M M^T.
+    outside = cov - basis @ (basis.T @ cov)
+    outside = outside - (outside @ basis) @ basis.T
+    values, vectors = torch.linalg.eigh((outside + outside.T) / 2)
+    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+    reached = (explained + values.cumsum(0)) >= threshold * total
+    k = int(reached.to(torch.int64).argmax()) + 1 if bool(reached.any()) else values.numel()
+    k = min(k, cov.shape[0] - basis.shape[1])
+    new = vectors[:, :k]
+    new = new - basis @ (basis.T @ new)  # re-orthogonalise against the basis (round-off)
+    new, _ = torch.linalg.qr(new)
+    return torch.cat([basis, new], dim=1)
