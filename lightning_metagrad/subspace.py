@@ -83,6 +83,12 @@ class SubspacePredictor(OldGradientPredictor):
         full_rank_warning: warn once for a layer whose basis holds this fraction of its
             fan-in: nothing much is left to learn with there.
         seed: seeds the row sampling (identical on every rank under DDP).
+        in_basis: ``"project"`` removes the whole component in the protected subspace;
+            ``"sign"`` applies eq. 5 in the basis instead, with a Taylor model of the mean
+            old-task gradient there (each task's ``(W - W*_i) C_i / rows`` around its end
+            point ``W*_i``): a basis coordinate of the current gradient is kept where it
+            agrees in sign with the old tasks' (moving along it helps them too), removed
+            elsewhere. It stores two more matrices per layer (fan-in x k and rows x k).
 
     Example:
         >>> pred = SubspacePredictor(every=1)
@@ -110,7 +116,11 @@ class SubspacePredictor(OldGradientPredictor):
         sample_rows: int | None = None,
         full_rank_warning: float = 0.9,
         seed: int = 0,
+        in_basis: Literal["project", "sign"] = "project",
     ) -> None:
+        if in_basis not in ("project", "sign"):
+            raise ValueError(f"`in_basis` must be 'project' or 'sign', got {in_basis!r}")
+        self.in_basis = in_basis
         self.threshold = _check_fraction("threshold", threshold)
         self.input_threshold = (
             None if input_threshold is None else _check_fraction("input_threshold", input_threshold)
@@ -147,6 +157,9 @@ class SubspacePredictor(OldGradientPredictor):
         self._shapes: dict[str, tuple[int, int]] = {}  # (rows, cols) each basis was built for
         self._steps = 0
         self._warned: set[str] = set()
+        # in_basis="sign": the old tasks' Taylor model in the basis, grad ~ theta K - D.
+        self._k: dict[str, Tensor] = {}
+        self._d: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ binding
 
@@ -160,10 +173,11 @@ class SubspacePredictor(OldGradientPredictor):
                 # The matrix changed shape (e.g. a head grew): a parameter the old tasks never
                 # saw in this form, so it is free.
                 del self._basis[name]
-                self._cov.pop(name, None)
+                for store in (self._cov, self._k, self._d):
+                    store.pop(name, None)
                 self._count.pop(name, None)
         device = next(iter(params.values())).device if params else torch.device("cpu")
-        for store in (self._basis, self._cov):
+        for store in (self._basis, self._cov, self._k, self._d):
             for name, value in store.items():
                 store[name] = value.to(device)
 
@@ -206,11 +220,7 @@ class SubspacePredictor(OldGradientPredictor):
         self._steps += 1
         if step % self.every != 0:
             return {}
-        for group, w, b in self._matrices(names, targets):
-            g = w.float()
-            if group.bias is not None:  # a bias without a gradient this step counts as zero
-                column = b.float()[:, None] if b is not None else g.new_zeros(group.rows, 1)
-                g = torch.cat([g, column], dim=1)
+        for group, g in self._matrix_views(names, targets):  # a missing bias grad counts as 0
             if self.sample_rows is not None and self.sample_rows < group.rows:
                 rows = torch.randint(group.rows, (self.sample_rows,), generator=self.generator)
                 g = g[rows.to(g.device)]
@@ -228,19 +238,49 @@ class SubspacePredictor(OldGradientPredictor):
                 "the task ended before any gradient was observed (it needs at least one step "
                 f"with a weight-matrix gradient; observed every {self.every} steps)"
             )
+        ends = {g.weight: theta for g, theta in self._matrix_views(names, thetas)}
         for name, cov in self._cov.items():
             if not self._count.get(name):
                 continue
             group = self._groups.get(name)
             rows = group.rows if group is not None else self._shapes.get(name, (0, 0))[0]
             basis = self._basis.get(name)
-            self._basis[name] = _grow_basis(cov.double(), basis, self.threshold_of(name)).to(
-                cov.dtype
-            )
+            grown = _grow_basis(cov.double(), basis, self.threshold_of(name)).to(cov.dtype)
+            self._basis[name] = grown
             self._shapes[name] = (rows, cov.shape[0])
+            if self.in_basis == "sign" and name in ends:
+                self._fold_taylor(name, cov / (self._count[name] * max(rows, 1)), ends[name])
         self._cov, self._count = {}, {}
         self._old_tasks += 1
         self._warn_full_rank()
+
+    def _fold_taylor(self, name: str, curvature: Tensor, end: Tensor) -> None:
+        """Eq. 6 for the Taylor model in the basis: running means of ``C_i M`` and
+        ``W*_i C_i M`` (old tasks count as 0 along directions added after them)."""
+        m = self._basis[name]
+        t = float(self._old_tasks)
+        cm = curvature @ m
+        k, d = self._k.get(name), self._d.get(name)
+        pad = m.shape[1] - (0 if k is None else k.shape[1])
+        k = cm.new_zeros(cm.shape[0], 0) if k is None else k
+        d = cm.new_zeros(end.shape[0], 0) if d is None else d
+        k = torch.nn.functional.pad(k, (0, pad))
+        d = torch.nn.functional.pad(d, (0, pad))
+        self._k[name] = (t * k + cm) / (t + 1)
+        self._d[name] = (t * d + end.float() @ cm) / (t + 1)
+
+    def _matrix_views(
+        self, names: Sequence[str], tensors: Sequence[Tensor]
+    ) -> list[tuple[_Group, Tensor]]:
+        """Per group present: the matrix [W, b] (rows x cols), as a float copy."""
+        out = []
+        for group, w, b in self._matrices(names, tensors):
+            if group.bias is not None:
+                column = b.float()[:, None] if b is not None else w.new_zeros(group.rows, 1)
+                out.append((group, torch.cat([w.float(), column.float()], dim=1)))
+            else:
+                out.append((group, w.float()))
+        return out
 
     def _warn_full_rank(self) -> None:
         for name, m in self._basis.items():
@@ -265,6 +305,11 @@ class SubspacePredictor(OldGradientPredictor):
     ) -> dict[str, Tensor]:
         removed: list[Tensor] = []
         total: list[Tensor] = []
+        anchors = (
+            {g.weight: theta for g, theta in self._matrix_views(names, thetas)}
+            if self.in_basis == "sign"
+            else {}
+        )
         for group, w, b in self._matrices(names, targets):
             m = self._basis.get(group.weight)
             if m is None or m.shape[1] == 0:
@@ -274,8 +319,14 @@ class SubspacePredictor(OldGradientPredictor):
             wf = w.float()
             gm = wf @ mw  # rows x k: the gradient's coordinates in the protected basis
             if group.bias is not None and b is not None:
+                gm.addr_(b.float(), m[w.shape[1]])
+            if self.in_basis == "sign" and group.weight in self._k:
+                # Eq. 5 in the basis: remove a coordinate only where it disagrees in sign
+                # with the modelled mean old-task gradient there.
+                old = anchors[group.weight] @ self._k[group.weight] - self._d[group.weight]
+                gm.mul_(torch.mul(gm, old).le_(0).to(gm.dtype))
+            if group.bias is not None and b is not None:
                 mb = m[w.shape[1]]
-                gm.addr_(b.float(), mb)
                 total.append(wf.pow(2).sum() + b.float().pow(2).sum())
                 b.sub_((gm @ mb).to(b.dtype))
             else:
@@ -302,6 +353,8 @@ class SubspacePredictor(OldGradientPredictor):
             "steps": self._steps,
             "generator": self.generator.get_state(),
             "warned": sorted(self._warned),
+            "taylor_k": {k: v.detach().clone() for k, v in self._k.items()},
+            "taylor_d": {k: v.detach().clone() for k, v in self._d.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -313,6 +366,8 @@ class SubspacePredictor(OldGradientPredictor):
         self._steps = int(state["steps"])
         self.generator.set_state(state["generator"])
         self._warned = set(state["warned"])
+        self._k = {k: v.clone() for k, v in state["taylor_k"].items()}
+        self._d = {k: v.clone() for k, v in state["taylor_d"].items()}
 
 
 def _grow_basis(cov: Tensor, basis: Tensor | None, threshold: float) -> Tensor:

@@ -85,6 +85,26 @@ def test_projection_removes_the_component_in_the_protected_subspace_only() -> No
     assert float(logged["metagrad/removed_energy"]) == pytest.approx(6 / 15, abs=1e-4)
 
 
+def test_sign_in_basis_keeps_components_that_also_help_the_old_task() -> None:
+    pred = SubspacePredictor(threshold=0.99, input_threshold=None, every=1, in_basis="sign")
+    end = torch.zeros(1, 2)
+    pred.bind({"w": end})
+    for _ in range(10):  # task 1: gradients along input 0 only, ending at W* = 0
+        pred.observe(["w"], [end], [torch.tensor([[1.0, 0.0]])])
+    pred.end_task(["w"], [end])
+    assert pred.subspace_dims() == {"w": 1}
+    # At W = [0.5, 0]: the old task's modelled gradient along e0 is positive (pull back to 0).
+    theta = torch.tensor([[0.5, 0.0]])
+    agree, disagree = torch.tensor([[2.0, 1.0]]), torch.tensor([[-2.0, 1.0]])
+    pred.rewrite_(["w"], [theta], [agree])
+    pred.rewrite_(["w"], [theta], [disagree])
+    assert agree.tolist() == [[2.0, 1.0]]  # the step -g moves back towards W*: kept
+    assert disagree.tolist() == [[0.0, 1.0]]  # it would move away: removed, as "project" does
+    restored = SubspacePredictor(in_basis="sign")
+    restored.load_state_dict(pred.state_dict())
+    assert torch.equal(restored.state_dict()["taylor_k"]["w"], pred.state_dict()["taylor_k"]["w"])
+
+
 def test_sampled_rows_estimate_the_same_subspace() -> None:
     eye = torch.eye(16)
     exact = SubspacePredictor(threshold=0.95, input_threshold=None, every=1)
@@ -127,6 +147,7 @@ def test_layer_thresholds_override_the_default_per_weight() -> None:
         ({"layer_thresholds": {"w": 2.0}}, "layer_thresholds"),
         ({"layer_thresholds": [0.9]}, "layer_thresholds"),
         ({"seed": 1.5}, "seed"),
+        ({"in_basis": "average"}, "in_basis"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs: dict[str, Any], name: str) -> None:
