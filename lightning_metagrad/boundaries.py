@@ -62,6 +62,11 @@ class TaskBoundarySource:
     def on_task_start(self) -> None:
         """Called whenever a new task starts, whatever started it."""
 
+    def returning_to(self) -> int | None:
+        """After :meth:`on_train_batch` declared a boundary: the index of the earlier task the
+        stream returns to, or None for a task never seen (the default)."""
+        return None
+
     def state_dict(self) -> dict:
         return {}
 
@@ -106,16 +111,23 @@ class NewFitBoundaries(TaskBoundarySource):
 
 
 class BatchTaskIdBoundaries(TaskBoundarySource):
-    """A new task starts whenever the task id read from the batch changes.
+    """A task boundary whenever the task id read from the batch changes.
 
     The id is read by :meth:`read_task_id`: ``fn(batch)`` when ``fn`` is given, else
-    ``batch[key]`` for dict batches (a tensor of per-sample ids uses its most common value).
-    Override :meth:`read_task_id` for other layouts.
+    ``batch[key]`` for dict batches (a tensor of per-sample ids must hold one id: a batch that
+    mixes tasks is refused, since one optimizer step cannot belong to two tasks). Override
+    :meth:`read_task_id` for other layouts, e.g. to map a mixed batch to its majority task.
+
+    Ids are remembered: a change to an id seen before returns to that task
+    (:meth:`returning_to` gives its index) instead of starting a new one, so two epochs over
+    three tasks are three tasks, not six.
 
     Example:
         >>> src = BatchTaskIdBoundaries(key="task_id")
         >>> [src.on_train_batch({"task_id": t}, i) for i, t in enumerate([0, 0, 1, 1, 2])]
         [False, False, True, False, True]
+        >>> src.on_train_batch({"task_id": 0}, 5), src.returning_to()
+        (True, 0)
     """
 
     name = "batch"
@@ -128,6 +140,8 @@ class BatchTaskIdBoundaries(TaskBoundarySource):
         self.key = key
         self.fn = fn
         self.current_id: Hashable | None = None
+        self.seen_ids: list[Hashable] = []  # in order of first appearance: the task indices
+        self._returning = False  # the latest batch's id was seen before
 
     def read_task_id(self, batch: Any) -> Hashable:
         if self.fn is not None:
@@ -143,23 +157,43 @@ class BatchTaskIdBoundaries(TaskBoundarySource):
                 "`task_boundaries='fit'`."
             )
         if isinstance(value, torch.Tensor):
-            value = int(value.reshape(-1).mode().values) if value.numel() > 1 else int(value)
+            ids = value.reshape(-1).unique()
+            if ids.numel() > 1:
+                raise ValueError(
+                    f"A training batch mixes the task ids {ids.tolist()} (key {self.key!r}): "
+                    "with task_boundaries='batch' each batch must come from one task. Batch "
+                    "each task separately (e.g. a sampler per task), or pass `task_id_fn=` that "
+                    "returns one id for such a batch (e.g. its most common one)."
+                )
+            value = int(ids)
         return value
 
     def on_train_batch(self, batch: Any, batch_idx: int) -> bool:
         task_id = self.read_task_id(batch)
         changed = self.current_id is not None and task_id != self.current_id
         self.current_id = task_id
+        self._returning = changed and task_id in self.seen_ids
+        if task_id not in self.seen_ids:
+            self.seen_ids.append(task_id)
         return changed
 
+    def returning_to(self) -> int | None:
+        return self.seen_ids.index(self.current_id) if self._returning else None
+
     def state_dict(self) -> dict:
-        cid = self.current_id
         return {
-            "current_id": cid if isinstance(cid, (int, str, float)) or cid is None else str(cid)
+            "current_id": _plain(self.current_id),
+            "seen_ids": [_plain(i) for i in self.seen_ids],
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.current_id = state["current_id"]
+        self.seen_ids = list(state["seen_ids"])
+
+
+def _plain(task_id: Hashable | None) -> Any:
+    """A task id as a checkpoint can hold it (weights-only loading)."""
+    return task_id if isinstance(task_id, (int, str, float)) or task_id is None else str(task_id)
 
 
 _AUTO_SIGNALS = ("error", "loss")
@@ -351,6 +385,9 @@ class CombinedBoundaries(TaskBoundarySource):
 
     def on_pairs(self, theta: Tensor, target: Tensor) -> bool:
         return any([s.on_pairs(theta, target) for s in self.sources])
+
+    def returning_to(self) -> int | None:
+        return next((i for s in self.sources if (i := s.returning_to()) is not None), None)
 
     @property
     def uses_loss(self) -> bool:

@@ -174,12 +174,15 @@ class MetaGradCallback(Callback):
 
         # Task bookkeeping (checkpointed).
         self.task_index = 0
+        self._tasks_started = 1  # distinct tasks so far (task_index may return to an old one)
         self.detected_switches: list[int] = []  # global steps of automatically detected switches
         self._switch_pending = False
         self._global_step = 0
         # Inside trainer.test/validate/predict: a checkpoint they load must not roll back what
         # the callback learned (only `fit` resumes the continual-learning state).
         self._evaluating = False
+        self._trainer: pl.Trainer | None = None
+        self._restored_fit_done = False  # the loaded state was saved when its fit had ended
 
         # Per-fit run-time state (rebuilt in on_fit_start).
         self._resolved_target: str | None = None
@@ -276,6 +279,17 @@ class MetaGradCallback(Callback):
                 "start_new_task() needs the model's parameters: call it during fit, or pass "
                 "`pl_module=`."
             )
+        self._end_task()
+        self.task_index = self._tasks_started
+        self._tasks_started += 1
+        self.engine.learning = True
+        self.boundaries.on_task_start()
+        self.on_task_start(self.task_index)
+
+    def _end_task(self) -> None:
+        """Fold the current task in, unless it is a revisited one (folded in already)."""
+        if not self.engine.learning:
+            return
         try:
             folded = self.engine.end_task()
         except RuntimeError as err:
@@ -289,9 +303,16 @@ class MetaGradCallback(Callback):
             self._to_log.update(
                 {f"metagrad/subspace_dim/{n}": float(k) for n, k in self._subspace_dims().items()}
             )
-        self.task_index += 1
+
+    def _return_to_task(self, index: int) -> None:
+        """The stream returns to task ``index`` (``task_boundaries="batch"``, a known id): the
+        task that ends is folded in if new; the revisited one trains with the rule acting
+        (it protects every folded task, this one included) and is not folded in again."""
+        self._end_task()
+        self.task_index = index
+        self.engine.learning = False
         self.boundaries.on_task_start()
-        self.on_task_start(self.task_index)
+        self.on_task_start(index)
 
     def on_task_start(self, task_index: int) -> None:
         """Called when a new task starts (after the previous one was folded in). Override to
@@ -353,14 +374,22 @@ class MetaGradCallback(Callback):
         self._resolved_target = self._resolve_target(optimizer)
         if self._resolved_target == "update":
             self._hook_handle = optimizer.register_step_post_hook(self._after_optimizer_step)
-        if (
-            trainer.ckpt_path is None
-            and isinstance(self.boundaries, NewFitBoundaries)
-            and self.boundaries.in_fit
-        ):
-            # State taken inside an earlier fit (a ModelCheckpoint file loaded by hand, or a fit
-            # that crashed) and this fit does not resume it: that earlier fit is over.
-            self.boundaries.on_fit_end()
+        self._trainer = trainer
+        if isinstance(self.boundaries, NewFitBoundaries) and self.boundaries.in_fit:
+            if trainer.ckpt_path is None:
+                # State taken inside an earlier fit (a ModelCheckpoint file loaded by hand, or
+                # a fit that crashed) and this fit does not resume it: that fit is over.
+                self.boundaries.on_fit_end()
+            elif self._restored_fit_done:
+                # `fit(next task, ckpt_path=last.ckpt)` of a finished task: the usual way to
+                # "continue on the next task". The checkpointed fit was over; this is a new one.
+                rank_zero_info(
+                    f"MetaGrad: the checkpoint was saved when task {self.task_index}'s fit had "
+                    "finished, so this fit starts the next task. To continue that task instead "
+                    "(e.g. with a larger max_steps), resume a checkpoint taken during it."
+                )
+                self.boundaries.on_fit_end()
+        self._restored_fit_done = False
         if self.boundaries.on_fit_start():
             self.start_new_task()
 
@@ -368,6 +397,8 @@ class MetaGradCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             self._evaluating = False
+        self._trainer: pl.Trainer | None = None
+        self._restored_fit_done = False  # the loaded state was saved when its fit had ended
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -389,8 +420,13 @@ class MetaGradCallback(Callback):
             self._switch_pending = False
             switch = True
         if switch:
-            self.start_new_task()
-        self.predictor.observe_batch(batch)
+            revisited = self.boundaries.returning_to()
+            if revisited is None:
+                self.start_new_task()
+            else:
+                self._return_to_task(revisited)
+        if self.engine.learning:  # a revisited task's batches are not stored again
+            self.predictor.observe_batch(batch)
 
     @override
     def on_before_optimizer_step(
@@ -451,8 +487,11 @@ class MetaGradCallback(Callback):
         return {
             "version": _STATE_VERSION,
             "task_index": self.task_index,
+            "tasks_started": self._tasks_started,
             "detected_switches": list(self.detected_switches),
             "switch_pending": self._switch_pending,
+            # Saved at the end of its fit (its max_steps / max_epochs reached)?
+            "fit_done": bool(self._trainer is not None and self._trainer.fit_loop.done),
             "engine": self.engine.state_dict(),
             "boundaries": self.boundaries.state_dict(),
             "diagnostics": self.diagnostics.state_dict(),
@@ -476,8 +515,10 @@ class MetaGradCallback(Callback):
                 "stream, or use the release that wrote it."
             )
         self.task_index = int(state_dict["task_index"])
+        self._tasks_started = int(state_dict["tasks_started"])
         self.detected_switches = [int(s) for s in state_dict["detected_switches"]]
         self._switch_pending = bool(state_dict["switch_pending"])
+        self._restored_fit_done = bool(state_dict["fit_done"])
         self.engine.load_state_dict(state_dict["engine"])
         self.boundaries.load_state_dict(state_dict["boundaries"])
         self.diagnostics.load_state_dict(state_dict["diagnostics"])
@@ -522,6 +563,7 @@ class MetaGradCallback(Callback):
             return False
         self._to_log.update(logged)
         self.diagnostics.observe_prediction_quality(logged)
+        self.diagnostics.observe_rule(logged)
         if pairs is not None and self.boundaries.on_pairs(*pairs):
             self._switch_pending = True
             self.detected_switches.append(self._global_step)
@@ -556,6 +598,7 @@ class MetaGradCallback(Callback):
         self._stepped = True
 
     def _release(self) -> None:
+        self._trainer = None
         if self._hook_handle is not None:
             self._hook_handle.remove()
             self._hook_handle = None

@@ -42,12 +42,17 @@ class Diagnostics:
         uninformative_error: float = 0.98,
         runaway_growth: float = 3.0,
         check_every: int = 50,
+        held_back: float = 0.8,
     ) -> None:
         self.warn = warn
         self.warmup = warmup
         self.uninformative_error = uninformative_error
         self.runaway_growth = runaway_growth
         self.check_every = check_every
+        self.held_back = held_back
+        self.held_back_ema: float | None = None  # share of the update the rule holds back
+        self.holding_back = False
+        self._held_calls = 0
         self.error_ema: float | None = None
         self.error_count = 0
         self.initial_norm: float | None = None
@@ -77,11 +82,37 @@ class Diagnostics:
                 )
             self.uninformative = True
 
+    def observe_rule(self, logged: dict[str, Tensor]) -> None:
+        """Track the share of the gradient / update the rule holds back (zeroed coordinates
+        of eq. 5, or the energy a projection removed); warn once when it stays above
+        ``held_back``: new tasks then have little left to learn with. Reads the figure every
+        ``check_every`` calls only (a host sync)."""
+        value = logged.get("metagrad/zeroed_fraction", logged.get("metagrad/removed_energy"))
+        if value is None:
+            return
+        self._held_calls += 1
+        if (self._held_calls - 1) % self.check_every != 0:
+            return
+        share = float(value)
+        ema = self.held_back_ema
+        self.held_back_ema = share if ema is None else 0.7 * ema + 0.3 * share
+        if self._held_calls > 2 * self.check_every and self.held_back_ema > self.held_back:
+            if not self.holding_back and self.warn:
+                rank_zero_warn(
+                    f"MetaGrad: the rule holds back {100 * self.held_back_ema:.0f} % of the "
+                    "gradient/update: the current task has little left to learn with. With "
+                    "optimizers other than plain SGD the rule acts on the update vector; "
+                    "consider plain SGD, predictor='subspace' with a lower `threshold`, or "
+                    "fewer protected layers (SubspacePredictor(layer_thresholds=...))."
+                )
+            self.holding_back = True
+
     def step(self, params: Sequence[Tensor], task_index: int) -> dict[str, Tensor]:
         """Per optimizer step; returns figures to log."""
         if task_index != self._task:
             self._task = task_index
             self.error_ema, self.error_count = None, 0
+            self.held_back_ema, self._held_calls = None, 0
         self.steps += 1
         rebase = task_index > 0 and not self._rule_acting
         if rebase:  # the first step with old tasks: measure drift from here
@@ -119,6 +150,9 @@ class Diagnostics:
             "runaway": self.runaway,
             "task": self._task,
             "rule_acting": self._rule_acting,
+            "held_back_ema": self.held_back_ema,
+            "holding_back": self.holding_back,
+            "held_calls": self._held_calls,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -130,4 +164,7 @@ class Diagnostics:
         self.uninformative = bool(state["uninformative"])
         self.runaway = bool(state["runaway"])
         self._task = int(state["task"])
-        self._rule_acting = bool(state.get("rule_acting", self.initial_norm is not None))
+        self._rule_acting = bool(state["rule_acting"])
+        self.held_back_ema = state["held_back_ema"]
+        self.holding_back = bool(state["holding_back"])
+        self._held_calls = int(state["held_calls"])

@@ -62,6 +62,9 @@ class MetaGrad:
         self.params: dict[str, Tensor] = {}
         self.steps_in_task = 0
         self.skipped_steps = 0
+        #: Whether steps are learned from (False while training on a task already folded in,
+        #: e.g. a revisited task id: it is not folded in twice; the rule still acts).
+        self.learning = True
         # Parameters (name -> shape) the old tasks trained; only these are rewritten.
         self._old_shapes: dict[str, tuple[int, ...]] = {}
         self._trained: set[str] = set()  # had a target in the current task
@@ -105,9 +108,11 @@ class MetaGrad:
         if not _all_finite(targets):
             self.skipped_steps += 1
             return {"finite": torch.zeros(())}
-        logs = dict(self.predictor.observe(names, thetas, targets))
-        self.steps_in_task += 1
-        self._trained.update(names)
+        logs: dict[str, Tensor] = {}
+        if self.learning:
+            logs.update(self.predictor.observe(names, thetas, targets))
+            self.steps_in_task += 1
+            self._trained.update(names)
         logs.update(self.rewrite_(names, thetas, targets))
         return logs
 
@@ -177,6 +182,7 @@ class MetaGrad:
             "version": _STATE_VERSION,
             "steps_in_task": self.steps_in_task,
             "skipped_steps": self.skipped_steps,
+            "learning": self.learning,
             "old_shapes": {n: list(s) for n, s in self._old_shapes.items()},
             "trained": sorted(self._trained),
             "predictor": self.predictor.state_dict(),
@@ -192,6 +198,7 @@ class MetaGrad:
             )
         self.steps_in_task = int(state["steps_in_task"])
         self.skipped_steps = int(state["skipped_steps"])
+        self.learning = bool(state["learning"])
         self._old_shapes = {n: tuple(int(x) for x in s) for n, s in state["old_shapes"].items()}
         self._trained = set(state["trained"])
         self.predictor.load_state_dict(state["predictor"])

@@ -78,8 +78,9 @@ class SubspacePredictor(OldGradientPredictor):
         layer_thresholds: per-parameter overrides, ``{"net.4.weight": 0.9}`` (weight names).
         every: accumulate the second moment every ``every``-th optimizer step (its cost,
             O(out·fan-in²), is amortised over the steps between).
-        sample_rows: None for the exact ``G^T G``; an int m for an unbiased estimate from m
-            random rows of ``G`` (m·fan-in² instead of out·fan-in²).
+        sample_rows: an int m for an unbiased estimate of ``G^T G`` from m random rows of
+            ``G`` (m·fan-in² instead of out·fan-in²; a matrix with at most m rows is used
+            whole); None for the exact ``G^T G``.
         full_rank_warning: warn once for a layer whose basis holds this fraction of its
             fan-in: nothing much is left to learn with there.
         seed: seeds the row sampling (identical on every rank under DDP).
@@ -109,11 +110,11 @@ class SubspacePredictor(OldGradientPredictor):
 
     def __init__(
         self,
-        threshold: float = 0.99,
-        input_threshold: float | None = 0.95,
+        threshold: float = 0.97,
+        input_threshold: float | None = None,
         layer_thresholds: Mapping[str, float] | None = None,
         every: int = 4,
-        sample_rows: int | None = None,
+        sample_rows: int | None = 32,
         full_rank_warning: float = 0.9,
         seed: int = 0,
         in_basis: Literal["project", "sign"] = "project",

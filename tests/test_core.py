@@ -155,7 +155,7 @@ def test_new_fit_boundaries_count_fits_and_continue_a_resumed_task() -> None:
 
 def test_batch_task_id_boundaries_read_tensors_and_functions() -> None:
     src = BatchTaskIdBoundaries()
-    ids = [torch.tensor([0, 0]), torch.tensor([0, 0]), torch.tensor([1, 1, 0])]
+    ids = [torch.tensor([0, 0]), torch.tensor([0, 0]), torch.tensor([1, 1, 1])]
     assert [src.on_train_batch({"task_id": t}, i) for i, t in enumerate(ids)] == [
         False,
         False,

@@ -250,3 +250,14 @@ def test_per_tensor_rule_equals_the_flat_reference_rule(name: str) -> None:
     rewritten = torch.cat([g.reshape(-1) for g in grads])
     torch.testing.assert_close(rewritten, expected)
     assert 0 < int((rewritten == 0).sum()) < rewritten.numel()  # the rule did something
+
+
+def test_diagnostics_warn_once_when_the_rule_holds_back_most_of_the_update() -> None:
+    d = Diagnostics(check_every=1)
+    for _ in range(3):
+        d.observe_rule({"metagrad/zeroed_fraction": torch.tensor(0.5)})
+    assert not d.holding_back
+    with pytest.warns(UserWarning, match="holds back [89][0-9] % of the gradient/update"):
+        for _ in range(10):
+            d.observe_rule({"metagrad/removed_energy": torch.tensor(0.95)})
+    assert d.holding_back
