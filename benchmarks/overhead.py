@@ -41,9 +41,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_metagrad import Diagnostics, MetaGrad, MetaGradCallback
-from lightning_metagrad.callback import build_predictor
 from lightning_metagrad.baselines import EWCCallback, SICallback
 from lightning_metagrad.benchmark.models import MLPClassifier
+from lightning_metagrad.callback import build_predictor
 from lightning_metagrad.predictors import MetaNetPredictor
 
 # ---------------------------------------------------------------------------- models
