@@ -55,6 +55,20 @@ class TaskBoundarySource:
         :attr:`uses_pairs`; return True to start a new task before the next batch."""
         return False
 
+    @property
+    def uses_gradients(self) -> bool:
+        """Whether :meth:`on_gradients` must be fed (the callback then copies each step's
+        per-tensor gradients before the rule rewrites them)."""
+        return False
+
+    def on_gradients(
+        self, names: Sequence[str], thetas: Sequence[Tensor], targets: Sequence[Tensor]
+    ) -> bool:
+        """Called, if :attr:`uses_gradients`, with each optimizer step's finite per-tensor
+        targets (gradients or update vectors) by parameter name, before the rule rewrites
+        them; return True to start a new task before the next batch."""
+        return False
+
     def on_loss(self, loss: Tensor) -> None:
         """Called after each training batch with its detached loss (the mean over ranks under
         DDP), if :attr:`uses_loss`."""
@@ -385,6 +399,15 @@ class CombinedBoundaries(TaskBoundarySource):
 
     def on_pairs(self, theta: Tensor, target: Tensor) -> bool:
         return any([s.on_pairs(theta, target) for s in self.sources])
+
+    @property
+    def uses_gradients(self) -> bool:
+        return any(s.uses_gradients for s in self.sources)
+
+    def on_gradients(
+        self, names: Sequence[str], thetas: Sequence[Tensor], targets: Sequence[Tensor]
+    ) -> bool:
+        return any([s.on_gradients(names, thetas, targets) for s in self.sources])
 
     def returning_to(self) -> int | None:
         return next((i for s in self.sources if (i := s.returning_to()) is not None), None)

@@ -397,8 +397,6 @@ class MetaGradCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             self._evaluating = False
-        self._trainer: pl.Trainer | None = None
-        self._restored_fit_done = False  # the loaded state was saved when its fit had ended
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -554,6 +552,7 @@ class MetaGradCallback(Callback):
     ) -> bool:
         """One step through the engine, plus detection; returns whether it was finite."""
         pairs = (_flat(thetas), _flat(targets)) if self.boundaries.uses_pairs else None
+        raw = [t.detach().clone() for t in targets] if self.boundaries.uses_gradients else None
         logged = self.engine.step_(names, thetas, targets)
         if "finite" in logged:
             rank_zero_warn(
@@ -564,7 +563,10 @@ class MetaGradCallback(Callback):
         self._to_log.update(logged)
         self.diagnostics.observe_prediction_quality(logged)
         self.diagnostics.observe_rule(logged)
-        if pairs is not None and self.boundaries.on_pairs(*pairs):
+        switch = pairs is not None and self.boundaries.on_pairs(*pairs)
+        if raw is not None:  # the step's own gradients, before the rule rewrote them
+            switch = self.boundaries.on_gradients(names, thetas, raw) or switch
+        if switch:
             self._switch_pending = True
             self.detected_switches.append(self._global_step)
             self._to_log["metagrad/switch_detected"] = 1.0

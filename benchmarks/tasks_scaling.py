@@ -1,0 +1,109 @@
+"""Accuracy and memory of the default predictor as the number of tasks grows (docs/results.md).
+
+Runs ``metagrad`` (``MetaGradCallback()``, the subspace predictor) through the benchmark runner
+on a long stream and records, after every task, the protected subspace of each weight matrix
+and the floats the predictor holds between tasks per model parameter. Other methods given with
+``--methods`` run alongside (accuracy only). Example (Permuted Fashion-MNIST, 20 tasks)::
+
+    python benchmarks/tasks_scaling.py --tasks 20 --methods metagrad naive \\
+        --output runs/tasks20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback
+
+from lightning_metagrad import MetaGradCallback, SubspacePredictor
+from lightning_metagrad.benchmark import BenchmarkConfig
+from lightning_metagrad.benchmark.runner import run_method, summarise
+
+
+class SubspaceMemory(Callback):
+    """After each task's fit: the default predictor's basis sizes and state floats per
+    parameter (the task just trained is folded in when the next fit starts, so the row of
+    task i describes tasks 1..i-1, and a final row is added after the last task)."""
+
+    def __init__(self, metagrad: MetaGradCallback, num_params: int) -> None:
+        self.metagrad, self.num_params = metagrad, num_params
+        self.rows: list[dict[str, Any]] = []
+
+    def record(self) -> None:
+        pred = self.metagrad.predictor
+        if not isinstance(pred, SubspacePredictor):
+            raise TypeError("SubspaceMemory needs the subspace predictor")
+        self.rows.append(
+            {
+                "old_tasks": pred.num_old_tasks,
+                "dims": pred.subspace_dims(),
+                "state_floats_per_param": pred.state_floats() / self.num_params,
+            }
+        )
+
+    def on_train_end(self, *args: Any) -> None:
+        self.record()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="fashion_mnist")
+    parser.add_argument("--root", default="../shared/data")
+    parser.add_argument("--stream", default="permuted")
+    parser.add_argument("--tasks", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=2000)
+    parser.add_argument("--lr", type=float, default=0.03)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--methods", nargs="+", default=["metagrad", "naive"])
+    parser.add_argument("--output", type=Path, default=Path("runs/tasks_scaling"))
+    args = parser.parse_args(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    out: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "methods": {}}
+    for method in args.methods:
+        config = BenchmarkConfig(
+            stream=args.stream, dataset=args.dataset, root=args.root, tasks=args.tasks,
+            iters=args.iters, lr=args.lr, seeds=tuple(args.seeds), methods=(method,),
+            eval_every=args.iters, eval_samples=500,
+        )  # fmt: skip
+        runs, memory = [], []
+        for seed in args.seeds:
+            probe: list[SubspaceMemory] = []
+
+            def make_probe(
+                stream: Any, model: Any, callbacks: list, probe: list = probe, method: str = method
+            ) -> list:
+                if method != "metagrad":
+                    return []
+                num = sum(p.numel() for p in model.parameters())
+                probe.append(SubspaceMemory(callbacks[0], num))
+                return probe
+
+            runs.append(run_method(config, method, seed, probes=make_probe))
+            if probe:
+                # Fold the last task in too, to report the memory after all tasks.
+                probe[0].metagrad.start_new_task()
+                probe[0].record()
+                memory.append(probe[0].rows[1:])
+        summary = summarise(runs)
+        summary["memory"] = memory
+        out["methods"][method] = summary
+        line = f"{method}: ACC {summary['acc']:.3f} ± {summary['acc_std']:.3f}"
+        line += f"  BWT {summary['bwt']:+.3f}"
+        if memory:
+            last = memory[0][-1]
+            line += (
+                f"  state {last['state_floats_per_param']:.2f} floats/param, dims {last['dims']}"
+            )
+        print(line, flush=True)
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "results.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
