@@ -153,6 +153,9 @@ class SubspacePredictor(OldGradientPredictor):
         # By weight name: the orthonormal basis (cols x k), the task's second moment (cols x
         # cols) and how many gradients it holds.
         self._basis: dict[str, Tensor] = {}
+        # Weights whose stored matrix is the orthogonal complement N of the protected basis
+        # (kept when that is smaller: k > fan-in / 2); then G <- G N N^T.
+        self._complement: set[str] = set()
         self._cov: dict[str, Tensor] = {}
         self._count: dict[str, int] = {}
         self._shapes: dict[str, tuple[int, int]] = {}  # (rows, cols) each basis was built for
@@ -174,6 +177,7 @@ class SubspacePredictor(OldGradientPredictor):
                 # The matrix changed shape (e.g. a head grew): a parameter the old tasks never
                 # saw in this form, so it is free.
                 del self._basis[name]
+                self._complement.discard(name)
                 for store in (self._cov, self._k, self._d):
                     store.pop(name, None)
                 self._count.pop(name, None)
@@ -192,10 +196,19 @@ class SubspacePredictor(OldGradientPredictor):
 
     def subspace_dims(self) -> dict[str, int]:
         """Directions protected per weight matrix."""
-        return {name: int(m.shape[1]) for name, m in self._basis.items()}
+        return {name: self._dim(name) for name in self._basis}
+
+    def _dim(self, name: str) -> int:
+        cols, stored = self._basis[name].shape
+        return cols - stored if name in self._complement else stored
+
+    def basis(self, weight: str) -> Tensor:
+        """The orthonormal basis (fan-in x k) of a weight matrix's protected subspace."""
+        stored = self._basis[weight]
+        return _complement_of(stored) if weight in self._complement else stored
 
     def state_floats(self) -> int:
-        """Floats held between tasks (the bases)."""
+        """Floats held between tasks: per matrix the smaller of the basis and its complement."""
         return sum(m.numel() for m in self._basis.values())
 
     # ------------------------------------------------------------------ learning
@@ -245,9 +258,13 @@ class SubspacePredictor(OldGradientPredictor):
                 continue
             group = self._groups.get(name)
             rows = group.rows if group is not None else self._shapes.get(name, (0, 0))[0]
-            basis = self._basis.get(name)
-            grown = _grow_basis(cov.double(), basis, self.threshold_of(name)).to(cov.dtype)
-            self._basis[name] = grown
+            basis = self.basis(name) if name in self._basis else None
+            grown = _grow_basis(cov.double(), basis, self.threshold_of(name))
+            self._complement.discard(name)
+            if self.in_basis == "project" and grown.shape[1] > grown.shape[0] / 2:
+                self._complement.add(name)  # store (and multiply by) the smaller side
+                grown = _complement_of(grown)
+            self._basis[name] = grown.to(cov.dtype)
             self._shapes[name] = (rows, cov.shape[0])
             if self.in_basis == "sign" and name in ends:
                 self._fold_taylor(name, cov / (self._count[name] * max(rows, 1)), ends[name])
@@ -285,7 +302,7 @@ class SubspacePredictor(OldGradientPredictor):
 
     def _warn_full_rank(self) -> None:
         for name, m in self._basis.items():
-            cols, k = m.shape
+            cols, k = m.shape[0], self._dim(name)
             if k >= self.full_rank_warning * cols and name not in self._warned:
                 self._warned.add(name)
                 rank_zero_warn(
@@ -313,8 +330,13 @@ class SubspacePredictor(OldGradientPredictor):
         )
         for group, w, b in self._matrices(names, targets):
             m = self._basis.get(group.weight)
-            if m is None or m.shape[1] == 0:
+            if m is None or self._dim(group.weight) == 0:
                 total.append(w.float().pow(2).sum() + (0 if b is None else b.float().pow(2).sum()))
+                continue
+            if group.weight in self._complement:
+                removed_here, total_here = _keep_complement_(m, w, b if group.bias else None)
+                removed.append(removed_here)
+                total.append(total_here)
                 continue
             mw = m[: w.shape[1]]
             wf = w.float()
@@ -354,6 +376,7 @@ class SubspacePredictor(OldGradientPredictor):
             "steps": self._steps,
             "generator": self.generator.get_state(),
             "warned": sorted(self._warned),
+            "complement": sorted(self._complement),
             "taylor_k": {k: v.detach().clone() for k, v in self._k.items()},
             "taylor_d": {k: v.detach().clone() for k, v in self._d.items()},
         }
@@ -367,8 +390,36 @@ class SubspacePredictor(OldGradientPredictor):
         self._steps = int(state["steps"])
         self.generator.set_state(state["generator"])
         self._warned = set(state["warned"])
+        self._complement = set(state["complement"])
         self._k = {k: v.clone() for k, v in state["taylor_k"].items()}
         self._d = {k: v.clone() for k, v in state["taylor_d"].items()}
+
+
+def _complement_of(basis: Tensor) -> Tensor:
+    """An orthonormal basis of the orthogonal complement of ``basis``'s columns."""
+    cols = basis.shape[0]
+    if basis.shape[1] == 0:
+        return torch.eye(cols, dtype=basis.dtype, device=basis.device)
+    b = basis.double()
+    values, vectors = torch.linalg.eigh(torch.eye(cols, dtype=b.dtype, device=b.device) - b @ b.T)
+    return vectors[:, values > 0.5].to(basis.dtype)  # eigenvalues are 0 (in span) or 1
+
+
+@torch.no_grad()
+def _keep_complement_(n: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``G <- G N N^T`` in place for ``G = [w, b]`` (``N``: the complement of the protected
+    basis); returns (removed energy, total energy)."""
+    nw = n[: w.shape[1]]
+    wf = w.float()
+    gn = wf @ nw  # rows x (fan-in - k): the coordinates outside the protected subspace
+    total = wf.pow(2).sum()
+    if b is not None:
+        nb = n[w.shape[1]]
+        gn.addr_(b.float(), nb)
+        total = total + b.float().pow(2).sum()
+        b.copy_(gn @ nb)
+    w.copy_(gn @ nw.T)
+    return total - gn.pow(2).sum(), total
 
 
 def _grow_basis(cov: Tensor, basis: Tensor | None, threshold: float) -> Tensor:

@@ -23,7 +23,7 @@ def _orthonormal(m: Tensor) -> bool:
 
 
 def _bases(pred: SubspacePredictor) -> dict[str, Tensor]:
-    return pred.state_dict()["basis"]
+    return {name: pred.basis(name) for name in pred.subspace_dims()}
 
 
 # --------------------------------------------------------------------------- no Trainer
@@ -63,7 +63,30 @@ def test_basis_grows_only_by_the_residual_and_stays_orthonormal_over_tasks() -> 
         assert _orthonormal(_bases(pred)["w"])
     # e0,e1 -> +e2 (e1 known) -> nothing new (the same span again) -> +e4..e6.
     assert dims == [2, 3, 3, 6]
+    # 6 of 8 directions: the 2-column complement is what is stored.
+    assert pred.state_floats() == 8 * 2
     assert pred.num_old_tasks == 4
+
+
+def test_a_basis_past_half_the_fan_in_is_stored_as_its_complement_with_the_same_rule() -> None:
+    pred = SubspacePredictor(threshold=0.999, input_threshold=None, every=1)
+    w, b = torch.zeros(5, 7), torch.zeros(5)
+    names = ["l.weight", "l.bias"]
+    pred.bind(dict(zip(names, (w, b))))
+    g = torch.Generator().manual_seed(0)
+    span = torch.eye(8)[:6]  # 6 of the 8 columns of [W, b]
+    for target in _gradients_in(span, rows=5, steps=40, seed=1):
+        pred.observe(names, [w, b], [target[:, :7].clone(), target[:, 7].clone()])
+    pred.end_task(names, [w, b])
+    assert pred.subspace_dims() == {"l.weight": 6} and pred.state_floats() == 8 * 2
+    m = pred.basis("l.weight")
+    gw, gb = torch.randn(5, 7, generator=g), torch.randn(5, generator=g)
+    full = torch.cat([gw, gb[:, None]], 1)
+    expected = full - full @ m @ m.T
+    logged = pred.rewrite_(names, [w, b], [gw, gb])
+    torch.testing.assert_close(torch.cat([gw, gb[:, None]], 1), expected, atol=1e-5, rtol=0)
+    removed = float((full @ m).pow(2).sum() / full.pow(2).sum())
+    assert float(logged["metagrad/removed_energy"]) == pytest.approx(removed, abs=1e-5)
 
 
 def test_projection_removes_the_component_in_the_protected_subspace_only() -> None:
@@ -100,7 +123,7 @@ def test_sign_in_basis_keeps_components_that_also_help_the_old_task() -> None:
     pred.rewrite_(["w"], [theta], [disagree])
     assert agree.tolist() == [[2.0, 1.0]]  # the step -g moves back towards W*: kept
     assert disagree.tolist() == [[0.0, 1.0]]  # it would move away: removed, as "project" does
-    restored = SubspacePredictor(in_basis="sign")
+    restored = SubspacePredictor(in_basis="sign")  # (sign mode always stores the basis)
     restored.load_state_dict(pred.state_dict())
     assert torch.equal(restored.state_dict()["taylor_k"]["w"], pred.state_dict()["taylor_k"]["w"])
 
