@@ -40,8 +40,15 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_metagrad import Diagnostics, MetaGrad, MetaGradCallback
-from lightning_metagrad.baselines import EWCCallback, SICallback
+from lightning_metagrad import Diagnostics, MetaGrad, MetaGradCallback, SubspacePredictor
+from lightning_metagrad.baselines import (
+    AGEMCallback,
+    ERCallback,
+    EWCCallback,
+    GPMCallback,
+    MASCallback,
+    SICallback,
+)
 from lightning_metagrad.benchmark.models import MLPClassifier
 from lightning_metagrad.callback import build_predictor
 from lightning_metagrad.predictors import MetaNetPredictor
@@ -175,6 +182,31 @@ def held_bytes(obj: Any, exclude: list[Tensor]) -> int:
 _WORKSPACE_KEYS = ("cov", "sq_sum")
 
 
+def projection_bound(cb: Any, reps: int = 20) -> dict[str, float] | None:
+    """The subspace projection's own limit: its FLOPs per step and the time of exactly its
+    matrix products (``G - (G M) M^T`` per protected matrix, on the stored side) run alone."""
+    pred = getattr(cb, "predictor", None)
+    if not isinstance(pred, SubspacePredictor) or pred.num_old_tasks == 0:
+        return None
+    stored = pred.state_dict()["basis"]
+    shapes = pred.state_dict()["shapes"]
+    flops = 0.0
+    work = []
+    for name, m in stored.items():
+        rows = int(shapes[name][0])
+        g = torch.randn(rows, m.shape[0])
+        work.append((g, m))
+        flops += 4.0 * rows * m.shape[0] * m.shape[1]
+    for g, m in work:  # warm-up
+        g - (g @ m) @ m.T
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        for g, m in work:
+            g - (g @ m) @ m.T
+    ms = 1e3 * (time.perf_counter() - t0) / reps
+    return {"gflop_per_step": flops / 1e9, "alone_ms": ms}
+
+
 def callback_floats_per_param(cb: Any, module: nn.Module) -> dict[str, float]:
     """Floats the callback (or a bare MetaGrad engine) holds per model parameter: in total,
     in per-task running sums (workspace), and the rest (state kept between tasks)."""
@@ -229,6 +261,17 @@ def _fit(model: pl.LightningModule, callbacks: list[Callback], loader: DataLoade
     trainer.fit(model, train_dataloaders=loader)
 
 
+# Each baseline at the settings the benchmark uses; the memory-based ones store 8 batches.
+_BASELINES: dict[str, Callable[[], Callback]] = {
+    "ewc": lambda: EWCCallback(fisher_batches=4),
+    "si": SICallback,
+    "mas": lambda: MASCallback(importance_batches=4),
+    "gpm": GPMCallback,
+    "agem": AGEMCallback,
+    "er": ERCallback,
+}
+
+
 def _no_consolidation(cb: Callback) -> None:
     """Keep a baseline at 'task 2': later fits continue the task instead of ending one."""
     cb.on_train_end = lambda *a, **k: None  # type: ignore[method-assign]
@@ -262,7 +305,7 @@ def build_configs(names: list[str], model_name: str, loader: DataLoader, setup_s
                 _fit(model, [cb], loader, setup_steps)
                 cb.start_new_task(model)  # type: ignore[attr-defined]
             else:
-                cb = EWCCallback(fisher_batches=4) if name.startswith("ewc") else SICallback()
+                cb = _BASELINES[name.split("/")[0]]()
                 _fit(model, [cb], loader, setup_steps)  # consolidates task 1 at the end
                 _no_consolidation(cb)
             configs[name] = (model, lambda cb=cb: [cb])
@@ -284,6 +327,7 @@ def time_trainer(
     num_params = sum(p.numel() for p in next(iter(configs.values()))[0].parameters())
     times: dict[str, list[list[float]]] = {n: [] for n in names}
     memory: dict[str, dict[str, float]] = {}
+    bounds: dict[str, dict[str, float]] = {}
     for r in range(rounds):
         # Rotate the order every round so no configuration always runs first or last.
         order = names[r % len(names) :] + names[: r % len(names)]
@@ -294,6 +338,9 @@ def time_trainer(
             def probe(trainer: pl.Trainer, module: pl.LightningModule, cbs=cbs, name=name):
                 if cbs:
                     memory[name] = callback_floats_per_param(cbs[0], module)
+                    bound = projection_bound(cbs[0])
+                    if bound is not None:
+                        bounds[name] = bound
 
             clock = StepClock(probe)
             _fit(model, [clock, *cbs], loader, steps)
@@ -311,6 +358,8 @@ def time_trainer(
                 name, {"total": 0.0, "workspace": 0.0, "state": 0.0}
             ),
         }
+        if name in bounds:
+            entry["projection_bound"] = bounds[name]
         if plain is not None:
             per_round = [statistics.median(t) / p for t, p in zip(times[name], plain)]
             entry["ratio_median"] = statistics.median(pooled) / statistics.median(base_all)
@@ -495,6 +544,20 @@ def print_tables(result: dict[str, Any]) -> None:
         headers = ["config", "median ms", "ratio (median)", "mean ms", "ratio (mean)"]
         headers += ["state floats/param", "workspace floats/param", "steps"]
         print(_table(headers, rows))
+        plain = data["configs"].get("plain")
+        bounded = [(n, e) for n, e in data["configs"].items() if "projection_bound" in e]
+        if plain is not None and bounded:
+            print("\nsubspace projection: its own FLOP bound next to the measured overhead\n")
+            rows = [
+                [
+                    n,
+                    e["projection_bound"]["gflop_per_step"],
+                    e["projection_bound"]["alone_ms"],
+                    e["median_ms"] - plain["median_ms"],
+                ]
+                for n, e in bounded
+            ]
+            print(_table(["config", "GFLOP/step", "products alone ms", "overhead ms"], rows))
     if result.get("scaling"):
         print("\n### hot path alone (no Trainer), per optimizer step\n")
         rows = []
@@ -559,8 +622,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "metagrad-anchored/task2",
             "metagrad-paper/task1",
             "metagrad-paper/task2",
+            "metagrad-replay/task1",
+            "metagrad-replay/task2",
             "ewc/task2",
             "si/task2",
+            "mas/task2",
+            "gpm/task2",
+            "agem/task2",
+            "er/task2",
         ],
     )
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per model")
