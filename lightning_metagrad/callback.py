@@ -242,26 +242,23 @@ class MetaGradCallback(Callback):
 
     def predict_old_gradient(self, theta: Tensor) -> Tensor:
         """Elementwise predictors: the predicted mean old-task gradient at a flat ``theta``
-        laid out like the bound parameters (``cat(p.reshape(-1))``); 0 where a parameter is
-        free or before task 2."""
+        laid out like the trainable parameters (``cat(p.reshape(-1))`` over those with
+        ``requires_grad``); 0 where a parameter is free, or before task 2."""
         if self.predictor.rule != "elementwise":
             raise TypeError(
                 f"the {self.predictor_name!r} predictor rewrites by projection and predicts no "
                 "old-task gradient; use an elementwise predictor ('anchored', 'paper', 'replay')"
             )
-        params = self.engine.params
+        params = {n: p for n, p in self.engine.params.items() if p.requires_grad}
         if not params:
             raise RuntimeError("predict_old_gradient() needs the model: call it after a fit")
-        names = list(params)
-        thetas = [
-            t.view_as(params[n])
-            for n, t in zip(names, theta.split([p.numel() for p in params.values()]))
-        ]
+        sizes = [p.numel() for p in params.values()]
+        thetas = [t.view_as(p) for t, p in zip(theta.split(sizes), params.values())]
         out = torch.zeros_like(theta, dtype=torch.float32)
         if self.num_old_tasks == 0:
             return out
-        pieces = out.split([p.numel() for p in params.values()])
-        for piece, prediction in zip(pieces, self.predictor.predict(names, thetas)):
+        predictions = self.predictor.predict(list(params), thetas)
+        for piece, prediction in zip(out.split(sizes), predictions):
             if prediction is not None:
                 piece.copy_(prediction[0].reshape(-1))
         return out
@@ -327,8 +324,9 @@ class MetaGradCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # (Lightning skips teardown after an exception: reset here too, not only there.)
+        self._evaluating = stage != "fit"
         if stage != "fit":
-            self._evaluating = True
             return
         if not pl_module.automatic_optimization:
             raise MisconfigurationException(
@@ -407,6 +405,7 @@ class MetaGradCallback(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        self._evaluating = False
         self._release()
 
     @override
@@ -433,7 +432,7 @@ class MetaGradCallback(Callback):
         # Fires once per real optimizer step, after unscaling (AMP) and the whole accumulation
         # window, before clipping: the right place to read and rewrite the gradient.
         params = self.engine.params
-        names = [n for n, p in params.items() if p.grad is not None]
+        names = [n for n, p in params.items() if p.requires_grad and p.grad is not None]
         self._step_names = names
         self._stepped = False
         if not names:
@@ -467,7 +466,9 @@ class MetaGradCallback(Callback):
         self._stepped = False
         self._global_step = trainer.global_step
         self._to_log.update(
-            self.diagnostics.step(list(self.engine.params.values()), self.task_index)
+            self.diagnostics.step(
+                [p for p in self.engine.params.values() if p.requires_grad], self.task_index
+            )
         )
         # Like Lightning's LearningRateMonitor: only on steps whose logs are written
         # (`log_every_n_steps`), each figure's latest value; a `self.log` call costs about as

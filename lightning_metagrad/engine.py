@@ -75,9 +75,14 @@ class MetaGrad:
         return self.predictor.num_old_tasks
 
     def bind(self, named_parameters: Iterable[tuple[str, Tensor]]) -> None:
-        """Adopt the trainable parameters (those with ``requires_grad``), by name."""
-        self.params = {n: p for n, p in named_parameters if p.requires_grad}
-        if not self.params:
+        """Adopt the model's parameters, by name.
+
+        Frozen ones are bound too (a layer frozen for one task keeps what the old tasks
+        learned about it, and is protected again once unfrozen); only parameters that require
+        a gradient and have one take part in a step.
+        """
+        self.params = dict(named_parameters)
+        if not any(p.requires_grad for p in self.params.values()):
             raise ValueError(
                 "no trainable parameters to bind (all have requires_grad=False): unfreeze "
                 "the parameters to train"
@@ -89,7 +94,7 @@ class MetaGrad:
 
         Call between ``backward()`` and ``optimizer.step()``. Returns figures to log.
         """
-        names = [n for n, p in self.params.items() if p.grad is not None]
+        names = [n for n, p in self.params.items() if p.requires_grad and p.grad is not None]
         thetas = [self.params[n].detach() for n in names]
         grads: list[Tensor] = [self.params[n].grad for n in names]  # type: ignore[misc]
         return self.step_(names, thetas, grads)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
+PAGES = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
 # Repository paths the pages cite, in links or code spans: benchmarks/overhead.py,
 # ../tests/test_callback.py, benchmarks/results/main-job.json, ...
 CITED = re.compile(

@@ -122,3 +122,20 @@ def test_continuing_from_a_finished_tasks_last_checkpoint_starts_the_next_task(
     new_cb, new_model = MetaGradCallback(), TinyClassifier()
     make_trainer([new_cb], max_steps=16).fit(new_model, loader(1), ckpt_path=tmp_path / "last.ckpt")
     assert new_cb.task_index == 1 and new_cb.num_old_tasks == 1
+
+
+def test_a_failed_evaluation_does_not_stop_a_later_fit_from_resuming(tmp_path: Path) -> None:
+    class Failing(Evaluated):
+        def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            raise RuntimeError("broken test_step")
+
+    cb, model = MetaGradCallback(), Failing()
+    trainer = make_trainer([cb], max_steps=4)
+    trainer.fit(model, loader(0))
+    trainer.save_checkpoint(tmp_path / "t0.ckpt")  # after fit: the next fit is task 1
+    make_trainer([cb], max_steps=4).fit(model, loader(1))
+    with pytest.raises(RuntimeError, match="broken test_step"):
+        make_trainer([cb]).test(model, loader(0))
+    # Resuming the checkpoint restores the callback's state: this fit is task 1 again.
+    make_trainer([cb], max_steps=8).fit(model, loader(1), ckpt_path=tmp_path / "t0.ckpt")
+    assert cb.task_index == 1 and cb.num_old_tasks == 1

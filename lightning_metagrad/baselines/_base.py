@@ -13,7 +13,16 @@ and after the whole gradient-accumulation window, and before gradient clipping. 
 whose paper writes the penalty without the 1/2).
 
 A task ends when a ``trainer.fit`` ends (``on_train_end``, where ``trainer.train_dataloader`` is
-still available) or when :meth:`_QuadraticPenaltyCallback.consolidate` is called by hand.
+still available) or when :meth:`_QuadraticPenaltyCallback.consolidate` is called by hand. A task
+end with NaN/inf weights (or importances) is refused with a RuntimeError and changes nothing.
+
+Every baseline refuses a model without trainable parameters at ``on_fit_start``, and keeps its
+state when ``trainer.test/validate/predict`` load a checkpoint (only ``fit`` restores it; see
+:class:`_FitStateCallback`).
+
+The gradient-editing baselines (GPM, A-GEM, ER) share the task bookkeeping, refusals and state
+handling of :class:`_TaskCallback`, and the functions below (argument checks, refusals, the
+batch iterator and the precision context of the extra passes).
 """
 
 from __future__ import annotations
@@ -27,7 +36,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
@@ -66,6 +76,127 @@ def check_positive_int(name: str, value: Any) -> int:
     return value
 
 
+def check_int(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"`{name}` must be an int, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------- shared checks
+
+
+def refuse_unsupported(
+    name: str,
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    *,
+    manual_message: str,
+    refuse_spawn: bool = True,
+) -> None:
+    """The ``setup`` refusals of the baselines: manual optimization (``manual_message``),
+    spawned/forked processes (if ``refuse_spawn``), sharded strategies and several optimizers."""
+    if not pl_module.automatic_optimization:
+        raise MisconfigurationException(manual_message)
+    if refuse_spawn and isinstance(
+        getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher
+    ):
+        # Runs in the worker: its state would never reach the caller's callback object.
+        raise MisconfigurationException(
+            f"{name} does not support spawned/forked processes (ddp_spawn, ddp_fork, "
+            "ddp_notebook): the callback's state stays in the worker processes and is lost when "
+            "they exit. Use strategy='ddp', or devices=1."
+        )
+    strategy = type(trainer.strategy).__name__
+    if "FSDP" in strategy or "DeepSpeed" in strategy:
+        raise MisconfigurationException(
+            f"{name} does not support the {strategy} (sharded parameters); use a single "
+            "device or strategy='ddp'."
+        )
+    count = count_optimizers(pl_module)
+    if count is not None and count > 1:
+        raise MisconfigurationException(several_optimizers_message(name, count))
+
+
+def check_one_optimizer(name: str, trainer: pl.Trainer) -> None:
+    """``on_fit_start``: exactly one optimizer (``setup`` cannot always tell)."""
+    if len(trainer.optimizers) != 1:
+        raise MisconfigurationException(several_optimizers_message(name, len(trainer.optimizers)))
+
+
+def check_trainable(name: str, pl_module: torch.nn.Module) -> None:
+    """``on_fit_start``: MisconfigurationException when no parameter has ``requires_grad``."""
+    if not any(p.requires_grad for p in pl_module.parameters()):
+        raise MisconfigurationException(
+            f"{name} found no trainable parameters (all have requires_grad=False), so there is "
+            "no task to learn or protect. Unfreeze the parameters to train, or remove the "
+            "callback."
+        )
+
+
+def check_finite_weights(name: str, pl_module: torch.nn.Module, task: int) -> None:
+    """RuntimeError naming the first parameter with a NaN/inf entry (at a task end)."""
+    for pname, p in pl_module.named_parameters():
+        if not bool(torch.isfinite(p.detach()).all()):
+            raise RuntimeError(
+                f"{name}: parameter {pname!r} is not finite at the end of task {task + 1}; the "
+                "task is not consolidated (its state would hold NaN/inf). Training diverged: "
+                "lower the learning rate, or clip gradients."
+            )
+
+
+def check_finite_importance(
+    name: str, importance: Mapping[str, Tensor], task: int, cause: str
+) -> None:
+    """RuntimeError naming the first parameter whose new importance has a NaN/inf entry;
+    ``cause`` says where such values come from and what to do."""
+    names = list(importance)
+    if all_finite([importance[n] for n in names]):
+        return
+    for pname in names:
+        if not bool(torch.isfinite(importance[pname]).all()):
+            raise RuntimeError(
+                f"{name}: the importance of parameter {pname!r} is not finite at the end of task "
+                f"{task + 1}; the task is not consolidated (its state would hold NaN/inf). "
+                f"{cause}"
+            )
+
+
+def extra_pass_context(trainer: pl.Trainer) -> contextlib.AbstractContextManager[Any]:
+    """The precision context of the baselines' extra forward/backward passes.
+
+    Under AMP they run in full precision (no loss scaler here to keep fp16 gradients from
+    underflowing); other plugins (e.g. ``"16-true"``) keep their context.
+    """
+    plugin = trainer.precision_plugin
+    if isinstance(plugin, MixedPrecision):
+        return contextlib.nullcontext()
+    return plugin.train_step_context()
+
+
+def training_batches(
+    name: str,
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    dataloader: Iterable[Any] | None,
+    purpose: str = "to estimate importances",
+) -> Iterator[Any]:
+    """Training batches, moved to the module's device with Lightning's transfer hooks."""
+    source: Any = dataloader if dataloader is not None else trainer.train_dataloader
+    if source is None:
+        raise MisconfigurationException(
+            f"{name} needs training data {purpose}: call `consolidate` during `fit`, or pass "
+            "`dataloader=`."
+        )
+    if isinstance(source, (Mapping, list, tuple)):  # several train dataloaders
+        source = CombinedLoader(source, "max_size_cycle")
+    for item in source:
+        batch = item[0] if isinstance(source, CombinedLoader) else item
+        # The training loop's own steps (loops/training_epoch_loop.py).
+        batch = trainer.precision_plugin.convert_input(batch)
+        batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+        yield trainer.strategy.batch_to_device(batch, pl_module.device, dataloader_idx=0)
+
+
 # ---------------------------------------------------------------------------- small helpers
 
 
@@ -80,10 +211,69 @@ class _Term:
         self.importances = importances
 
 
+# ---------------------------------------------------------------------------- stage awareness
+
+
+class _FitStateCallback(Callback):
+    """Keeps the continual-learning state out of ``trainer.test/validate/predict``.
+
+    Those calls load the callback state of a ``ckpt_path`` as ``fit`` does; an older checkpoint
+    would roll the consolidated tasks back (as :class:`~lightning_metagrad.MetaGradCallback`,
+    only ``fit`` restores the state). ``setup`` records the stage; ``teardown`` and
+    ``on_exception`` (a failed evaluation calls no ``teardown``) clear it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._evaluating = False
+        self._first_step = 0
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._evaluating = stage != "fit"
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._evaluating = False
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._evaluating = False
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._first_step = trainer.global_step  # after a resumed checkpoint is restored
+
+    def _warn_no_task(self, trainer: pl.Trainer) -> None:
+        """``on_train_end`` of a fit in which no trainable parameter had a gradient."""
+        if trainer.global_step > self._first_step:
+            reason = (
+                "no optimizer step of this `fit` had a gradient (`training_step` returned None, "
+                "or the loss does not depend on the trainable parameters)"
+            )
+        else:
+            reason = (
+                "this `fit` made no optimizer step (use a new Trainer per task; a finished one "
+                "trains nothing)"
+            )
+        rank_zero_warn(f"{type(self).__name__}: {reason}, so no task was consolidated.")
+
+    def _ignore_loaded_state(self) -> bool:
+        """Whether ``load_state_dict`` is called by an evaluation (and must change nothing)."""
+        if self._evaluating:
+            rank_zero_info(
+                f"{type(self).__name__}: trainer.test/validate/predict loaded a checkpoint; the "
+                "callback's continual-learning state is kept as it is (only `fit` restores it)."
+            )
+        return self._evaluating
+
+
 # ---------------------------------------------------------------------------- the base class
 
 
-class _QuadraticPenaltyCallback(Callback):
+class _QuadraticPenaltyCallback(_FitStateCallback):
     """Base of the baselines: task bookkeeping, penalty gradient, importance estimation, state.
 
     Subclasses implement :meth:`_task_importance` (the new task's Ω) and :meth:`_merge` (how it
@@ -92,6 +282,11 @@ class _QuadraticPenaltyCallback(Callback):
 
     #: Whether the new task's importance differs between DDP ranks (data-based estimates do).
     _importance_is_rank_local = True
+    #: Where a NaN/inf importance comes from, and the fix (the end of the refusal message).
+    _non_finite_importance = (
+        "The training loss is NaN/inf (or its gradient overflows) on the training batches the "
+        "importance is estimated from (in eval mode): keep the loss finite on the training data."
+    )
 
     def __init__(self, *, strength: float) -> None:
         super().__init__()
@@ -146,15 +341,22 @@ class _QuadraticPenaltyCallback(Callback):
 
         Called automatically at the end of every ``trainer.fit``; call it by hand only to end a
         task in the middle of a fit. ``dataloader`` defaults to ``trainer.train_dataloader``.
+
+        Raises:
+            RuntimeError: a weight, or the new task's importance, is NaN/inf (nothing changes).
         """
+        name = type(self).__name__
         params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
         if not params:
             raise MisconfigurationException(
-                f"{type(self).__name__} found no trainable parameters to consolidate."
+                f"{name} found no trainable parameters to consolidate (all have "
+                "requires_grad=False); unfreeze the parameters of the task."
             )
+        check_finite_weights(name, pl_module, self.num_tasks)
         importance = self._task_importance(trainer, pl_module, params, dataloader)
         if self._importance_is_rank_local and trainer.world_size > 1:
             importance = self._mean_over_ranks(trainer, importance)
+        check_finite_importance(name, importance, self.num_tasks, self._non_finite_importance)
         anchors = {n: p.detach().clone() for n, p in params.items()}
         self._merge(anchors, importance)
         self.num_tasks += 1
@@ -221,15 +423,8 @@ class _QuadraticPenaltyCallback(Callback):
         tensors = [params[n] for n in names]
         totals = [torch.zeros_like(p, dtype=torch.float32) for p in tensors]
         counted = 0
-        # Under AMP the estimate runs in full precision (no loss scaler here to keep fp16
-        # gradients from underflowing); other plugins (e.g. "16-true") keep their context.
-        plugin = trainer.precision_plugin
-        step_context = (
-            contextlib.nullcontext()
-            if isinstance(plugin, MixedPrecision)
-            else plugin.train_step_context()
-        )
-        with quiet_eval(pl_module), step_context:
+        # Under AMP the estimate runs in full precision; other plugins keep their context.
+        with quiet_eval(pl_module), extra_pass_context(trainer):
             for batch_idx, batch in enumerate(self._batches(trainer, pl_module, dataloader)):
                 if batch_idx >= num_batches:
                     break
@@ -259,20 +454,7 @@ class _QuadraticPenaltyCallback(Callback):
         dataloader: Iterable[Any] | None,
     ) -> Iterator[Any]:
         """Training batches, moved to the module's device with Lightning's transfer hooks."""
-        source: Any = dataloader if dataloader is not None else trainer.train_dataloader
-        if source is None:
-            raise MisconfigurationException(
-                f"{type(self).__name__} needs training data to estimate importances: call "
-                "`consolidate` during `fit`, or pass `dataloader=`."
-            )
-        if isinstance(source, (Mapping, list, tuple)):  # several train dataloaders
-            source = CombinedLoader(source, "max_size_cycle")
-        for item in source:
-            batch = item[0] if isinstance(source, CombinedLoader) else item
-            # The training loop's own steps (loops/training_epoch_loop.py).
-            batch = trainer.precision_plugin.convert_input(batch)
-            batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
-            yield trainer.strategy.batch_to_device(batch, pl_module.device, dataloader_idx=0)
+        return training_batches(type(self).__name__, trainer, pl_module, dataloader)
 
     # ------------------------------------------------------------------ hooks
 
@@ -283,43 +465,35 @@ class _QuadraticPenaltyCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         name = type(self).__name__
-        if not pl_module.automatic_optimization:
-            raise MisconfigurationException(
+        refuse_unsupported(
+            name,
+            trainer,
+            pl_module,
+            manual_message=(
                 f"{name} adds its penalty gradient between backward and optimizer.step, which "
                 "manual optimization does not expose. Use automatic optimization (remove "
                 "`self.automatic_optimization = False`), or leave the callback out of the "
                 "Trainer, add its `penalty(pl_module)` to your loss and call its "
                 "`consolidate(trainer, pl_module)` at the end of each task."
-            )
-        strategy = type(trainer.strategy).__name__
-        if "FSDP" in strategy or "DeepSpeed" in strategy:
-            raise MisconfigurationException(
-                f"{name} does not support the {strategy} (sharded parameters); use a single "
-                "device or strategy='ddp'."
-            )
-        count = count_optimizers(pl_module)
-        if count is not None and count > 1:
-            raise MisconfigurationException(several_optimizers_message(type(self).__name__, count))
+            ),
+            refuse_spawn=False,  # unchanged behaviour of the quadratic baselines
+        )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if len(trainer.optimizers) != 1:
-            raise MisconfigurationException(
-                several_optimizers_message(type(self).__name__, len(trainer.optimizers))
-            )
+        check_one_optimizer(type(self).__name__, trainer)
+        check_trainable(type(self).__name__, pl_module)
         self._build_cache(pl_module, check=True)
         self._warn_if_unstable(trainer.optimizers[0])
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._steps_in_task == 0:
-            rank_zero_warn(
-                f"{type(self).__name__}: this `fit` made no optimizer step, so no task was "
-                "consolidated (use a new Trainer per task; a finished one trains nothing)."
-            )
+            self._warn_no_task(trainer)
             return
         self.consolidate(trainer, pl_module)
 
@@ -361,6 +535,7 @@ class _QuadraticPenaltyCallback(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        super().on_exception(trainer, pl_module, exception)
         self._release()
 
     # ------------------------------------------------------------------ checkpointing
@@ -379,6 +554,8 @@ class _QuadraticPenaltyCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._ignore_loaded_state():
+            return
         version = state_dict.get("version")
         if version != _STATE_VERSION:
             raise ValueError(
@@ -464,3 +641,152 @@ class _QuadraticPenaltyCallback(Callback):
         self._params = {}
         self._cache = []
         self._cache_owner = None
+
+
+# ---------------------------------------------------------------------------- gradient editors
+
+
+class _TaskCallback(_FitStateCallback):
+    """Base of the gradient-editing baselines (GPM, A-GEM, ER).
+
+    Each ``trainer.fit`` is one task, ended in ``on_train_end`` (where ``trainer.train_dataloader``
+    is still available) by :meth:`consolidate`, which refuses non-finite weights; the refusals
+    of :func:`refuse_unsupported` run in ``setup``. Subclasses implement :meth:`_end_task`,
+    :meth:`_config` and the gradient edit in ``on_before_optimizer_step`` (counting the steps
+    that saw a gradient in ``_steps_in_task``), and add their state with
+    :meth:`_extra_state` / :meth:`_load_extra_state`.
+    """
+
+    _STATE_VERSION = 1
+    #: What the callback does between backward and ``optimizer.step`` (for the refusal message).
+    _edit = "rewrites gradients"
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Tasks consolidated so far.
+        self.num_tasks = 0
+        self._steps_in_task = 0
+
+    # ------------------------------------------------------------------ public API
+
+    def consolidate(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        dataloader: Iterable[Any] | None = None,
+    ) -> None:
+        """End the current task (called automatically at the end of every ``trainer.fit``).
+
+        Call it by hand only to end a task in the middle of a fit. ``dataloader`` (for methods
+        that read the finished task's data) defaults to ``trainer.train_dataloader``.
+
+        Raises:
+            RuntimeError: a weight is NaN/inf (nothing is stored).
+        """
+        check_finite_weights(type(self).__name__, pl_module, self.num_tasks)
+        self._end_task(trainer, pl_module, dataloader)
+        self.num_tasks += 1
+        self._steps_in_task = 0
+
+    # ------------------------------------------------------------------ subclass API
+
+    def _end_task(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        dataloader: Iterable[Any] | None,
+    ) -> None:
+        raise NotImplementedError
+
+    def _config(self) -> dict[str, Any]:
+        """The arguments that tell two configurations apart (for :attr:`state_key`)."""
+        raise NotImplementedError
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def _release(self) -> None:
+        """Drop references to the module between fits."""
+
+    # ------------------------------------------------------------------ hooks
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(**self._config())
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        name = type(self).__name__
+        refuse_unsupported(
+            name,
+            trainer,
+            pl_module,
+            manual_message=(
+                f"{name} {self._edit} between backward and optimizer.step, which manual "
+                "optimization does not expose. Use automatic optimization (remove "
+                "`self.automatic_optimization = False`)."
+            ),
+        )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_one_optimizer(type(self).__name__, trainer)
+        check_trainable(type(self).__name__, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._steps_in_task == 0:
+            self._warn_no_task(trainer)
+            return
+        self.consolidate(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        self._release()
+
+    # ------------------------------------------------------------------ checkpointing
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": self._STATE_VERSION,
+            "num_tasks": self.num_tasks,
+            "steps_in_task": self._steps_in_task,
+            **self._extra_state(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._ignore_loaded_state():
+            return
+        version = state_dict.get("version")
+        if version != self._STATE_VERSION:
+            raise ValueError(
+                f"{type(self).__name__} cannot load state of version {version!r} "
+                f"(expected {self._STATE_VERSION})."
+            )
+        self.num_tasks = int(state_dict["num_tasks"])
+        self._steps_in_task = int(state_dict["steps_in_task"])
+        self._load_extra_state(state_dict)
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite (one device sync)."""
+    if not tensors:
+        return True
+    peaks = torch._foreach_norm(tensors, math.inf)  # max |x|: no overflow, NaN propagates
+    return bool(torch.isfinite(torch.stack([p.float() for p in peaks])).all())

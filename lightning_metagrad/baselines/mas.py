@@ -7,13 +7,21 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_metagrad._module_utils import quiet_eval
 from lightning_metagrad.baselines._base import (
     TensorDict,
     _QuadraticPenaltyCallback,
     check_positive_int,
+    extra_pass_context,
+)
+
+_OVERRIDE = (
+    "subclass MASCallback and override `forward_batch(self, pl_module, batch)` to return the "
+    "model's output for a training batch (e.g. `return pl_module.net(batch[0])`)"
 )
 
 
@@ -37,7 +45,10 @@ class MASCallback(_QuadraticPenaltyCallback):
     The mean is batch-level: over ``importance_batches`` training batches, ``|∂ mean_batch
     ||f(x)||² / ∂θ|`` (cheaper than per-sample gradients, and a lower bound of the per-sample
     mean). Outputs come from :meth:`forward_batch`; override it for other batch layouts or
-    models whose forward does not take the input tensor.
+    models whose forward does not take the input tensor. A fit refuses at its start a module
+    without ``forward()`` (unless ``forward_batch`` is overridden), and tries
+    :meth:`forward_batch` on its first training batch (eval mode, no gradient), so that a batch
+    it cannot read fails then rather than at the end of the task.
 
     Args:
         strength: λ. 0 makes the callback a no-op (bit-identical training).
@@ -55,6 +66,7 @@ class MASCallback(_QuadraticPenaltyCallback):
     def __init__(self, *, strength: float = 1.0, importance_batches: int = 32) -> None:
         super().__init__(strength=strength)
         self.importance_batches = check_positive_int("importance_batches", importance_batches)
+        self._output_checked = False  # forward_batch tried on this fit's first batch
 
     def forward_batch(self, pl_module: torch.nn.Module, batch: Any) -> Tensor:
         """The model's output ``f(x)`` for a training batch (already on the module's device).
@@ -76,6 +88,45 @@ class MASCallback(_QuadraticPenaltyCallback):
     @override
     def _config(self) -> dict[str, Any]:
         return {"strength": self.strength, "importance_batches": self.importance_batches}
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        overridden = type(self).forward_batch is not MASCallback.forward_batch
+        if not overridden and type(pl_module).forward is pl.LightningModule.forward:
+            raise MisconfigurationException(
+                f"MASCallback computes the model output f(x) at each task end with "
+                f"`pl_module(x)`, but {type(pl_module).__name__} defines no `forward()` (its "
+                "training_step calls its layers directly). Define `forward(self, x)` on the "
+                f"module, or {_OVERRIDE}."
+            )
+        super().on_fit_start(trainer, pl_module)
+        self._output_checked = False
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._output_checked:
+            return
+        self._output_checked = True
+        # The importance needs f(x) at the task end: a batch layout or forward signature that
+        # does not fit should fail now, not after the whole task trained.
+        with quiet_eval(pl_module), extra_pass_context(trainer), torch.no_grad():
+            try:
+                out = self.forward_batch(pl_module, batch)
+            except Exception as err:
+                if isinstance(err, torch.OutOfMemoryError) or "forward_batch" in str(err):
+                    raise  # not a layout problem, or already says what to do
+                raise MisconfigurationException(
+                    f"MASCallback could not compute the model output on a training batch "
+                    f"({type(err).__name__}: {err}); it needs it for the importances at the end "
+                    f"of the task. Make `pl_module(x)` accept the batch input, or {_OVERRIDE}."
+                ) from err
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"MASCallback.forward_batch must return a tensor, got {type(out).__name__}; "
+                "override it to pick the output tensor."
+            )
 
     @override
     def _task_importance(

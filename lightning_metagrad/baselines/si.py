@@ -54,6 +54,11 @@ class SICallback(_QuadraticPenaltyCallback):
     """
 
     _importance_is_rank_local = False  # gradients are synced and parameters identical in DDP
+    _non_finite_importance = (
+        "Its path integral -g·Δθ met a NaN/inf gradient or overflowed during the task: keep "
+        "the loss finite (lower learning rate, gradient clipping) and restart the task from a "
+        "checkpoint (`fit(..., ckpt_path=...)`, which restores the path integral too)."
+    )
 
     def __init__(self, *, strength: float = 1.0, damping: float = 0.1) -> None:
         super().__init__(strength=strength)

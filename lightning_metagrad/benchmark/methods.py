@@ -15,7 +15,10 @@ Factory = Callable[[float | None], list[Callback]]
 
 def _baselines() -> dict[str, tuple[Factory, float | None]]:
     from lightning_metagrad.baselines import (
+        AGEMCallback,
+        ERCallback,
         EWCCallback,
+        GPMCallback,
         MASCallback,
         OnlineEWCCallback,
         SICallback,
@@ -29,6 +32,10 @@ def _baselines() -> dict[str, tuple[Factory, float | None]]:
         "online-ewc": (lambda s: [OnlineEWCCallback(strength=strength(s, 100.0))], 100.0),
         "si": (lambda s: [SICallback(strength=strength(s, 1.0))], 1.0),
         "mas": (lambda s: [MASCallback(strength=strength(s, 1.0))], 1.0),
+        # No strength: GPM's threshold and the memory size are their knobs.
+        "gpm": (lambda s: [GPMCallback()], None),
+        "agem": (lambda s: [AGEMCallback()], None),
+        "er": (lambda s: [ERCallback()], None),
     }
 
 
@@ -46,7 +53,7 @@ def method_registry() -> dict[str, tuple[Factory, float | None]]:
     registry: dict[str, tuple[Factory, float | None]] = {
         "naive": (lambda s: [], None),
         "joint": (lambda s: [], None),
-        "metagrad": (lambda s: [MetaGradCallback()], None),  # the default: anchored
+        "metagrad": (lambda s: [MetaGradCallback()], None),  # the default: subspace
         "metagrad-paper": (lambda s: [MetaGradCallback(predictor="paper")], None),
         "metagrad-anchored": (lambda s: [MetaGradCallback(predictor="anchored")], None),
         "metagrad-replay": (lambda s: [MetaGradCallback(predictor="replay")], None),
@@ -56,7 +63,19 @@ def method_registry() -> dict[str, tuple[Factory, float | None]]:
 
 
 # The default set: MetaGrad's default, its stored-data mode and the baselines.
-METHOD_NAMES = ("naive", "joint", "metagrad", "metagrad-replay", "ewc", "online-ewc", "si", "mas")
+METHOD_NAMES = (
+    "naive",
+    "joint",
+    "metagrad",
+    "metagrad-replay",
+    "ewc",
+    "online-ewc",
+    "si",
+    "mas",
+    "gpm",
+    "agem",
+    "er",
+)
 VARIANT_NAMES = ("metagrad-paper", "metagrad-anchored")
 ALL_METHODS = METHOD_NAMES + VARIANT_NAMES
 

@@ -1,0 +1,499 @@
+"""Gradient Projection Memory (Saha, Garg & Roy, ICLR 2021)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_metagrad._module_utils import quiet_eval
+from lightning_metagrad.baselines._base import (
+    TensorDict,
+    _TaskCallback,
+    all_finite,
+    check_number,
+    check_positive_int,
+    extra_pass_context,
+    training_batches,
+)
+
+#: The layer types whose weights GPM protects.
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+# Directions of the residual whose energy is at most this fraction of the layer's total are
+# numerical noise (float32 accumulation), never added to a basis (matters for threshold=1).
+_NOISE = 1e-6
+
+
+def _supported(module: nn.Module) -> bool:
+    if not isinstance(module, SUPPORTED_LAYERS) or not module.weight.requires_grad:
+        return False
+    return isinstance(module, nn.Linear) or module.groups == 1
+
+
+def _weight(module: nn.Module) -> Tensor:
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    return weight
+
+
+def _num_features(module: nn.Module) -> int:
+    """Columns of the protected matrix ``[W, b]``: fan-in, plus one for a bias."""
+    fan_in = module.weight[0].numel()  # type: ignore[index]
+    return fan_in + (module.bias is not None)
+
+
+def layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
+    """Rows ``[x, 1]`` that the layer's ``[W, b]`` (out x fan_in (+1)) multiplies.
+
+    Linear: one row per input vector; Conv1d/Conv2d: one row per patch (``unfold`` with the
+    layer's padding, dilation and stride), ordered like ``weight.view(out, -1)``.
+
+    Example:
+        >>> conv = nn.Conv2d(2, 3, kernel_size=3, padding=1)
+        >>> x = torch.randn(4, 2, 5, 5)
+        >>> rows = layer_inputs(conv, x)
+        >>> rows.shape  # 4 images x 25 positions, 2·3·3 + 1 features
+        torch.Size([100, 19])
+        >>> w = torch.cat([conv.weight.view(3, -1), conv.bias[:, None]], 1)
+        >>> out = (rows @ w.T).view(4, 25, 3).permute(0, 2, 1).reshape(4, 3, 5, 5)
+        >>> torch.allclose(out, conv(x), atol=1e-5)
+        True
+    """
+    if isinstance(module, nn.Linear):
+        rows = x.reshape(-1, module.in_features)
+    else:
+        conv: Any = module
+        pad = conv._reversed_padding_repeated_twice
+        if any(pad):
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            x = F.pad(x, pad, mode=mode)
+        if isinstance(module, nn.Conv1d):
+            patches = F.unfold(
+                x.unsqueeze(2),
+                (1, conv.kernel_size[0]),
+                dilation=(1, conv.dilation[0]),
+                stride=(1, conv.stride[0]),
+            )
+        else:
+            patches = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    rows = rows.float()
+    if module.bias is not None:
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1)
+    return rows
+
+
+def grow_basis(basis: Tensor | None, covariance: Tensor, threshold: float) -> Tensor | None:
+    """GPM's basis update from the uncentred covariance ``C = R Rᵀ`` of a task's inputs.
+
+    With ``M`` the stored orthonormal basis (None or 0 columns on the first task), the energy
+    ``‖Mᵀ R‖² / ‖R‖²`` it explains already is ``tr(MᵀCM) / tr(C)``; the eigenvectors of
+    ``(I − MMᵀ) C (I − MMᵀ)`` (the residual's left singular vectors, eigenvalues its squared
+    singular values) are added in decreasing order until ``threshold`` of ``‖R‖²`` is
+    explained (GPM eqs. 8-9; on the first task: the smallest ``k`` with
+    ``‖R_k‖² ≥ threshold ‖R‖²``). The result is re-orthonormalised (QR). Returns ``basis``
+    unchanged when it already explains enough (or the task has no energy).
+
+    Example:
+        >>> R = torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.1]))  # features x samples
+        >>> grow_basis(None, R @ R.T, 0.9).shape  # 9 + 4 = 13 of 14.01 > 0.9
+        torch.Size([4, 2])
+        >>> grow_basis(torch.eye(4)[:, :1], R @ R.T, 0.99).shape
+        torch.Size([4, 3])
+    """
+    cov = covariance.double()
+    cov = (cov + cov.T) / 2
+    total = float(torch.trace(cov))
+    if not math.isfinite(total) or total <= 0:
+        return basis
+    features = cov.shape[0]
+    if basis is None or basis.shape[1] == 0:
+        kept, residual, old = 0.0, cov, cov.new_zeros(features, 0)
+    else:
+        old = basis.to(cov)
+        kept = float(torch.trace(old.T @ cov @ old)) / total
+        projector = torch.eye(features, dtype=cov.dtype, device=cov.device) - old @ old.T
+        residual = projector @ cov @ projector
+    if kept >= threshold or old.shape[1] >= features:
+        return basis
+    values, vectors = torch.linalg.eigh((residual + residual.T) / 2)
+    values, vectors = values.flip(0).clamp_min(0) / total, vectors.flip(1)
+    explained = kept + torch.cumsum(values, 0)
+    needed = int((explained < threshold).sum()) + 1  # the first index reaching the threshold
+    usable = int((values > _NOISE).sum())
+    count = min(needed, usable, features - old.shape[1])
+    if count <= 0:
+        return basis
+    merged, _ = torch.linalg.qr(torch.cat([old, vectors[:, :count]], 1))
+    return merged.float()
+
+
+class _Protected:
+    """The protected layers that share one weight tensor (usually a single layer), aligned with
+    the live modules (rebuilt per fit).
+
+    The gradient is projected as one matrix ``[dW, db_1, ...]``: the weight's columns, then one
+    column per distinct bias of the layers. One layer's basis is used as it is; the bases of
+    layers with a tied weight are embedded in that space and merged into an orthonormal basis
+    of their union, so that the update is orthogonal to every layer's basis (projecting by one
+    after the other would not be).
+    """
+
+    __slots__ = ("basis", "biases", "fan_in", "names", "weight")
+
+    def __init__(self, members: list[tuple[str, nn.Module, Tensor]]) -> None:
+        self.names = [name for name, _, _ in members]
+        self.weight: Tensor = members[0][1].weight  # type: ignore[assignment]
+        self.fan_in = self.weight[0].numel()
+        self.biases: list[Tensor] = []
+        slots: list[int | None] = []  # each member's bias column (after the fan-in)
+        for _, module, _ in members:
+            bias = module.bias
+            if bias is None:
+                slots.append(None)
+                continue
+            found = [j for j, b in enumerate(self.biases) if b is bias]
+            if not found:
+                self.biases.append(bias)  # type: ignore[arg-type]
+            slots.append(found[0] if found else len(self.biases) - 1)
+        if len(members) == 1:
+            self.basis = members[0][2]
+            return
+        features = self.fan_in + len(self.biases)
+        columns = []
+        for (_, _, basis), slot in zip(members, slots):
+            embedded = basis.new_zeros(features, basis.shape[1])
+            embedded[: self.fan_in] = basis[: self.fan_in]
+            if slot is not None:
+                embedded[self.fan_in + slot] = basis[self.fan_in]
+            columns.append(embedded)
+        u, values, _ = torch.linalg.svd(torch.cat(columns, 1).double(), full_matrices=False)
+        self.basis = u[:, values > 1e-7 * len(members)].to(members[0][2].dtype)
+
+
+class GPMCallback(_TaskCallback):
+    r"""Gradient Projection Memory (Saha et al., ICLR 2021) for any ``LightningModule``.
+
+    At the end of each task (each ``trainer.fit``), the module's own ``training_step`` is run
+    without gradients in eval mode (logging silenced, RNG restored) over the first ``samples``
+    examples of the task's training data, and forward hooks collect the input of every
+    protected layer: the rows ``[x, 1]`` its matrix ``[W, b]`` multiplies (``nn.Linear``: input
+    vectors; ``nn.Conv1d``/``nn.Conv2d``: unfolded patches, ``W`` viewed as
+    ``out x in·k(·k)``; a bias adds the column of ones). Each layer's stored orthonormal basis
+    ``M`` then grows by GPM's rule (:func:`grow_basis`, computed from the uncentred
+    covariance ``R Rᵀ``: the same energies as an SVD of ``R``) until it explains ``threshold``
+    of the task's input energy. From the second task on, before every optimizer step (after AMP
+    unscaling and the accumulation window, before clipping) each protected layer's gradient is
+    projected out of the stored subspace
+
+    .. math:: G \leftarrow G - (G M) M^\top, \qquad G = [\nabla W, \nabla b],
+
+    so that, to first order, the layer's outputs on old inputs do not change. The guarantee is
+    for the gradient: plain SGD keeps it (momentum too, since each task's optimizer starts
+    fresh), weight decay and Adam's per-coordinate scaling bend it (the paper uses SGD).
+
+    Only ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (``groups=1``) layers with a trainable
+    weight are protected, and only those that the forward pass reaches through their
+    ``forward`` (not e.g. ``nn.MultiheadAttention``'s functional projections). A weight tied
+    between protected layers is projected out of the union of their subspaces. Everything else
+    (norm layers, embeddings, other 1-D parameters, grouped convolutions) trains freely. A
+    layer whose weight has no gradient on a step is skipped; a missing bias gradient counts as
+    zero. A step whose gradients are non-finite is passed on untouched (an AMP scaler still
+    sees it). Under DDP the covariances are averaged over ranks, so every rank holds the same
+    bases. Memory: at most ``F x F`` floats per layer (``F`` = fan-in + 1); no data is stored.
+
+    Args:
+        threshold: ε in (0, 1], the fraction of each task's input energy the bases must
+            explain; a dict ``{layer name: ε}`` protects only the layers it names (names as in
+            ``named_modules()``). The paper uses 0.95 for the first layer and 0.99 for the
+            others on permuted MNIST, 0.97 (+0.003 per task) on CIFAR-100.
+        samples: examples (along dim 0 of each layer's input) collected per task.
+        threshold_increment: added to ε per finished task (task ``t``, 0-based, uses
+            ``min(1, ε + t·increment)``).
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> gpm = GPMCallback(threshold={"net.0": 0.95, "net.2": 0.99}, samples=300)
+        >>> trainer = Trainer(callbacks=[gpm], max_steps=1, logger=False)
+        >>> gpm.num_tasks, gpm.bases
+        (0, {})
+    """
+
+    _edit = "projects gradients"
+
+    def __init__(
+        self,
+        *,
+        threshold: float | Mapping[str, float] = 0.97,
+        samples: int = 300,
+        threshold_increment: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if isinstance(threshold, Mapping):
+            if not threshold:
+                raise ValueError("`threshold` must name at least one layer, got {}")
+            self.threshold: float | dict[str, float] = {}
+            for name, value in threshold.items():
+                if not isinstance(name, str):
+                    raise ValueError(f"`threshold` keys must be layer names, got {name!r}")
+                self.threshold[name] = check_number(
+                    f"threshold[{name!r}]", value, low=0.0, low_inclusive=False, high=1.0
+                )
+        else:
+            self.threshold = check_number(
+                "threshold", threshold, low=0.0, low_inclusive=False, high=1.0
+            )
+        self.samples = check_positive_int("samples", samples)
+        self.threshold_increment = check_number(
+            "threshold_increment", threshold_increment, low=0.0, low_inclusive=True, high=1.0
+        )
+        self._bases: TensorDict = {}
+        self._full: set[str] = set()  # layers already warned about
+        self._layers: list[_Protected] = []
+        self._trainable: list[Tensor] = []
+        self._owner: pl.LightningModule | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def bases(self) -> TensorDict:
+        """The stored orthonormal bases ``M`` (``F x k``), by layer name."""
+        return self._bases
+
+    def threshold_for(self, layer: str, task: int) -> float | None:
+        """ε used for ``layer`` at the end of task ``task`` (0-based); None: not protected."""
+        if isinstance(self.threshold, dict):
+            if layer not in self.threshold:
+                return None
+            base = self.threshold[layer]
+        else:
+            base = self.threshold
+        return min(1.0, base + task * self.threshold_increment)
+
+    # ------------------------------------------------------------------ task end
+
+    def _candidates(self, pl_module: pl.LightningModule) -> dict[str, nn.Module]:
+        modules = dict(pl_module.named_modules())
+        if isinstance(self.threshold, dict):
+            unknown = sorted(n for n in self.threshold if n not in modules)
+            unsupported = sorted(
+                n for n in self.threshold if n in modules and not _supported(modules[n])
+            )
+            if unknown or unsupported:
+                raise MisconfigurationException(
+                    f"GPMCallback: `threshold` names layers that are not in the model "
+                    f"({unknown}) or are not trainable Linear/Conv1d/Conv2d layers with "
+                    f"groups=1 ({unsupported})."
+                )
+        return {
+            name: m
+            for name, m in modules.items()
+            if _supported(m) and self.threshold_for(name, self.num_tasks) is not None
+        }
+
+    @override
+    def _end_task(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        dataloader: Iterable[Any] | None,
+    ) -> None:
+        layers = self._candidates(pl_module)
+        covariances, rows = self._collect(trainer, pl_module, layers, dataloader)
+        if trainer.world_size > 1:  # identical bases on every rank
+            names = list(layers)
+            flat = torch.cat([covariances[n].reshape(-1) for n in names])
+            flat = trainer.strategy.reduce(flat, reduce_op="mean")
+            pieces = flat.split([covariances[n].numel() for n in names])
+            covariances = {n: p.view_as(covariances[n]) for n, p in zip(names, pieces)}
+        if not any(rows.values()):
+            rank_zero_warn(
+                "GPMCallback: no protected layer saw an input at the end of this task; no "
+                "basis was added."
+            )
+        for name, cov in covariances.items():
+            threshold = self.threshold_for(name, self.num_tasks)
+            assert threshold is not None
+            old = self._bases.get(name)
+            if old is not None and old.shape[0] != cov.shape[0]:
+                raise MisconfigurationException(
+                    f"GPMCallback: layer {name!r} now has {cov.shape[0]} input features, its "
+                    f"stored basis {old.shape[0]}."
+                )
+            new = grow_basis(None if old is None else old.to(cov.device), cov, threshold)
+            if new is None:
+                continue
+            self._bases[name] = new
+            if new.shape[1] >= new.shape[0] and name not in self._full:
+                self._full.add(name)
+                rank_zero_warn(
+                    f"GPMCallback: the basis of layer {name!r} spans all its {new.shape[0]} "
+                    "input features: its weights cannot change any more (nothing left to "
+                    "learn). Lower `threshold`."
+                )
+        self._owner = None  # rebuilt lazily for the next step
+
+    def _collect(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        layers: dict[str, nn.Module],
+        dataloader: Iterable[Any] | None,
+    ) -> tuple[TensorDict, dict[str, int]]:
+        """Per layer: ``Σ rows rowsᵀ / #rows`` over the first ``samples`` examples."""
+        covariances: TensorDict = {
+            name: torch.zeros(
+                _num_features(m), _num_features(m), device=_weight(m).device, dtype=torch.float64
+            )
+            for name, m in layers.items()
+        }
+        rows = dict.fromkeys(layers, 0)
+        window = {"remaining": 0, "taken": 0}
+
+        def hook_for(name: str) -> Any:
+            def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+                x = args[0] if args else None
+                if not isinstance(x, Tensor) or window["remaining"] <= 0:
+                    return
+                unbatched = 1 if isinstance(module, nn.Linear) else _weight(module).dim() - 1
+                if x.dim() == unbatched:
+                    x = x.unsqueeze(0)
+                x = x.detach()[: window["remaining"]]  # dim 0: the examples
+                if x.shape[0] == 0:
+                    return
+                window["taken"] = max(window["taken"], x.shape[0])
+                r = layer_inputs(module, x)
+                covariances[name] += (r.T @ r).double()
+                rows[name] += r.shape[0]
+
+            return hook
+
+        handles = [m.register_forward_hook(hook_for(n)) for n, m in layers.items()]
+        seen = 0
+        try:
+            with quiet_eval(pl_module), extra_pass_context(trainer), torch.no_grad():
+                batches = training_batches(
+                    "GPMCallback", trainer, pl_module, dataloader, "to find the layers' inputs"
+                )
+                for batch_idx, batch in enumerate(batches):
+                    window["remaining"], window["taken"] = self.samples - seen, 0
+                    pl_module.training_step(batch, batch_idx)
+                    if window["taken"] == 0:
+                        break  # no protected layer is reached: more batches will not help
+                    seen += window["taken"]
+                    if seen >= self.samples:
+                        break
+        finally:
+            for handle in handles:
+                handle.remove()
+        for name, count in rows.items():
+            if count:
+                covariances[name] /= count
+        return covariances, rows
+
+    # ------------------------------------------------------------------ projection
+
+    def _build(self, pl_module: pl.LightningModule) -> None:
+        modules = dict(pl_module.named_modules())
+        self._trainable = [p for p in pl_module.parameters() if p.requires_grad]
+        shared: dict[int, list[tuple[str, nn.Module, Tensor]]] = {}  # by weight tensor
+        missing = []
+        for name, basis in self._bases.items():
+            module = modules.get(name)
+            if module is None or not isinstance(module, SUPPORTED_LAYERS):
+                missing.append(name)
+                continue
+            if basis.shape[0] != _num_features(module):
+                raise MisconfigurationException(
+                    f"GPMCallback: layer {name!r} has {_num_features(module)} input features, "
+                    f"its stored basis {basis.shape[0]}."
+                )
+            basis = basis.to(device=module.weight.device, dtype=torch.float32)
+            self._bases[name] = basis
+            if module.weight.requires_grad:
+                shared.setdefault(id(module.weight), []).append((name, module, basis))
+        self._layers = [_Protected(members) for members in shared.values()]
+        if missing:
+            rank_zero_warn(
+                "GPMCallback: stored bases name layers the model does not have (or that are "
+                f"not Linear/Conv); they are not protected: {sorted(missing)[:5]}"
+            )
+        self._owner = pl_module
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self._candidates(pl_module)  # a `threshold` dict naming no layer fails now, not later
+        self._build(pl_module)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._owner is not pl_module:
+            self._build(pl_module)
+        if not any(p.grad is not None for p in self._trainable):
+            return
+        self._steps_in_task += 1
+        layers = [layer for layer in self._layers if layer.weight.grad is not None]
+        if not layers:
+            return
+        grads = [layer.weight.grad for layer in layers]
+        grads += [b.grad for layer in layers for b in layer.biases]
+        if not all_finite([g for g in grads if g is not None]):
+            return  # leave inf/NaN for the AMP scaler (or the user) to see
+        with torch.no_grad():
+            for layer in layers:
+                self._project(layer)
+
+    @staticmethod
+    def _project(layer: _Protected) -> None:
+        dw: Tensor = layer.weight.grad  # type: ignore[assignment]
+        g = dw.reshape(dw.shape[0], -1).float()
+        if layer.biases:  # a missing bias gradient counts as zero (and stays missing)
+            columns = [
+                b.grad.float() if b.grad is not None else g.new_zeros(g.shape[0])
+                for b in layer.biases
+            ]
+            g = torch.cat([g, torch.stack(columns, 1)], 1)
+        m = layer.basis
+        g = g - (g @ m) @ m.T
+        dw.copy_(g[:, : layer.fan_in].reshape(dw.shape))
+        for j, b in enumerate(layer.biases):
+            if b.grad is not None:
+                b.grad.copy_(g[:, layer.fan_in + j])
+
+    # ------------------------------------------------------------------ state
+
+    @override
+    def _config(self) -> dict[str, Any]:
+        return {
+            "threshold": self.threshold,
+            "samples": self.samples,
+            "threshold_increment": self.threshold_increment,
+        }
+
+    @override
+    def _extra_state(self) -> dict[str, Any]:
+        return {"bases": dict(self._bases)}
+
+    @override
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self._bases = dict(state["bases"])
+        self._full = {n for n, b in self._bases.items() if b.shape[1] >= b.shape[0]}
+        self._owner = None
+
+    @override
+    def _release(self) -> None:
+        self._layers = []
+        self._trainable = []
+        self._owner = None
