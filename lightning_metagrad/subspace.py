@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_metagrad.predictors import OldGradientPredictor, Prediction
+from lightning_metagrad.projection import complement_of, grow_basis
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,7 @@ class SubspacePredictor(OldGradientPredictor):
     def basis(self, weight: str) -> Tensor:
         """The orthonormal basis (fan-in x k) of a weight matrix's protected subspace."""
         stored = self._basis[weight]
-        return _complement_of(stored) if weight in self._complement else stored
+        return complement_of(stored) if weight in self._complement else stored
 
     def state_floats(self) -> int:
         """Floats held between tasks: per matrix the smaller of the basis and its complement."""
@@ -259,11 +260,13 @@ class SubspacePredictor(OldGradientPredictor):
             group = self._groups.get(name)
             rows = group.rows if group is not None else self._shapes.get(name, (0, 0))[0]
             basis = self.basis(name) if name in self._basis else None
-            grown = _grow_basis(cov.double(), basis, self.threshold_of(name))
+            grown = grow_basis(basis, cov, self.threshold_of(name))
+            if grown is None:  # nothing to add and nothing stored yet
+                grown = cov.new_zeros(cov.shape[0], 0)
             self._complement.discard(name)
             if self.in_basis == "project" and grown.shape[1] > grown.shape[0] / 2:
                 self._complement.add(name)  # store (and multiply by) the smaller side
-                grown = _complement_of(grown)
+                grown = complement_of(grown)
             self._basis[name] = grown.to(cov.dtype)
             self._shapes[name] = (rows, cov.shape[0])
             if self.in_basis == "sign" and name in ends:
@@ -395,16 +398,6 @@ class SubspacePredictor(OldGradientPredictor):
         self._d = {k: v.clone() for k, v in state["taylor_d"].items()}
 
 
-def _complement_of(basis: Tensor) -> Tensor:
-    """An orthonormal basis of the orthogonal complement of ``basis``'s columns."""
-    cols = basis.shape[0]
-    if basis.shape[1] == 0:
-        return torch.eye(cols, dtype=basis.dtype, device=basis.device)
-    b = basis.double()
-    values, vectors = torch.linalg.eigh(torch.eye(cols, dtype=b.dtype, device=b.device) - b @ b.T)
-    return vectors[:, values > 0.5].to(basis.dtype)  # eigenvalues are 0 (in span) or 1
-
-
 @torch.no_grad()
 def _keep_complement_(n: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
     """``G <- G N N^T`` in place for ``G = [w, b]`` (``N``: the complement of the protected
@@ -420,29 +413,3 @@ def _keep_complement_(n: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, T
         b.copy_(gn @ nb)
     w.copy_(gn @ nw.T)
     return total - gn.pow(2).sum(), total
-
-
-def _grow_basis(cov: Tensor, basis: Tensor | None, threshold: float) -> Tensor:
-    """GPM's energy rule on a second moment: ``basis`` plus just enough of the leading
-    directions of ``cov`` outside it to explain ``threshold`` of ``cov``'s energy (trace)."""
-    total = torch.trace(cov)
-    if basis is None:
-        basis = cov.new_zeros(cov.shape[0], 0)
-    basis = basis.to(cov.dtype)
-    if not bool(total > 0) or basis.shape[1] >= cov.shape[0]:
-        return basis
-    explained = torch.trace(basis.T @ cov @ basis)
-    if bool(explained >= threshold * total):
-        return basis
-    # The part of cov outside the basis: P cov P with P = I - M M^T.
-    outside = cov - basis @ (basis.T @ cov)
-    outside = outside - (outside @ basis) @ basis.T
-    values, vectors = torch.linalg.eigh((outside + outside.T) / 2)
-    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
-    reached = (explained + values.cumsum(0)) >= threshold * total
-    k = int(reached.to(torch.int64).argmax()) + 1 if bool(reached.any()) else values.numel()
-    k = min(k, cov.shape[0] - basis.shape[1])
-    new = vectors[:, :k]
-    new = new - basis @ (basis.T @ new)  # re-orthogonalise against the basis (round-off)
-    new, _ = torch.linalg.qr(new)
-    return torch.cat([basis, new], dim=1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -24,13 +23,10 @@ from lightning_metagrad.baselines._base import (
     extra_pass_context,
     training_batches,
 )
+from lightning_metagrad.projection import grow_basis
 
 #: The layer types whose weights GPM protects.
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
-
-# Directions of the residual whose energy is at most this fraction of the layer's total are
-# numerical noise (float32 accumulation), never added to a basis (matters for threshold=1).
-_NOISE = 1e-6
 
 
 def _supported(module: nn.Module) -> bool:
@@ -90,51 +86,6 @@ def layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
     if module.bias is not None:
         rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1)
     return rows
-
-
-def grow_basis(basis: Tensor | None, covariance: Tensor, threshold: float) -> Tensor | None:
-    """GPM's basis update from the uncentred covariance ``C = R Rᵀ`` of a task's inputs.
-
-    With ``M`` the stored orthonormal basis (None or 0 columns on the first task), the energy
-    ``‖Mᵀ R‖² / ‖R‖²`` it explains already is ``tr(MᵀCM) / tr(C)``; the eigenvectors of
-    ``(I − MMᵀ) C (I − MMᵀ)`` (the residual's left singular vectors, eigenvalues its squared
-    singular values) are added in decreasing order until ``threshold`` of ``‖R‖²`` is
-    explained (GPM eqs. 8-9; on the first task: the smallest ``k`` with
-    ``‖R_k‖² ≥ threshold ‖R‖²``). The result is re-orthonormalised (QR). Returns ``basis``
-    unchanged when it already explains enough (or the task has no energy).
-
-    Example:
-        >>> R = torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.1]))  # features x samples
-        >>> grow_basis(None, R @ R.T, 0.9).shape  # 9 + 4 = 13 of 14.01 > 0.9
-        torch.Size([4, 2])
-        >>> grow_basis(torch.eye(4)[:, :1], R @ R.T, 0.99).shape
-        torch.Size([4, 3])
-    """
-    cov = covariance.double()
-    cov = (cov + cov.T) / 2
-    total = float(torch.trace(cov))
-    if not math.isfinite(total) or total <= 0:
-        return basis
-    features = cov.shape[0]
-    if basis is None or basis.shape[1] == 0:
-        kept, residual, old = 0.0, cov, cov.new_zeros(features, 0)
-    else:
-        old = basis.to(cov)
-        kept = float(torch.trace(old.T @ cov @ old)) / total
-        projector = torch.eye(features, dtype=cov.dtype, device=cov.device) - old @ old.T
-        residual = projector @ cov @ projector
-    if kept >= threshold or old.shape[1] >= features:
-        return basis
-    values, vectors = torch.linalg.eigh((residual + residual.T) / 2)
-    values, vectors = values.flip(0).clamp_min(0) / total, vectors.flip(1)
-    explained = kept + torch.cumsum(values, 0)
-    needed = int((explained < threshold).sum()) + 1  # the first index reaching the threshold
-    usable = int((values > _NOISE).sum())
-    count = min(needed, usable, features - old.shape[1])
-    if count <= 0:
-        return basis
-    merged, _ = torch.linalg.qr(torch.cat([old, vectors[:, :count]], 1))
-    return merged.float()
 
 
 class _Protected:
