@@ -1,11 +1,20 @@
 """Evaluate automatic task-switch detection on task-free streams (docs/detection.md).
 
-A permuted stream is flattened into one long ``fit`` whose batches carry no task id; the task
-changes at known iterations, abruptly or gradually (a linear mix of old and new task over
-``--blur`` iterations). Reports detection delay, false switches per 10k iterations and missed
-switches, and the final ACC/BWT of MetaGrad with detected vs given boundaries.
+Each stream is flattened into one long ``fit`` whose batches carry no task id; the task
+changes at known optimizer steps, abruptly or gradually (a sample-wise linear mix of the two
+tasks over ``blur`` steps centred on the switch). Four streams: Permuted digits, Permuted
+Fashion-MNIST, Rotated Fashion-MNIST and a synthetic one (Gaussians in task-specific
+subspaces, below).
 
-    python benchmarks/detection_eval.py --datasets digits fashion_mnist --seeds 0 1 2
+Three modes, each writing ``<output>/<mode>.json``:
+
+* ``switches``: detection for every stream x switch kind x task length x seed; switches
+  found, delays, false switches per 10k steps, and ACC/BWT at the true task ends.
+* ``events``: one task with a within-task event (learning-rate drop, warm-up schedule,
+  2-batch loss spike, batch-size change); every detection is a false switch.
+* ``given``: the same streams with the boundaries given (one ``fit`` per task), for ACC/BWT.
+
+    python benchmarks/detection_eval.py switches --signals novelty --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import argparse
 import json
 import logging
 import statistics
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,11 +34,80 @@ from torch.utils.data import DataLoader
 
 from lightning_metagrad import AutoBoundaries, MetaGradCallback
 from lightning_metagrad.benchmark import MLPClassifier
-from lightning_metagrad.data import PermutedStream
+from lightning_metagrad.data import PermutedStream, RotatedStream
 from lightning_metagrad.metrics import average_accuracy, backward_transfer
 
+STREAMS = ("digits", "fashion", "rotated", "synthetic")
+#: name -> AutoBoundaries arguments; "novelty+loss": the loss as auxiliary evidence
+SIGNALS: dict[str, dict[str, Any]] = {
+    "novelty": {"signal": "novelty"},
+    "loss": {"signal": "loss"},
+    "error": {"signal": "error"},
+    "novelty+loss": {"signal": "novelty", "evidence": {"loss": 0.5}},
+}
+EVENTS = ("lr_drop", "warmup", "loss_spike", "input_spike", "batch_size")
 
-def task_batches(stream: PermutedStream, task: int, count: int) -> list[dict[str, Any]]:
+
+class SubspaceGaussians:
+    """A synthetic stream: 10-class labels of a fixed linear teacher on a 16-D standard
+    Gaussian latent ``z``; task ``t`` shows it in its own random 16-D subspace of a 64-D input,
+    ``x = E_t z + 0.05 * noise`` (``E_t`` orthonormal columns, drawn per task). The same
+    concept embedded differently, like a pixel permutation, but in random directions: two
+    tasks' input subspaces overlap by about a quarter.
+
+    Duck-types the parts of a :class:`~lightning_metagrad.data.TaskStream` used here.
+    """
+
+    def __init__(self, num_tasks: int, seed: int, batch_size: int = 64) -> None:
+        self.num_tasks, self.batch_size, self.input_dim, self.num_classes = (
+            num_tasks, batch_size, 64, 10,
+        )  # fmt: skip
+        gen = torch.Generator().manual_seed(10_000 + seed)
+        teacher = torch.randn(10, 16, generator=gen)
+        embeddings = [
+            torch.linalg.qr(torch.randn(64, 16, generator=gen))[0] for _ in range(num_tasks)
+        ]
+        self.data: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        for task in range(num_tasks):
+            for split, n in (("train", 6400), ("test", 2000)):
+                z = torch.randn(n, 16, generator=gen)
+                x = z @ embeddings[task].T + 0.05 * torch.randn(n, 64, generator=gen)
+                self.data[task, split] = (x, (z @ teacher.T).argmax(1))
+        self.task = 0
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        pass
+
+    def set_task(self, task: int) -> None:
+        self.task = task
+
+    def train_dataloader(self) -> list[dict[str, torch.Tensor]]:
+        x, y = self.data[self.task, "train"]
+        order = torch.randperm(len(y), generator=self.gen)
+        return [{"x": x[idx], "y": y[idx]} for idx in order.split(self.batch_size)]
+
+    def task_dataloader(self, task: int, split: str = "test") -> list[dict[str, torch.Tensor]]:
+        x, y = self.data[task, split]
+        return [{"x": x[i : i + 500], "y": y[i : i + 500]} for i in range(0, len(y), 500)]
+
+
+def make_stream(name: str, tasks: int, seed: int, root: str) -> Any:
+    if name == "digits":
+        stream: Any = PermutedStream(dataset="digits", num_tasks=tasks, seed=seed)
+    elif name == "fashion":
+        stream = PermutedStream(dataset="fashion_mnist", root=root, num_tasks=tasks, seed=seed)
+    elif name == "rotated":  # 0, 60, 120, 180 degrees for 4 tasks
+        stream = RotatedStream(dataset="fashion_mnist", root=root, num_tasks=tasks, seed=seed)
+    elif name == "synthetic":
+        stream = SubspaceGaussians(tasks, seed)
+    else:
+        raise ValueError(f"unknown stream {name!r}; one of {STREAMS}")
+    stream.setup("fit")
+    return stream
+
+
+def task_batches(stream: Any, task: int, count: int) -> list[dict[str, Any]]:
     stream.set_task(task)
     out: list[dict[str, Any]] = []
     while len(out) < count:
@@ -41,9 +120,7 @@ def task_batches(stream: PermutedStream, task: int, count: int) -> list[dict[str
     return out
 
 
-def build_stream(
-    stream: PermutedStream, tasks: int, per_task: int, blur: int, seed: int
-) -> list[dict[str, Any]]:
+def build_stream(stream: Any, tasks: int, per_task: int, blur: int, seed: int) -> list[dict]:
     """Batches of one silent stream; with ``blur`` > 0 each switch is a linear mix."""
     per = [task_batches(stream, t, per_task) for t in range(tasks)]
     gen = torch.Generator().manual_seed(seed)
@@ -73,143 +150,223 @@ def build_stream(
     return batches
 
 
-def accuracy_row(model: MLPClassifier, stream: PermutedStream, tasks: int) -> list[float]:
+class Scheduled(MLPClassifier):
+    """The benchmark MLP with a within-task learning-rate schedule (``lr_drop``: /10 half-way;
+    ``warmup``: linear from 0 over the first quarter)."""
+
+    def __init__(self, *args: Any, schedule: str | None = None, steps: int = 1, **kw: Any):
+        super().__init__(*args, **kw)
+        self.schedule, self.steps = schedule, steps
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        opt = super().configure_optimizers()
+        if self.schedule is None:
+            return opt
+        half, quarter = self.steps // 2, max(self.steps // 4, 1)
+        if self.schedule == "lr_drop":
+            rule = lambda s: 1.0 if s < half else 0.1  # noqa: E731
+        else:
+            rule = lambda s: min(1.0, (s + 1) / quarter)  # noqa: E731
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, rule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def with_event(batches: list[dict], event: str, seed: int) -> list[dict]:
+    """The batches with a within-task ``event`` half-way (schedules act in the model)."""
+    out = list(batches)
+    mid = len(out) // 2
+    gen = torch.Generator().manual_seed(seed)
+    if event in ("loss_spike", "input_spike"):  # two batches of random labels
+        for i in (mid, mid + 1):
+            x, y = out[i]["x"], out[i]["y"]
+            x = x * 5 if event == "input_spike" else x  # and, here, inputs scaled 5-fold
+            out[i] = {"x": x, "y": torch.randint(0, 10, y.shape, generator=gen)}
+    elif event == "batch_size":  # from 64 to 16 samples a batch
+        out = out[:mid] + [{k: v[:16] for k, v in b.items()} for b in out[mid:]]
+    return out
+
+
+TRAINER: dict[str, Any] = dict(
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    accelerator="cpu",
+    devices=1,
+)
+
+
+def accuracy_row(model: MLPClassifier, stream: Any, tasks: int) -> list[float]:
     return [model.accuracy(stream.task_dataloader(j, split="test")) for j in range(tasks)]
 
 
-def run(
-    dataset: str,
-    root: str,
-    seed: int,
-    tasks: int,
-    per_task: int,
-    blur: int,
-    given: bool,
-    lr: float,
-    signal: str = "error",
-) -> dict[str, Any]:
-    pl.seed_everything(seed, verbose=False)
-    stream = PermutedStream(dataset=dataset, root=root, num_tasks=tasks, seed=seed)
-    stream.setup("fit")
-    model = MLPClassifier(input_dim=stream.input_dim, num_classes=stream.num_classes, lr=lr)
+def model_for(stream: Any, lr: float, schedule: str | None = None, steps: int = 1) -> Scheduled:
+    return Scheduled(
+        input_dim=stream.input_dim, num_classes=stream.num_classes, hidden_sizes=(128, 128),
+        lr=lr, schedule=schedule, steps=steps,
+    )  # fmt: skip
+
+
+def detect(
+    stream: Any, batches: list[dict], signal: str, lr: float, per_task: int | None,
+    tasks: int, schedule: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """One silent ``fit``; the detected switches and the accuracy matrix at true task ends."""
+    model = model_for(stream, lr, schedule, len(batches))
     matrix: list[list[float]] = []
-    trainer_kw: dict[str, Any] = dict(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
+
+    class AtTaskEnds(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            if per_task and trainer.global_step % per_task == 0:
+                matrix.append(accuracy_row(model, stream, tasks))
+
+    cb = MetaGradCallback(task_boundaries=AutoBoundaries(**SIGNALS[signal]))
+    pl.Trainer(max_steps=len(batches), callbacks=[cb, AtTaskEnds()], **TRAINER).fit(
+        model, DataLoader(batches, batch_size=None)
     )
-    if given:
-        cb = MetaGradCallback(predictor="anchored")
-        for t in range(tasks):
-            loader = DataLoader(task_batches(stream, t, per_task), batch_size=None)
-            pl.Trainer(max_steps=per_task, callbacks=[cb], **trainer_kw).fit(model, loader)
-            matrix.append(accuracy_row(model, stream, tasks))
-        switches: list[int] = []
-    else:
-        cb = MetaGradCallback(predictor="anchored", task_boundaries=AutoBoundaries(signal=signal))
-        batches = build_stream(stream, tasks, per_task, blur, seed)
-
-        class AtTaskEnds(pl.Callback):  # the accuracy matrix, at the true task ends
-            def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-                if trainer.global_step % per_task == 0:
-                    matrix.append(accuracy_row(model, stream, tasks))
-
-        pl.Trainer(max_steps=len(batches), callbacks=[cb, AtTaskEnds()], **trainer_kw).fit(
-            model, DataLoader(batches, batch_size=None)
-        )
-        switches = cb.detected_switches
-    return {"switches": switches, "tasks_found": cb.task_index + 1, "matrix": matrix}
+    return {"switches": list(cb.detected_switches), "matrix": matrix}
 
 
-def score(switches: list[int], true: list[int], total: int, tolerance: int) -> dict[str, Any]:
-    """Match each true switch to the first detection within ``tolerance`` after it."""
+def score(switches: list[int], true: list[int], blur: int, per_task: int) -> dict[str, Any]:
+    """Each true switch is matched to the first unmatched detection from half a blend (and
+    10 steps) before it to ``min(per_task / 2, 250)`` steps after; the rest are false."""
     delays, used = [], set()
     for t in true:
-        hits = [s for s in switches if t - tolerance // 4 <= s <= t + tolerance and s not in used]
+        lo, hi = t - blur // 2 - 10, t + min(per_task // 2, 250)
+        hits = [s for s in switches if lo <= s <= hi and s not in used]
         if hits:
             used.add(hits[0])
             delays.append(hits[0] - t)
     false = len([s for s in switches if s not in used])
-    return {
-        "delays": delays,
-        "missed": len(true) - len(delays),
-        "false": false,
-        "false_per_10k": 1e4 * false / total,
-    }
+    return {"delays": delays, "missed": len(true) - len(delays), "false": false}
+
+
+def blur_of(per_task: int) -> int:
+    return min(200, per_task // 2)
+
+
+def save(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """Write ``<output>/<mode>.json`` (after every row, so a killed run loses one row)."""
+    result["args"] = {k: str(v) for k, v in vars(args).items()}
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / f"{args.mode}.json").write_text(json.dumps(result, indent=1))
+
+
+def mode_switches(args: argparse.Namespace) -> dict[str, Any]:
+    path = args.output / "switches.json"
+    old = json.loads(path.read_text()) if args.resume and path.exists() else {}
+    runs, rows = old.get("runs", []), old.get("table", [])
+    done = {(r["signal"], r["stream"], r["kind"], r["per_task"]) for r in rows}
+    for signal in args.signals:
+        for name in args.streams:
+            for kind in ("abrupt", "blurry"):
+                for per_task in args.lengths:
+                    if (signal, name, kind, per_task) in done:
+                        continue
+                    blur = blur_of(per_task) if kind == "blurry" else 0
+                    true = [per_task * i for i in range(1, args.tasks)]
+                    scores, accs, bwts = [], [], []
+                    for seed in args.seeds:
+                        pl.seed_everything(seed, verbose=False)
+                        stream = make_stream(name, args.tasks, seed, args.root)
+                        batches = build_stream(stream, args.tasks, per_task, blur, seed)
+                        t0 = time.time()
+                        r = detect(stream, batches, signal, args.lr, per_task, args.tasks)
+                        s = score(r["switches"], true, blur, per_task)
+                        m = torch.tensor(r["matrix"])
+                        runs.append({**r, "signal": signal, "stream": name, "kind": kind,
+                                     "per_task": per_task, "seed": seed, "score": s,
+                                     "seconds": time.time() - t0})  # fmt: skip
+                        scores.append(s)
+                        accs.append(average_accuracy(m))
+                        bwts.append(backward_transfer(m))
+                    delays = [d for s in scores for d in s["delays"]]
+                    false = sum(s["false"] for s in scores)
+                    rows.append({
+                        "signal": signal, "stream": name, "kind": kind, "per_task": per_task,
+                        "found": f"{len(delays)}/{len(true) * len(args.seeds)}",
+                        "median_delay": statistics.median(delays) if delays else None,
+                        "max_delay": max(delays) if delays else None,
+                        "false_per_10k": 1e4 * false / (per_task * args.tasks * len(args.seeds)),
+                        "acc": statistics.fmean(accs), "bwt": statistics.fmean(bwts),
+                    })  # fmt: skip
+                    print(rows[-1], flush=True)
+                    save(args, {"runs": runs, "table": rows})
+    return {"runs": runs, "table": rows}
+
+
+def mode_events(args: argparse.Namespace) -> dict[str, Any]:
+    runs, rows = [], []
+    for signal in args.signals:
+        for name in args.streams:
+            for event in args.events:
+                false = 0
+                for seed in args.seeds:
+                    pl.seed_everything(seed, verbose=False)
+                    stream = make_stream(name, 1, seed, args.root)
+                    batches = with_event(build_stream(stream, 1, args.steps, 0, seed), event, seed)
+                    schedule = event if event in ("lr_drop", "warmup") else None
+                    r = detect(stream, batches, signal, args.lr, None, 1, schedule)
+                    runs.append({**r, "signal": signal, "stream": name, "event": event,
+                                 "seed": seed})  # fmt: skip
+                    false += len(r["switches"])
+                rows.append({"signal": signal, "stream": name, "event": event,
+                             "false_switches": false, "runs": len(args.seeds)})  # fmt: skip
+                print(rows[-1], flush=True)
+    return {"runs": runs, "table": rows}
+
+
+def mode_given(args: argparse.Namespace) -> dict[str, Any]:
+    runs, rows = [], []
+    for name in args.streams:
+        for per_task in args.lengths:
+            accs, bwts = [], []
+            for seed in args.seeds:
+                pl.seed_everything(seed, verbose=False)
+                stream = make_stream(name, args.tasks, seed, args.root)
+                model = model_for(stream, args.lr)
+                cb = MetaGradCallback()  # task_boundaries="fit": one fit per task
+                matrix = []
+                for t in range(args.tasks):
+                    loader = DataLoader(task_batches(stream, t, per_task), batch_size=None)
+                    pl.Trainer(max_steps=per_task, callbacks=[cb], **TRAINER).fit(model, loader)
+                    matrix.append(accuracy_row(model, stream, args.tasks))
+                m = torch.tensor(matrix)
+                accs.append(average_accuracy(m))
+                bwts.append(backward_transfer(m))
+                runs.append({"stream": name, "per_task": per_task, "seed": seed, "matrix": matrix})
+            rows.append({"stream": name, "per_task": per_task, "acc": statistics.fmean(accs),
+                         "bwt": statistics.fmean(bwts)})  # fmt: skip
+            print(rows[-1], flush=True)
+    return {"runs": runs, "table": rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--datasets", nargs="+", default=["digits", "fashion_mnist"])
-    parser.add_argument("--root", default="../shared/data")
+    parser.add_argument("mode", choices=["switches", "events", "given"])
+    parser.add_argument("--streams", nargs="+", choices=STREAMS, default=list(STREAMS))
+    parser.add_argument("--signals", nargs="+", choices=list(SIGNALS), default=["novelty"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--tasks", type=int, default=5)
-    parser.add_argument("--per-task", type=int, default=1000)
-    parser.add_argument("--blur", type=int, default=200)
+    parser.add_argument("--tasks", type=int, default=4)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[200, 500, 1000],
+                        help="optimizer steps per task")  # fmt: skip
+    parser.add_argument("--events", nargs="+", choices=EVENTS, default=list(EVENTS))
+    parser.add_argument("--steps", type=int, default=800, help="steps of an event run")
     parser.add_argument("--lr", type=float, default=0.03)
-    parser.add_argument("--signal", choices=["error", "loss"], default="error")
-    parser.add_argument("--skip-given", action="store_true", help="no given-boundary runs")
+    parser.add_argument("--root", default="../shared/data")
     parser.add_argument("--output", type=Path, default=Path("runs/detection"))
+    parser.add_argument("--resume", action="store_true", help="switches: skip rows done")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
-    true = [args.per_task * i for i in range(1, args.tasks)]
-    total = args.per_task * args.tasks
-    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
-    rows = []
-    for dataset in args.datasets:
-        for kind, blur in (("abrupt", 0), ("blurry", args.blur)):
-            scores, accs, bwts = [], [], []
-            for seed in args.seeds:
-                r = run(
-                    dataset, args.root, seed, args.tasks, args.per_task, blur, False, args.lr,
-                    args.signal,
-                )  # fmt: skip
-                s = score(r["switches"], true, total, tolerance=args.per_task // 2)
-                r.update(dataset=dataset, kind=kind, seed=seed, score=s)
-                results["runs"].append(r)
-                scores.append(s)
-                accs.append(average_accuracy(torch.tensor(r["matrix"])))
-                bwts.append(backward_transfer(torch.tensor(r["matrix"])))
-            delays = [d for s in scores for d in s["delays"]]
-            rows.append(
-                {
-                    "dataset": dataset,
-                    "kind": kind,
-                    "median_delay": statistics.median(delays) if delays else None,
-                    "max_delay": max(delays) if delays else None,
-                    "missed": sum(s["missed"] for s in scores),
-                    "false_per_10k": statistics.fmean(s["false_per_10k"] for s in scores),
-                    "acc_detected": statistics.fmean(accs),
-                    "bwt_detected": statistics.fmean(bwts),
-                }
-            )
-            print(rows[-1], flush=True)
-        if args.skip_given:
-            continue
-        accs, bwts = [], []
-        for seed in args.seeds:
-            r = run(dataset, args.root, seed, args.tasks, args.per_task, 0, True, args.lr)
-            m = torch.tensor(r["matrix"])
-            accs.append(average_accuracy(m))
-            bwts.append(backward_transfer(m))
-            r.update(dataset=dataset, kind="given", seed=seed)
-            results["runs"].append(r)
-        rows.append(
-            {
-                "dataset": dataset,
-                "kind": "given boundaries",
-                "acc_given": statistics.fmean(accs),
-                "bwt_given": statistics.fmean(bwts),
-            }
-        )
-        print(rows[-1], flush=True)
-    results["table"] = rows
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "detection.json").write_text(json.dumps(results, indent=1))
+    torch.set_num_threads(1)
+    t0 = time.time()
+    result = {"switches": mode_switches, "events": mode_events, "given": mode_given}[args.mode](
+        args
+    )
+    result["seconds"] = time.time() - t0
+    save(args, result)
+    print(f"done in {result['seconds']:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

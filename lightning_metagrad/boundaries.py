@@ -7,7 +7,7 @@ Plain Python; no Trainer needed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ from torch import Tensor
 
 from lightning_metagrad.detection import ChangePointDetector
 from lightning_metagrad.meta_network import CoordinateMLP, MetaNetwork
+from lightning_metagrad.novelty import SubspaceNovelty
 
 
 class TaskBoundarySource:
@@ -210,73 +211,149 @@ def _plain(task_id: Hashable | None) -> Any:
     return task_id if isinstance(task_id, (int, str, float)) or task_id is None else str(task_id)
 
 
-_AUTO_SIGNALS = ("error", "loss")
+_AUTO_SIGNALS = ("novelty", "loss", "error")
+#: The auxiliary evidence (detector weights) each main signal gets by default.
+_DEFAULT_EVIDENCE: dict[str, dict[str, float]] = {
+    "novelty": {},
+    "loss": {"error": 1.0},
+    "error": {},
+}
+_DEFAULT_SIGNAL = "novelty"
+
+
+def default_detector(
+    signal: str = _DEFAULT_SIGNAL, evidence: Mapping[str, float] | None = None
+) -> ChangePointDetector:
+    """The :class:`~lightning_metagrad.detection.ChangePointDetector` an
+    :class:`AutoBoundaries` builds for a main ``signal``: an adaptive warm-up (20
+    observations after the start and after each switch, extended while the signal still
+    moves, up to 100) and no cooldown. The novelty, observed every step and noisier, is
+    tested on a window of 15 and must double (``min_relative_jump=1``) for 8 observations in a
+    row against a baseline with a half-life of 100 observations, or grow 4-fold
+    (``fast_jump=3``) for 4; the loss and the meta-network's error, observed every 4 steps,
+    must grow 1.5-fold for 5 observations against one with a half-life of 200.
+
+    Example:
+        >>> det = default_detector("novelty", {"loss": 0.5})
+        >>> det.signal, det.weights, det.warmup, det.max_warmup, det.cooldown
+        ('novelty', {'loss': 0.5}, 20, 100, 0)
+        >>> det.min_relative_jump, default_detector("loss").min_relative_jump
+        (1.0, 0.5)
+    """
+    weights = _DEFAULT_EVIDENCE.get(signal, {}) if evidence is None else dict(evidence)
+    novelty = signal == "novelty"
+    if novelty:  # one noisy value a step: a longer window, a larger jump
+        shape: dict[str, Any] = {"window": 15, "patience": 8, "min_relative_jump": 1.0}
+        shape.update(halflife=100.0, fast_jump=3.0)
+    else:
+        shape = {"window": 9, "patience": 5, "min_relative_jump": 0.5, "halflife": 200.0}
+    return ChangePointDetector(
+        signal=signal, weights=weights, warmup=20, max_warmup=100, cooldown=0, **shape
+    )
 
 
 class AutoBoundaries(TaskBoundarySource):
-    """Task switches detected from a jump in the training loss or in a meta-network's
-    reconstruction error (section 5.1).
+    """Task switches detected from a jump in a signal of the training stream (section 5.1).
 
-    A small coordinate-wise meta-network (default 1-32-32-1, the paper's h at a detector's
-    size) is trained on the step's ``(theta_j, target_j)`` pairs every ``every`` steps. Its
-    MSE on freshly drawn coordinates, *before* the update and in target units fixed at the
-    start of each task, is fed to a
-    :class:`~lightning_metagrad.detection.ChangePointDetector`: when the task changes, the
-    gradients it learned no longer fit and the error jumps and stays up. At a detected switch
-    the meta-network is re-initialised for the new task. The first ``settle`` observations
-    of the whole run only train the meta-network: from a random initialisation the
-    gradients grow and change fast, which is not a task switch.
+    Plain Python, fed by the callback (:meth:`on_gradients`, :meth:`on_pairs`,
+    :meth:`on_loss`); no Trainer needed.
 
-    ``signal`` chooses the tested signal:
+    ``signal`` chooses the main signal a
+    :class:`~lightning_metagrad.detection.ChangePointDetector` tests:
 
-    * ``"loss"`` (default): the mean training loss since the previous observation, with the
-      meta-network's error as auxiliary evidence (Stouffer's weighted z, see
-      :class:`~lightning_metagrad.detection.ChangePointDetector`);
-    * ``"error"``: the meta-network's error alone, the paper's signal exactly.
+    * ``"novelty"``: the share of each step's gradient energy outside the current task's
+      gradient subspace, per weight matrix and energy-weighted over them
+      (:class:`~lightning_metagrad.novelty.SubspaceNovelty`; fed by
+      :meth:`on_gradients`). Scale free: a learning-rate change, a warm-up or a new batch size
+      leave it alone, and it needs no labels or loss scale.
+    * ``"loss"``: the mean training loss since the previous observation, by default with the
+      meta-network's error as auxiliary evidence;
+    * ``"error"``: a small coordinate-wise meta-network's reconstruction error (default
+      1-32-32-1, the paper's h at a detector's size), trained on the step's
+      ``(theta_j, target_j)`` pairs; its MSE on freshly drawn coordinates, *before* the
+      update and in target units fixed at the start of each task: the paper's signal exactly.
 
-    Measured on silent Permuted streams (``docs/detection.md``): both find every abrupt switch
-    on digits; on Fashion-MNIST, where a θ-only meta-network explains almost nothing of the
-    gradient, the error hardly moves at a switch (0 of 12 found) while the loss of a new task
-    jumps several-fold (10 of 12 found). A ``detector`` passed in decides itself: its
-    ``signal`` and ``weights`` may name ``"error"`` and ``"loss"``.
+    ``evidence`` gives auxiliary signals and their weights (Stouffer's weighted z, see
+    :class:`~lightning_metagrad.detection.ChangePointDetector`), e.g.
+    ``AutoBoundaries(signal="novelty", evidence={"loss": 0.5})``; they add evidence but cannot
+    fire alone. A ``detector`` passed in decides itself: its ``signal`` and ``weights`` may
+    name ``"novelty"``, ``"loss"`` and ``"error"``.
+
+    ``signal="novelty"`` is the default (what ``task_boundaries="auto"`` builds): measured on
+    four silent streams with tasks of 200 to 1000 steps (``docs/detection.md``), it found
+    every abrupt switch and most blurry ones, where the loss missed switches of short tasks
+    and blends, and the paper's error most switches on Fashion-MNIST.
+
+    Observations are taken every ``every`` optimizer steps (None: every step for the
+    novelty, whose value is then pooled over the steps between; every 4 steps for the loss,
+    as their mean, and for the error). There is no fixed settling period or cooldown:
+    :func:`default_detector`'s warm-up (20 observations after the start and after each
+    switch) is extended while the main signal still moves, up to 100 observations, so a
+    network leaving its random initialisation or a blend still going on is learned as the
+    level, and tasks of 200 steps are still tested. Only the paper's error gets ``settle``
+    observations at the start of the run that train the meta-network alone (None: 100 for
+    ``signal="error"``, whose error first rises for hundreds of steps as the gradients grow,
+    else 0). At a detected switch (or any new task) the detector restarts, the meta-network
+    is re-initialised and the novelty's subspaces are rebuilt from the new task's gradients.
+    ``novelty`` passes a configured :class:`~lightning_metagrad.novelty.SubspaceNovelty`.
 
     Example:
-        >>> detector = ChangePointDetector(warmup=5, patience=2)  # the paper's signal
-        >>> src = AutoBoundaries(every=1, detector=detector)
-        >>> src.on_pairs(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64))
+        >>> src = AutoBoundaries(signal="novelty")
+        >>> src.uses_gradients, src.uses_pairs, src.uses_loss
+        (True, False, False)
+        >>> w = torch.zeros(4, 3)
+        >>> src.on_gradients(["w"], [w], [torch.ones(4, 3)])
         False
+        >>> AutoBoundaries(signal="error").uses_pairs
+        True
     """
 
     name = "auto"
 
     def __init__(
         self,
-        every: int = 4,
+        every: int | None = None,
         hidden_sizes: Sequence[int] = (32, 32),
         coords_per_step: int = 1024,
         detector: ChangePointDetector | None = None,
-        settle: int = 100,
+        settle: int | None = None,
         seed: int = 0,
-        signal: str = "loss",
+        signal: str = _DEFAULT_SIGNAL,
+        evidence: Mapping[str, float] | None = None,
+        novelty: SubspaceNovelty | None = None,
     ) -> None:
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"`every` must be an int >= 1, got {every!r}")
-        if not isinstance(settle, int) or settle < 0:
-            raise ValueError(f"`settle` must be an int >= 0, got {settle!r}")
+        if every is not None and (
+            isinstance(every, bool) or not isinstance(every, int) or every < 1
+        ):
+            raise ValueError(f"`every` must be None or an int >= 1, got {every!r}")
+        if settle is not None and (
+            isinstance(settle, bool) or not isinstance(settle, int) or settle < 0
+        ):
+            raise ValueError(f"`settle` must be None or an int >= 0, got {settle!r}")
         if signal not in _AUTO_SIGNALS:
             raise ValueError(f"`signal` must be one of {_AUTO_SIGNALS}, got {signal!r}")
+        if evidence is not None and not isinstance(evidence, Mapping):
+            raise ValueError(f"`evidence` must map signal names to weights, got {evidence!r}")
         if detector is None:
-            weights = {"error": 1.0} if signal == "loss" else None
-            detector = ChangePointDetector(signal=signal, weights=weights)
+            detector = default_detector(signal, evidence)
+        elif evidence is not None:
+            raise ValueError("pass `evidence` or a `detector` (whose `weights` are the evidence)")
         names = {detector.signal, *detector.weights}
         if not names <= set(_AUTO_SIGNALS):
             raise ValueError(
                 f"`detector` may only use the signals {_AUTO_SIGNALS} (as `signal` or in "
                 f"`weights`), got {sorted(names)}"
             )
+        if novelty is not None and not isinstance(novelty, SubspaceNovelty):
+            raise ValueError(f"`novelty` must be a SubspaceNovelty, got {type(novelty).__name__}")
+        if settle is None:  # the meta-network must first learn the gradients (see above)
+            settle = 100 if detector.signal == "error" else 0
         self.settle = settle
+        if every is None:  # the novelty every step; the loss and the error every 4 steps
+            every = 1 if detector.signal == "novelty" else 4
         self.every = every
         self.detector = detector
+        self._signals = names
         # Sum and count of the finite losses since the last observation; tensors, so feeding
         # them never syncs with the device. None: no loss since the last observation.
         self._loss_sum: Tensor | None = None
@@ -285,42 +362,75 @@ class AutoBoundaries(TaskBoundarySource):
         self.meta = MetaNetwork(
             CoordinateMLP(hidden_sizes), coords_per_step=coords_per_step, lr=3e-3, generator=gen
         )
+        self.novelty = novelty if novelty is not None else SubspaceNovelty(seed=seed)
         self.steps = 0
         self.switched = False
         self.last_error: float | None = None
+        self.last_novelty: float | None = None
         self._needs_reset = True
+
+    # ------------------------------------------------------------------ what is fed
 
     @property
     def uses_pairs(self) -> bool:
-        return True
+        return "error" in self._signals
+
+    @property
+    def uses_gradients(self) -> bool:
+        # The novelty reads the gradients; without the meta-network's pairs, on_gradients is
+        # also what ticks the observations of a loss-only detector.
+        return "novelty" in self._signals or "error" not in self._signals
+
+    @property
+    def uses_loss(self) -> bool:
+        return "loss" in self._signals
 
     def on_pairs(self, theta: Tensor, target: Tensor) -> bool:
+        if not self.uses_pairs:
+            return False
         self.meta.net.to(theta.device)
         if self._needs_reset:
             std = float(theta.float().std())
             self.meta.reset(std if std > 0 else 1.0)
             self._needs_reset = False
+        if self.steps % self.every == 0:
+            loss, _ = self.meta.observe(theta, target)
+            self.last_error = float(loss)
+        if self.uses_gradients:
+            return False  # the observation is taken in on_gradients, later in the same step
+        return self._observe()
+
+    def on_gradients(
+        self, names: Sequence[str], thetas: Sequence[Tensor], targets: Sequence[Tensor]
+    ) -> bool:
+        if not self.uses_gradients:
+            return False
+        if "novelty" in self._signals:
+            self.novelty.observe(names, targets)  # every step; pooled per observation
+            if self.steps % self.every == 0:
+                self.last_novelty = self.novelty.pooled()
+        return self._observe()
+
+    def _observe(self) -> bool:
+        """One step; every ``every``-th, the detector is fed the signals."""
         step, self.steps = self.steps, self.steps + 1
         if step % self.every != 0:
             return False
-        loss, _ = self.meta.observe(theta, target)
-        self.last_error = float(loss)
-        if step < self.settle * self.every:
-            # From a random initialisation the gradients first grow and change fast; the
-            # detector learns its baseline once training has settled.
-            return False
-        signals = {"error": self.last_error}
+        signals: dict[str, float] = {}
+        if self.uses_pairs and self.last_error is not None:
+            signals["error"] = self.last_error
+        if "novelty" in self._signals and self.last_novelty is not None:
+            signals["novelty"] = self.last_novelty
+        self.last_novelty = None
         if self.uses_loss:
             mean = self._take_mean_loss()
             if mean is not None:
                 signals["loss"] = mean
+        if step < self.settle * self.every:
+            return False  # settling: the signals learn, the detector does not
         if self.detector.signal not in signals:
-            return False  # no loss seen since the last observation: nothing to test
+            return False  # e.g. no loss since the last observation: nothing to test
         return self.detector.update(**signals)
-
-    @property
-    def uses_loss(self) -> bool:
-        return self.detector.signal == "loss" or "loss" in self.detector.weights
 
     def on_loss(self, loss: Tensor) -> None:
         loss = loss.detach().float().reshape(())
@@ -340,8 +450,12 @@ class AutoBoundaries(TaskBoundarySource):
 
     def on_task_start(self) -> None:
         self.detector.restart()
+        self.novelty.start_task()
         self._needs_reset = True
         self._loss_sum = self._loss_finite = None
+        self.last_novelty = None
+
+    # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
         return {
@@ -352,6 +466,8 @@ class AutoBoundaries(TaskBoundarySource):
             "detector": self.detector.state_dict(),
             "steps": self.steps,
             "needs_reset": self._needs_reset,
+            "novelty": self.novelty.state_dict(),
+            "last_error": self.last_error,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -360,6 +476,9 @@ class AutoBoundaries(TaskBoundarySource):
         self.detector.load_state_dict(state["detector"])
         self.steps = int(state["steps"])
         self._needs_reset = bool(state["needs_reset"])
+        if "novelty" in state:
+            self.novelty.load_state_dict(state["novelty"])
+        self.last_error = state.get("last_error")
         total, finite = state.get("loss_sum"), state.get("loss_finite")
         if total is None or finite is None:
             self._loss_sum = self._loss_finite = None

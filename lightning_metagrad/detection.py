@@ -37,7 +37,7 @@ _SE_CAP = 3.0  # the measured spread raises the i.i.d. standard error at most th
 _MIN_STD = 1e-3  # floor on the noise std in log units (a 0.1% relative change)
 _Z_CLIP = 5.0  # per-signal z-scores are clipped to +-_Z_CLIP * threshold before combining
 _TINY = 1e-12  # zero-valued signals are floored here before taking the log
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 def _ema(value: float, target: float, count: int, alpha: float) -> float:
@@ -281,6 +281,22 @@ class ChangePointDetector:
             long against the ~10 observations a switch needs, short against slow drift).
         weights: ``{name: weight}`` of auxiliary signals accepted by :meth:`update` (weight
             ``>= 0``; 0 accepts the signal but ignores it). Default: none.
+        max_warmup: make the warm-up adaptive: when it ends with the main signal still
+            moving (the median of its last ``window`` values more than 2 standard errors
+            from the median of the ``window`` before), the warm-up starts over, until at
+            most ``max_warmup`` observations after the (re)start. None (default): a fixed
+            warm-up. A network leaving its random initialisation, or a gradual switch still
+            going on after the switch was declared, then neither sets the baseline nor
+            inflates the noise estimate the later tests use.
+        fast_jump: a second, faster rule for large jumps (None, the default: off): a switch
+            is also declared after ``fast_patience`` consecutive observations whose main
+            signal's median over the last ``fast_window`` observations is more than
+            ``1 + fast_jump`` times the baseline and ``threshold`` standard errors of that
+            shorter median above it. A new task that moves the signal many-fold is then
+            declared sooner; an excursion must still last ``fast_patience`` observations
+            to fire it (the main rule ignores up to ``window // 2``).
+        fast_window: observations of the fast rule's median (None: ``window // 3``).
+        fast_patience: consecutive fast exceedances needed (None: ``patience // 2``).
 
     Example:
         >>> det = ChangePointDetector(warmup=20, patience=3)
@@ -304,6 +320,10 @@ class ChangePointDetector:
         min_relative_jump: float = 0.5,
         halflife: float = 200.0,
         weights: Mapping[str, float] | None = None,
+        max_warmup: int | None = None,
+        fast_jump: float | None = None,
+        fast_window: int | None = None,
+        fast_patience: int | None = None,
     ) -> None:
         if not isinstance(signal, str) or not signal:
             raise ValueError(f"`signal` must be a non-empty string, got {signal!r}")
@@ -327,6 +347,23 @@ class ChangePointDetector:
                     f"{signal!r}, got {name!r}"
                 )
             self.weights[name] = _check_float(f"weights[{name!r}]", weight, positive=False)
+        if max_warmup is not None:
+            _check_int("max_warmup", max_warmup, self.warmup)
+        self.max_warmup = max_warmup
+        if fast_jump is not None:
+            _check_float("fast_jump", fast_jump, positive=True)
+        self.fast_jump = fast_jump
+        self._log_fast = None if fast_jump is None else math.log1p(fast_jump)
+        self._fast_window = (
+            max(1, self.window // 3)
+            if fast_window is None
+            else _check_int("fast_window", fast_window, 1)
+        )
+        self._fast_patience = (
+            max(1, self.patience // 2)
+            if fast_patience is None
+            else _check_int("fast_patience", fast_patience, 1)
+        )
         self._alpha = 1.0 - 0.5 ** (1.0 / self.halflife)
         self._log_jump = math.log1p(self.min_relative_jump)
         self.reset()
@@ -350,7 +387,10 @@ class ChangePointDetector:
         self.last_relative_jump = 0.0
         self._since = 0  # observations since the last (re)start
         self._run = 0  # consecutive exceedances
+        self._fast_run = 0  # consecutive fast exceedances
         self._cooldown_left = 0
+        self._segment = 0  # observations since the last (re)start, warm-up restarts included
+        self._recent: list[float] = []  # the main signal's last 2 * window values (warm-up)
 
     def restart(self) -> None:
         """Start a new segment as after a switch, without counting one.
@@ -367,7 +407,10 @@ class ChangePointDetector:
         self._stats = {name: _SignalStats(self.window) for name in self._names}
         self._since = 0
         self._run = 0
+        self._fast_run = 0
         self._cooldown_left = self.cooldown
+        self._segment = 0
+        self._recent = []
 
     @property
     def _names(self) -> list[str]:
@@ -398,7 +441,10 @@ class ChangePointDetector:
             "last_relative_jump": self.last_relative_jump,
             "since": self._since,
             "run": self._run,
+            "fast_run": self._fast_run,
             "cooldown_left": self._cooldown_left,
+            "segment": self._segment,
+            "recent": list(self._recent),
             "signals": {name: stats.to_dict() for name, stats in self._stats.items()},
         }
 
@@ -410,7 +456,7 @@ class ChangePointDetector:
             >>> det.load_state_dict(ChangePointDetector(warmup=5).state_dict())
         """
         version = state.get("version")
-        if version != _STATE_VERSION:
+        if version not in (1, _STATE_VERSION):  # version 1: no adaptive warm-up state
             raise ValueError(f"unsupported detector state version {version!r}")
         signals = state["signals"]
         if set(signals) != set(self._names):
@@ -428,7 +474,10 @@ class ChangePointDetector:
         self.last_relative_jump = float(state["last_relative_jump"])
         self._since = int(state["since"])
         self._run = int(state["run"])
+        self._fast_run = int(state.get("fast_run", 0))
         self._cooldown_left = int(state["cooldown_left"])
+        self._segment = int(state.get("segment", self._since))
+        self._recent = [float(v) for v in state.get("recent", [])][-2 * self.window :]
 
     # ------------------------------------------------------------------ detection
 
@@ -464,24 +513,36 @@ class ChangePointDetector:
 
         index = self.num_observations
         self.num_observations += 1
+        self._segment += 1
+        if self.max_warmup is not None:
+            self._recent = [*self._recent, values[self.signal]][-2 * self.window :]
+        if self._still_moving():
+            # The warm-up ends with the main signal still moving (a network leaving its
+            # random initialisation, a blend still going on): its statistics would describe a
+            # level that is not there any more, so the warm-up starts over on what follows.
+            self._stats = {name: _SignalStats(self.window) for name in self._names}
+            self._since = 0
         for name, x in values.items():
             self._stats[name].push(x)
 
-        exceedance = False
+        exceedance = fast = False
         if self._since >= self.warmup:
             z, jump = self._combined_score(values)
             self.last_statistic = z
             self.last_relative_jump = math.expm1(jump)
             exceedance = z > self.threshold and jump > self._log_jump
+            fast = self._fast_exceedance()
         else:
             self.last_statistic = 0.0
             self.last_relative_jump = 0.0
         self._since += 1
         self._run = self._run + 1 if exceedance else 0
+        self._fast_run = self._fast_run + 1 if fast else 0
         in_cooldown = self._cooldown_left > 0
         self._cooldown_left = max(self._cooldown_left - 1, 0)
 
-        if self._run >= self.patience and not in_cooldown:
+        declared = self._run >= self.patience or self._fast_run >= self._fast_patience
+        if declared and not in_cooldown:
             self.num_switches += 1
             self.switch_steps.append(index)
             self.restart()
@@ -489,6 +550,35 @@ class ChangePointDetector:
         for name in values:
             self._stats[name].learn(self._alpha)
         return False
+
+    def _fast_exceedance(self) -> bool:
+        """With ``fast_jump``: the median of the main signal's last ``window // 3``
+        observations is more than ``1 + fast_jump`` times the baseline and ``threshold``
+        standard errors (of that shorter median) above it."""
+        if self._log_fast is None:
+            return False
+        main = self._stats[self.signal]
+        k = min(self._fast_window, len(main.window))
+        short = _median(main.window[-k:])
+        iid_long = main.std * math.sqrt(math.pi / (2 * max(len(main.window), 3)))
+        inflation = main.se() / iid_long if iid_long > 0 else 1.0
+        se = main.std * (1.0 / math.sqrt(k) if k <= 2 else math.sqrt(math.pi / (2 * k)))
+        jump = short - main.baseline
+        return jump > self._log_fast and jump > self.threshold * se * inflation
+
+    def _still_moving(self) -> bool:
+        """At the end of a warm-up (with ``max_warmup``): whether the median of the main
+        signal's last ``window`` values differs from the median of the ``window`` before by
+        more than 2 standard errors of that difference (the warm-up is then extended)."""
+        if self.max_warmup is None or self._since != self.warmup:
+            return False
+        if self._segment > self.max_warmup or len(self._recent) < 2 * self.window:
+            return False
+        w = self.window
+        before, last = _median(self._recent[:w]), _median(self._recent[w:])
+        std = self._stats[self.signal].std
+        se_diff = math.sqrt(2.0) * std * (1.0 if w <= 2 else math.sqrt(math.pi / (2 * w)))
+        return abs(last - before) > 2.0 * se_diff
 
     def _combined_score(self, values: Mapping[str, float]) -> tuple[float, float]:
         zmax = _Z_CLIP * self.threshold
@@ -505,6 +595,12 @@ class ChangePointDetector:
             total += weight * min(max(z, -zmax), zmax)
             norm += weight * weight
         return total / math.sqrt(norm), jump
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    k, mid = len(ordered), len(ordered) // 2
+    return ordered[mid] if k % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
 def _log_value(name: str, value: SupportsFloat) -> float | None:

@@ -19,57 +19,131 @@ from lightning_metagrad.detection import ChangePointDetector
 STEPS_PER_TASK = 600
 
 
-def silent_stream(num_tasks: int, seed: int = 0) -> list[dict[str, Any]]:
+def silent_stream(num_tasks: int, seed: int = 0, steps: int = STEPS_PER_TASK) -> list[dict]:
     """Permuted digits, task after task, with the task ids removed: one long stream."""
     stream = PermutedStream(dataset="digits", num_tasks=num_tasks, seed=seed, batch_size=64)
     stream.setup("fit")
     batches: list[dict[str, Any]] = []
     for task in range(num_tasks):
         stream.set_task(task)
-        while len(batches) < (task + 1) * STEPS_PER_TASK:
+        while len(batches) < (task + 1) * steps:
             for batch in stream.train_dataloader():
                 batches.append({"x": batch["x"], "y": batch["y"]})
-                if len(batches) == (task + 1) * STEPS_PER_TASK:
+                if len(batches) == (task + 1) * steps:
                     break
     return batches
 
 
-class LRDropClassifier(MLPClassifier):
-    """Divides the learning rate by 10 half-way (a within-task event)."""
+class ScheduledClassifier(MLPClassifier):
+    """A within-task learning-rate schedule: ``"drop"`` divides the learning rate by 10
+    half-way, ``"warmup"`` raises it linearly from 0 over the first third."""
+
+    def __init__(self, schedule: str, steps: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.schedule, self.steps = schedule, steps
 
     def configure_optimizers(self):  # type: ignore[no-untyped-def]
         opt = super().configure_optimizers()
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=STEPS_PER_TASK // 2, gamma=0.1)
+        half, third = self.steps // 2, self.steps // 3
+        if self.schedule == "drop":
+            rule = lambda s: 1.0 if s < half else 0.1  # noqa: E731
+        else:
+            rule = lambda s: min(1.0, (s + 1) / third)  # noqa: E731
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, rule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def fit_auto(batches: list, model: pl.LightningModule, signal: str = "error") -> MetaGradCallback:
-    cb = MetaGradCallback(predictor="anchored", task_boundaries=AutoBoundaries(signal=signal))
+def mlp(**kwargs: Any) -> MLPClassifier:
+    return MLPClassifier(input_dim=64, hidden_sizes=(128, 128), **{"lr": 0.03, **kwargs})
+
+
+def fit_auto(
+    batches: list, model: pl.LightningModule, signal: str | None = None
+) -> MetaGradCallback:
+    source = AutoBoundaries() if signal is None else AutoBoundaries(signal=signal)
+    cb = MetaGradCallback(task_boundaries=source)
     make_trainer([cb], max_steps=len(batches)).fit(model, DataLoader(batches, batch_size=None))
     return cb
+
+
+def assert_found(cb: MetaGradCallback, true: list[int], max_delay: int) -> None:
+    assert cb.task_index == len(true) and cb.num_old_tasks == len(true), cb.detected_switches
+    delays = [d - t for d, t in zip(cb.detected_switches, true)]
+    assert all(0 <= d <= max_delay for d in delays), (cb.detected_switches, true)
+    assert cb.state_dict()["detected_switches"] == cb.detected_switches
+
+
+# ------------------------------------------------------------------ the default: novelty
+
+
+def test_auto_defaults_to_the_gradient_subspace_novelty() -> None:
+    src = MetaGradCallback(task_boundaries="auto").boundaries
+    assert isinstance(src, AutoBoundaries) and src.detector.signal == "novelty"
+    assert src.uses_gradients and not src.uses_pairs and not src.uses_loss
+    assert src.every == 1 and src.settle == 0
+
+
+def test_tasks_of_200_steps_are_each_found() -> None:
+    # No settling period and an adaptive warm-up: a task of 200 optimizer steps is tested.
+    pl.seed_everything(0, verbose=False)
+    cb = fit_auto(silent_stream(4, steps=200), mlp())
+    assert_found(cb, [200, 400, 600], max_delay=30)
+
+
+def test_the_first_tasks_start_up_is_not_a_switch() -> None:
+    # From a random initialisation the gradients change fast; that is learned, not tested.
+    pl.seed_everything(1, verbose=False)
+    cb = fit_auto(silent_stream(1, seed=1, steps=400), mlp(lr=0.1))
+    assert cb.detected_switches == [] and cb.task_index == 0
+    src = cb.boundaries
+    assert isinstance(src, AutoBoundaries)
+    assert src.detector.num_observations == 399  # every step but the first (no basis yet)
+    assert src.detector.num_switches == 0 and src.novelty.dims()
+
+
+@pytest.mark.parametrize("event", ["lr_drop", "warmup", "loss_spike", "batch_size"])
+def test_a_within_task_event_is_not_a_switch(event: str) -> None:
+    pl.seed_everything(0, verbose=False)
+    batches = silent_stream(1, steps=400)
+    model = mlp()
+    if event == "lr_drop":  # from a high learning rate
+        model = ScheduledClassifier(
+            "drop", len(batches), input_dim=64, hidden_sizes=(128, 128), lr=0.1
+        )
+    elif event == "warmup":  # to lr 0.05; a warm-up to 0.07 or more is a known limit (docs)
+        model = ScheduledClassifier(
+            "warmup", len(batches), input_dim=64, hidden_sizes=(128, 128), lr=0.05
+        )
+    elif event == "loss_spike":  # two batches of garbage: random labels, inputs 5-fold
+        for i in (200, 201):
+            batches[i] = {"x": batches[i]["x"] * 5, "y": torch.randint(0, 10, (64,))}
+    else:  # from 64 to 16 samples a batch, half-way
+        batches = batches[:200] + [{k: v[:16] for k, v in b.items()} for b in batches[200:]]
+    cb = fit_auto(batches, model)
+    assert cb.detected_switches == [] and cb.task_index == 0
+
+
+# ------------------------------------------------------------------ the loss and the paper's error
+
+
+@pytest.mark.parametrize(("signal", "seed"), [("error", 0), ("loss", 1)])
+def test_one_fit_over_a_silent_stream_finds_its_tasks(signal: str, seed: int) -> None:
+    # The paper's error first trains its meta-network for 400 steps (settle=100
+    # observations of 4 steps); tasks of 600 steps leave room for that.
+    pl.seed_everything(seed, verbose=False)
+    cb = fit_auto(silent_stream(2, seed=seed), mlp(), signal)
+    assert_found(cb, [STEPS_PER_TASK], max_delay=100)
 
 
 SIGNALS = pytest.mark.parametrize("signal", ["error", "loss"])
 
 
 @SIGNALS
-def test_one_fit_over_a_silent_five_task_stream_finds_five_tasks(signal: str) -> None:
-    pl.seed_everything(0, verbose=False)
-    batches = silent_stream(5)
-    cb = fit_auto(batches, MLPClassifier(input_dim=64, hidden_sizes=(128, 128), lr=0.03), signal)
-    assert cb.task_index + 1 == 5
-    assert cb.num_old_tasks == 4
-    true = [STEPS_PER_TASK * i for i in range(1, 5)]
-    delays = [d - t for d, t in zip(cb.detected_switches, true)]
-    assert all(0 <= d <= 100 for d in delays), (cb.detected_switches, true)
-    assert cb.state_dict()["detected_switches"] == cb.detected_switches
-
-
-@SIGNALS
 def test_a_learning_rate_drop_is_not_a_task_switch(signal: str) -> None:
     pl.seed_everything(0, verbose=False)
     batches = silent_stream(1)
-    cb = fit_auto(batches, LRDropClassifier(input_dim=64, hidden_sizes=(128, 128), lr=0.1), signal)
+    model = ScheduledClassifier("drop", len(batches), input_dim=64, hidden_sizes=(128, 128), lr=0.1)
+    cb = fit_auto(batches, model, signal)
     assert cb.detected_switches == [] and cb.task_index == 0
 
 
@@ -79,7 +153,7 @@ def test_a_loss_spike_is_not_a_task_switch(signal: str) -> None:
     batches = silent_stream(1)
     for i in (450, 451):  # two batches of garbage labels: a loss spike within the task
         batches[i] = {"x": batches[i]["x"] * 5, "y": torch.randint(0, 10, (64,))}
-    cb = fit_auto(batches, MLPClassifier(input_dim=64, hidden_sizes=(128, 128), lr=0.03), signal)
+    cb = fit_auto(batches, mlp(), signal)
     assert cb.detected_switches == [] and cb.task_index == 0
 
 
@@ -111,8 +185,10 @@ def test_loss_signal_tests_the_mean_loss_with_the_error_as_evidence() -> None:
     src = AutoBoundaries(signal="loss")
     assert src.uses_loss and src.detector.signal == "loss"
     assert src.detector.weights == {"error": 1.0}
-    assert AutoBoundaries().uses_loss  # the default
+    assert src.every == 4 and src.settle == 0  # the loss: the mean of 4 steps an observation
+    assert not AutoBoundaries().uses_loss  # the default, the novelty, needs no loss
     assert not AutoBoundaries(signal="error").uses_loss  # the paper's signal needs no loss
+    assert AutoBoundaries(signal="error").settle == 100  # its meta-network learns first
 
 
 def test_loss_signal_ignores_non_finite_losses_and_round_trips() -> None:
@@ -130,6 +206,8 @@ def test_a_detector_on_unknown_signals_is_refused() -> None:
         AutoBoundaries(signal="gradient_norm")
     with pytest.raises(ValueError, match="detector"):
         AutoBoundaries(detector=ChangePointDetector(signal="grad_norm"))
+    with pytest.raises(ValueError, match="detector"):
+        AutoBoundaries(detector=ChangePointDetector(signal="novelty", weights={"norm": 1.0}))
 
 
 def test_combined_sources_forward_the_loss_to_the_source_that_uses_it() -> None:
@@ -140,9 +218,24 @@ def test_combined_sources_forward_the_loss_to_the_source_that_uses_it() -> None:
     assert auto._take_mean_loss() == pytest.approx(0.5)
 
 
-def test_loss_signal_finds_the_switches_of_another_seed() -> None:
-    # Through the callback the loss reaches the source after each batch.
-    pl.seed_everything(1, verbose=False)
-    batches = silent_stream(3, seed=1)
-    cb = fit_auto(batches, MLPClassifier(input_dim=64, hidden_sizes=(128, 128), lr=0.03), "loss")
-    assert cb.task_index == 2, cb.detected_switches
+def test_novelty_combines_with_the_loss_as_evidence_and_round_trips() -> None:
+    src = AutoBoundaries(signal="novelty", evidence={"loss": 0.5})
+    assert src.uses_gradients and src.uses_loss and not src.uses_pairs
+    assert src.detector.signal == "novelty" and src.detector.weights == {"loss": 0.5}
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(12, 3, generator=gen))[0]
+    names, thetas = ["l.weight", "l.bias"], [torch.zeros(8, 12), torch.zeros(8)]
+    for _ in range(40):
+        src.on_loss(torch.rand((), generator=gen))
+        grads = [torch.randn(8, 3, generator=gen) @ basis.T, torch.zeros(8)]
+        src.on_gradients(names, thetas, grads)
+    assert src.detector.num_observations > 0 and src.novelty.dims()["l.weight"] <= 4
+    clone = AutoBoundaries(signal="novelty", evidence={"loss": 0.5})
+    clone.load_state_dict(src.state_dict())
+    grads = [torch.randn(8, 12, generator=gen), torch.zeros(8)]
+    src.on_loss(torch.tensor(0.7))
+    clone.on_loss(torch.tensor(0.7))
+    assert src.on_gradients(names, thetas, grads) == clone.on_gradients(names, thetas, grads)
+    assert src.detector.state_dict() == clone.detector.state_dict()
+    with pytest.raises(ValueError, match="evidence"):
+        AutoBoundaries(evidence={"loss": 1.0}, detector=ChangePointDetector(signal="novelty"))

@@ -36,6 +36,7 @@ from lightning_metagrad import (
     ReplayPredictor,
     SubspacePredictor,
 )
+from lightning_metagrad.novelty import SubspaceNovelty
 
 GLOBAL_BATCH = 16
 # name -> (tasks, optimizer steps per task, accumulate_grad_batches)
@@ -43,6 +44,7 @@ SCENARIOS = {
     "plain": (2, 6, 1),
     "accumulate": (2, 3, 2),
     "auto-loss": (2, 6, 1),
+    "auto-novelty": (2, 6, 1),
     "replay": (2, 6, 1),
     "subspace": (3, 6, 1),
 }
@@ -52,6 +54,8 @@ def scenario_kwargs(name: str) -> dict[str, Any]:
     """The callback's arguments: the paper predictor, except
 
     * ``auto-loss``: detection on the training loss, which differs per rank unless reduced;
+    * ``auto-novelty``: detection on the gradient-subspace novelty (the default of ``"auto"``),
+      whose per-layer moments and bases are built from the reduced gradients;
     * ``replay``: each rank stores its own shard of the batches; the replayed old gradient
       (and the rule's mask from it) must be averaged over ranks to be the same everywhere.
     """
@@ -60,6 +64,9 @@ def scenario_kwargs(name: str) -> dict[str, Any]:
     if name == "subspace":  # the default predictor; a basis per weight matrix from the gradients
         return {"predictor": SubspacePredictor(every=1, threshold=0.9, input_threshold=None)}
     kwargs = small_callback_kwargs()
+    if name == "auto-novelty":
+        novelty = SubspaceNovelty(refresh=2, lag=1, sample_rows=2)
+        return {**kwargs, "task_boundaries": ["fit", AutoBoundaries(novelty=novelty)]}
     if name != "auto-loss":
         return kwargs
     detector = ChangePointDetector(signal="loss", weights={"error": 1.0}, warmup=2, window=1)
@@ -204,6 +211,8 @@ def test_ddp_matches_a_single_process_run_with_the_same_global_batch(
     for path, a, b in _pairs(ddp, single):
         if path in ("/rank", "/world_size") or path.startswith("/callback/engine/predictor/basis"):
             continue  # a basis vector's sign is arbitrary: the projectors are compared
+        if "/novelty/layers/" in path and path.endswith("/basis"):
+            continue  # the same: the novelty's moments (compared) fix its bases up to sign
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=path)
             compared += a.numel()

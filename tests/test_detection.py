@@ -197,6 +197,62 @@ def test_restart_applies_warmup_and_cooldown_without_counting_a_switch() -> None
     assert det.num_switches == 1 and det.switch_steps == [300 + 100]
 
 
+def test_adaptive_warmup_learns_a_start_up_that_is_still_moving() -> None:
+    # The signal rises 4-fold over the first 40 observations (a network leaving its random
+    # initialisation), then stays: a fixed warm-up tests the rise against the level it
+    # learned on the way up; an adaptive one starts over while the signal moves.
+    n = 1000
+    ramp = np.log(4.0) * np.clip(np.arange(n) / 40, 0.0, 1.0)
+    signal = errors(log_noise(n, seed=4) + ramp)
+    assert simulate_detection(signal, ChangePointDetector(warmup=20, cooldown=0)) != []
+    det = ChangePointDetector(warmup=20, max_warmup=200, cooldown=0)
+    assert simulate_detection(signal, det) == []
+    # A falling start (the loss of a network that learns) is learned just the same, and a
+    # switch after it is found as usual.
+    fall = errors(log_noise(n, seed=5) - ramp + 1.0 * (np.arange(n) >= 600))
+    hits = simulate_detection(fall, ChangePointDetector(warmup=20, max_warmup=200, cooldown=0))
+    assert len(hits) == 1 and 0 <= hits[0] - 600 <= MAX_DELAY
+
+
+def test_adaptive_warmup_ends_by_max_warmup() -> None:
+    # A signal that never settles still gets tested from max_warmup on.
+    n = 400
+    signal = errors(log_noise(n, seed=6) + np.log(3.0) * (np.arange(n) >= 250))
+    det = ChangePointDetector(warmup=20, max_warmup=60, cooldown=0)
+    hits = simulate_detection(signal, det)
+    assert len(hits) == 1 and 0 <= hits[0] - 250 <= MAX_DELAY
+    with pytest.raises(ValueError, match="max_warmup"):
+        ChangePointDetector(warmup=20, max_warmup=10)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fast_rule_declares_a_several_fold_jump_about_twice_as_early(seed: int) -> None:
+    start, n = 500, 1000
+    signal = errors(log_noise(n, seed) + np.log(10.0) * (np.arange(n) >= start))
+    slow = simulate_detection(signal, ChangePointDetector(window=15, patience=8))
+    fast = simulate_detection(signal, ChangePointDetector(window=15, patience=8, fast_jump=3.0))
+    assert len(slow) == len(fast) == 1
+    assert fast[0] - start <= 15 // 3 // 2 + 8 // 2 + 1 < slow[0] - start
+    # A doubling is below the fast rule's jump: it waits for the usual test.
+    signal = errors(log_noise(n, seed) + np.log(2.2) * (np.arange(n) >= start))
+    det = ChangePointDetector(window=15, patience=8, min_relative_jump=1.0, fast_jump=3.0)
+    assert simulate_detection(signal, det) == simulate_detection(
+        signal, ChangePointDetector(window=15, patience=8, min_relative_jump=1.0)
+    )
+
+
+@pytest.mark.parametrize("length", [2, 3])
+def test_fast_rule_ignores_short_spikes(length: int) -> None:
+    # The fast rule needs a jump to last patience // 2 = 4 observations (the main rule
+    # window // 2 + 1 = 8).
+    n = 5000
+    t = np.arange(n)
+    spikes = (t >= 200) & (t % 500 < length)  # observations of 30x, every 500
+    signal = errors(log_noise(n, seed=9) + np.log(30.0) * spikes)
+    det = ChangePointDetector(window=15, patience=8, fast_jump=3.0)
+    assert simulate_detection(signal, det) == []
+
+
 # ------------------------------------------------------------------ auxiliary signals
 
 
@@ -278,6 +334,16 @@ def test_state_dict_round_trip_continues_identically() -> None:
         tail = simulate_detection(obs[cut:], resumed)
         assert head + [cut + i for i in tail] == hits
         assert resumed.state_dict() == reference.state_dict()
+
+
+def test_version_1_states_still_load() -> None:
+    det = ChangePointDetector(weights={"loss": 1.0})
+    simulate_detection([{"error": 0.3, "loss": 1.0}] * 30, det)
+    state = det.state_dict()
+    old = {k: v for k, v in state.items() if k not in ("segment", "recent", "fast_run")}
+    other = ChangePointDetector(weights={"loss": 1.0})
+    other.load_state_dict({**old, "version": 1})
+    assert other.state_dict() == state
 
 
 def test_load_state_dict_rejects_other_signals_or_versions() -> None:
