@@ -14,6 +14,8 @@ Three modes, each writing ``<output>/<mode>.json``:
   2-batch loss spike, batch-size change); every detection is a false switch.
 * ``given``: the same streams with the boundaries given (one ``fit`` per task), for ACC/BWT.
 
+``report FILE...`` prints the markdown tables of saved results.
+
     python benchmarks/detection_eval.py switches --signals novelty --seeds 0 1 2
 """
 
@@ -341,9 +343,45 @@ def mode_given(args: argparse.Namespace) -> dict[str, Any]:
     return {"runs": runs, "table": rows}
 
 
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def report(paths: list[Path]) -> str:
+    """Markdown tables of saved ``switches``/``events``/``given`` results (docs/detection.md);
+    a ``switches`` row gets the ACC/BWT of the ``given`` run of the same stream and length."""
+    loaded = [(p, json.loads(p.read_text())) for p in paths]
+    given = {
+        (r["stream"], r["per_task"]): r
+        for p, d in loaded if p.stem == "given" for r in d["table"]
+    }  # fmt: skip
+    out = []
+    switches = [r for p, d in loaded if p.stem == "switches" for r in d["table"]]
+    if switches:
+        head = ["signal", "stream", "switch", "steps/task", "found", "median delay", "max delay"]
+        head += ["false /10k steps", "ACC detected", "ACC given", "BWT detected", "BWT given"]
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in switches:
+            g = given.get((r["stream"], r["per_task"]), {})
+            cells = [r["signal"], r["stream"], r["kind"], r["per_task"], r["found"]]
+            cells += [r["median_delay"], r["max_delay"], r["false_per_10k"], r["acc"]]
+            cells += [g.get("acc"), r["bwt"], g.get("bwt")]
+            out.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    events = [r for p, d in loaded if p.stem == "events" for r in d["table"]]
+    if events:
+        out += ["", "| signal | stream | event | false switches | runs |", "|---|---|---|---|---|"]
+        for r in events:
+            cells = [r["signal"], r["stream"], r["event"], r["false_switches"], r["runs"]]
+            out.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("mode", choices=["switches", "events", "given"])
+    parser.add_argument("mode", choices=["switches", "events", "given", "report"])
+    parser.add_argument("files", nargs="*", type=Path, help="report: saved <mode>.json files")
     parser.add_argument("--streams", nargs="+", choices=STREAMS, default=list(STREAMS))
     parser.add_argument("--signals", nargs="+", choices=list(SIGNALS), default=["novelty"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -357,6 +395,9 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("runs/detection"))
     parser.add_argument("--resume", action="store_true", help="switches: skip rows done")
     args = parser.parse_args()
+    if args.mode == "report":
+        print(report(args.files))
+        return
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)

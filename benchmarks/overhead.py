@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -40,7 +41,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_metagrad import Diagnostics, MetaGrad, MetaGradCallback, SubspacePredictor
+from lightning_metagrad import MetaGrad, MetaGradCallback, SubspacePredictor
 from lightning_metagrad.baselines import (
     AGEMCallback,
     ERCallback,
@@ -51,6 +52,7 @@ from lightning_metagrad.baselines import (
 )
 from lightning_metagrad.benchmark.models import MLPClassifier
 from lightning_metagrad.callback import build_predictor
+from lightning_metagrad.diagnostics import Diagnostics
 from lightning_metagrad.predictors import MetaNetPredictor
 
 # ---------------------------------------------------------------------------- models
@@ -75,6 +77,9 @@ class SmallCNN(pl.LightningModule):
             nn.Linear(128, 10),
         )
 
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
         loss = nn.functional.cross_entropy(self.net(x), y)
@@ -95,6 +100,10 @@ class TransformerLM(pl.LightningModule):
 
         self.lr = lr
         self.model = Transformer()
+
+    def forward(self, inputs: Tensor, target: Tensor | None = None) -> Tensor:
+        # MAS evaluates ``pl_module(x)``: with no target, the inputs are fed as the decoder's
+        return self.model(inputs, inputs if target is None else target)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         inputs, target = batch
@@ -199,11 +208,11 @@ def projection_bound(cb: Any, reps: int = 20) -> dict[str, float] | None:
         flops += 4.0 * rows * m.shape[0] * m.shape[1]
     for g, m in work:  # warm-up
         g - (g @ m) @ m.T
-    t0 = time.perf_counter()
+    t0 = _clock()
     for _ in range(reps):
         for g, m in work:
             g - (g @ m) @ m.T
-    ms = 1e3 * (time.perf_counter() - t0) / reps
+    ms = 1e3 * (_clock() - t0) / reps
     return {"gflop_per_step": flops / 1e9, "alone_ms": ms}
 
 
@@ -226,8 +235,15 @@ def callback_floats_per_param(cb: Any, module: nn.Module) -> dict[str, float]:
 # ---------------------------------------------------------------------------- trainer timing
 
 
+#: What a step's time is read from: ``"thread"``, the CPU time of the main thread (with one
+#: torch thread and no loader workers every step's work runs there, and time the process
+#: spends preempted by other jobs on shared cores does not count), or ``"wall"``.
+CLOCKS: dict[str, Callable[[], float]] = {"thread": time.thread_time, "wall": time.perf_counter}
+_clock = CLOCKS["thread"]
+
+
 class StepClock(Callback):
-    """Wall time between consecutive ``on_train_batch_start`` calls: one whole training step
+    """Time between consecutive ``on_train_batch_start`` calls: one whole training step
     (data, forward, backward, every callback's hooks, optimizer). Put it first."""
 
     def __init__(self, probe: Callable[[pl.Trainer, pl.LightningModule], None] | None = None):
@@ -235,10 +251,10 @@ class StepClock(Callback):
         self.probe = probe
 
     def on_train_batch_start(self, *args: Any) -> None:
-        self.starts.append(time.perf_counter())
+        self.starts.append(_clock())
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.starts.append(time.perf_counter())
+        self.starts.append(_clock())
         if self.probe is not None:  # before on_fit_end releases the callbacks' workspaces
             self.probe(trainer, pl_module)
 
@@ -283,9 +299,29 @@ def _predictor_of(config: str) -> str:
     return "subspace" if base == "metagrad" else base.removeprefix("metagrad-")
 
 
-def build_configs(names: list[str], model_name: str, loader: DataLoader, setup_steps: int):
+def _timed_boundary(cb: Callback, boundaries: dict[str, float], name: str) -> None:
+    """Time a baseline's consolidation at the end of its task-1 fit (``on_train_end``)."""
+    inner = cb.on_train_end
+
+    def timed(*args: Any, **kwargs: Any) -> None:
+        t0 = _clock()
+        inner(*args, **kwargs)
+        boundaries[name] = _clock() - t0
+
+    cb.on_train_end = timed  # type: ignore[method-assign]
+
+
+def build_configs(
+    names: list[str],
+    model_name: str,
+    loader: DataLoader,
+    setup_steps: int,
+    boundaries: dict[str, float] | None = None,
+):
     """Per configuration: (model, callbacks-per-fit factory). Task-2 configurations are
-    trained through task 1 here, once."""
+    trained through task 1 here, once; ``boundaries`` receives the seconds each one's task
+    boundary took (MetaGrad's ``start_new_task``, a baseline's consolidation)."""
+    boundaries = {} if boundaries is None else boundaries
     configs: dict[str, tuple[pl.LightningModule, Callable[[], list[Callback]]]] = {}
     for name in names:
         model = make_model(model_name)
@@ -303,9 +339,12 @@ def build_configs(names: list[str], model_name: str, loader: DataLoader, setup_s
                 predictor = _predictor_of(name)
                 cb: Callback = MetaGradCallback(predictor=predictor, task_boundaries="manual")
                 _fit(model, [cb], loader, setup_steps)
+                t0 = _clock()
                 cb.start_new_task(model)  # type: ignore[attr-defined]
+                boundaries[name] = _clock() - t0
             else:
                 cb = _BASELINES[name.split("/")[0]]()
+                _timed_boundary(cb, boundaries, name)
                 _fit(model, [cb], loader, setup_steps)  # consolidates task 1 at the end
                 _no_consolidation(cb)
             configs[name] = (model, lambda cb=cb: [cb])
@@ -323,7 +362,8 @@ def time_trainer(
 ) -> dict[str, Any]:
     loader = make_loader(model_name, batch_size, steps + 1)
     setup_loader = make_loader(model_name, batch_size, setup_steps + 1)
-    configs = build_configs(names, model_name, setup_loader, setup_steps)
+    boundaries: dict[str, float] = {}
+    configs = build_configs(names, model_name, setup_loader, setup_steps, boundaries)
     num_params = sum(p.numel() for p in next(iter(configs.values()))[0].parameters())
     times: dict[str, list[list[float]]] = {n: [] for n in names}
     memory: dict[str, dict[str, float]] = {}
@@ -360,6 +400,8 @@ def time_trainer(
         }
         if name in bounds:
             entry["projection_bound"] = bounds[name]
+        if name in boundaries:
+            entry["boundary_ms_per_million_params"] = 1e3 * boundaries[name] / (num_params / 1e6)
         if plain is not None:
             per_round = [statistics.median(t) / p for t, p in zip(times[name], plain)]
             entry["ratio_median"] = statistics.median(pooled) / statistics.median(base_all)
@@ -367,6 +409,27 @@ def time_trainer(
             entry["ratio_per_round"] = per_round
         out["configs"][name] = entry
     return out
+
+
+def profile_config(
+    model_name: str, names: list[str], batch_size: int, steps: int, setup_steps: int
+) -> dict[str, str]:
+    """``torch.profiler`` tables (CPU ops by self time) of one ``steps``-step fit per config,
+    after the same set-up as the timing: what bounds its step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    loader = make_loader(model_name, batch_size, steps + 1)
+    setup_loader = make_loader(model_name, batch_size, setup_steps + 1)
+    configs = build_configs(names, model_name, setup_loader, setup_steps)
+    tables = {}
+    for name, (model, callbacks) in configs.items():
+        _fit(model, callbacks(), loader, 3)  # warm-up outside the profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            _fit(model, callbacks(), loader, steps)
+        tables[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+        print(f"\n#### profile: {model_name}@{batch_size} {name}, {steps} steps\n")
+        print(tables[name])
+    return tables
 
 
 # ---------------------------------------------------------------------------- hot-path scaling
@@ -389,11 +452,14 @@ def _hot_path_setup(num: int, predictor: str, task: int, chunks: int = 8, cols: 
         core.step()
         diagnostics.step(params, task - 1)
 
+    boundary = 0.0
     if task == 2:
         for _ in range(8):
             step()
+        t0 = _clock()
         core.end_task()
-    return core, module, step
+        boundary = _clock() - t0
+    return core, module, step, boundary
 
 
 def time_scaling(sizes: list[int], rounds: int, steps: int) -> list[dict[str, Any]]:
@@ -406,21 +472,25 @@ def time_scaling(sizes: list[int], rounds: int, steps: int) -> list[dict[str, An
         sgd_times: list[float] = []
         for predictor, task in methods:
             name = f"metagrad-{predictor}/task{task}"
-            cb, module, step = _hot_path_setup(num, predictor, task)
+            cb, module, step, boundary = _hot_path_setup(num, predictor, task)
             sgd = torch.optim.SGD(module.parameters(), lr=1e-3)
             step()  # warm-up (the first task-1 observation sets scales, buffers are allocated)
             values: list[float] = []
             for _ in range(rounds):
                 for _ in range(steps):
-                    t0 = time.perf_counter()
+                    t0 = _clock()
                     sgd.step()
-                    sgd_times.append(time.perf_counter() - t0)
+                    sgd_times.append(_clock() - t0)
                 for _ in range(steps):
-                    t0 = time.perf_counter()
+                    t0 = _clock()
                     step()
-                    values.append(time.perf_counter() - t0)
+                    values.append(_clock() - t0)
             row["methods"][name] = _scaling_entry(values, num)
             row["methods"][name]["memory_floats_per_param"] = callback_floats_per_param(cb, module)
+            if task == 2:
+                row["methods"][name]["boundary_ms_per_million_params"] = (
+                    1e3 * boundary / (num / 1e6)
+                )
             del cb, module, step, sgd
         row["methods"]["sgd-step"] = _scaling_entry(sgd_times, num)
         rows.append(row)
@@ -538,11 +608,13 @@ def print_tables(result: dict[str, Any]) -> None:
                     e.get("ratio_mean", 1.0),
                     mem["state"],
                     mem["workspace"],
+                    e.get("boundary_ms_per_million_params", "-"),
                     e["steps_timed"],
                 ]
             )
         headers = ["config", "median ms", "ratio (median)", "mean ms", "ratio (mean)"]
-        headers += ["state floats/param", "workspace floats/param", "steps"]
+        headers += ["state floats/param", "workspace floats/param", "boundary ms/1M params"]
+        headers += ["steps"]
         print(_table(headers, rows))
         plain = data["configs"].get("plain")
         bounded = [(n, e) for n, e in data["configs"].items() if "projection_bound" in e]
@@ -572,9 +644,11 @@ def print_tables(result: dict[str, Any]) -> None:
                         e["us_per_million_params"],
                         mem["state"],
                         mem["workspace"],
+                        e.get("boundary_ms_per_million_params", "-"),
                     ]
                 )
         headers = ["params", "method", "median ms", "µs per 1M params", "state fl/p", "work fl/p"]
+        headers += ["boundary ms/1M"]
         print(_table(headers, rows))
     if result.get("quality"):
         print("\n### MetaNetPredictor: defaults vs paper-like (permuted digits)\n")
@@ -647,6 +721,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quality-iters", type=int, default=300)
     p.add_argument("--quality-tasks", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    p.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="thread",
+        help="step time: the main thread's CPU time (robust to other jobs; needs --threads 1) "
+        "or wall time",
+    )
+    p.add_argument(
+        "--profile", nargs="*", default=[], help="configs to profile with torch.profiler per model"
+    )
+    p.add_argument("--profile-steps", type=int, default=30, help="steps of a profiled fit")
     p.add_argument("--quick", action="store_true", help="tiny settings (a smoke test)")
     args = p.parse_args(argv)
     if args.quick:
@@ -662,21 +747,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    global _clock
+    if args.clock == "thread" and args.threads != 1:
+        raise SystemExit("--clock thread needs --threads 1 (other threads' work is not counted)")
+    _clock = CLOCKS[args.clock]
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # per-fit banners
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*GPU available but not used.*")
     result: dict[str, Any] = {"machine": machine(), "args": vars(args), "trainer": {}}
-    for model_name in args.models:
+    for entry in args.models:
+        # "mlp@256": the MLP at batch 256 (default batch: --batch-size, --transformer-batch)
+        model_name, _, batch = entry.partition("@")
         big = model_name == "transformer"
-        result["trainer"][model_name] = time_trainer(
+        default_batch = args.transformer_batch if big else args.batch_size
+        result["trainer"][entry] = time_trainer(
             model_name,
             list(args.configs),
-            batch_size=args.transformer_batch if big else args.batch_size,
+            batch_size=int(batch) if batch else default_batch,
             rounds=args.transformer_rounds if big else args.rounds,
             steps=args.transformer_steps if big else args.steps,
             warmup=min(args.warmup, 2) if big else args.warmup,
             setup_steps=min(args.setup_steps, 4) if big else args.setup_steps,
         )
-        print_tables({"trainer": {model_name: result["trainer"][model_name]}})
+        print_tables({"trainer": {entry: result["trainer"][entry]}})
+        if args.profile:
+            result.setdefault("profiles", {})[entry] = profile_config(
+                model_name, args.profile, int(batch) if batch else default_batch,
+                steps=args.profile_steps, setup_steps=min(args.setup_steps, 4) if big else
+                args.setup_steps,
+            )  # fmt: skip
     sizes = [int(s) for s in args.sizes]
     result["scaling"] = time_scaling(sizes, args.scaling_rounds, args.scaling_steps)
     if args.quality:

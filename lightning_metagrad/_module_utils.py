@@ -1,4 +1,6 @@
-"""Small Lightning helpers shared by the callbacks (private)."""
+"""Small Lightning helpers shared by ``MetaGradCallback`` and the baselines (private): the
+refusals of set-ups they cannot support, the loss of a ``training_step`` output, and quiet
+extra passes. Private Lightning APIs live in :mod:`lightning_metagrad._lightning`."""
 
 from __future__ import annotations
 
@@ -8,16 +10,89 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.core.optimizer import _configure_optimizers
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 
+from lightning_metagrad._lightning import runs_in_worker_processes, shards_parameters
 
-def several_optimizers_message(name: str, count: int) -> str:
-    return (
-        f"{name} supports exactly one optimizer, got {count}. Return a single optimizer from "
-        "`configure_optimizers` (use parameter groups for per-module settings)."
+_ONE_OPTIMIZER = (
+    "Return a single optimizer from `configure_optimizers` (use parameter groups for "
+    "per-module settings)."
+)
+
+
+def refuse_unsupported(
+    name: str,
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    *,
+    edit: str,
+    alternative: str = "",
+    refuse_spawn: bool = True,
+) -> None:
+    """The ``setup`` (stage ``"fit"``) refusals of ``MetaGradCallback`` and the baselines:
+    manual optimization, spawned/forked processes (if ``refuse_spawn``) and sharded
+    strategies, each a ``MisconfigurationException`` naming the problem and the fix.
+
+    ``edit`` says what the callback does between backward and ``optimizer.step`` ("rewrites
+    gradients"); ``alternative`` is a way out other than automatic optimization, if any.
+    The optimizer count is checked in ``on_fit_start`` (:func:`refuse_at_fit_start`), from
+    ``trainer.optimizers``: ``configure_optimizers`` is never called a second time.
+    """
+    if not pl_module.automatic_optimization:
+        raise MisconfigurationException(
+            f"{name} {edit} between backward and optimizer.step, which Lightning's manual "
+            "optimization does not expose. Use automatic optimization (remove "
+            "`self.automatic_optimization = False`) with a single optimizer (parameter groups "
+            f"give per-module settings){alternative}."
+        )
+    if refuse_spawn and runs_in_worker_processes(trainer):
+        # Runs in the worker: its state would never reach the caller's callback object.
+        raise MisconfigurationException(
+            f"{name} does not support spawned/forked processes (ddp_spawn, ddp_fork, "
+            "ddp_notebook): the callback's state stays in the worker processes and is lost when "
+            "they exit. Use strategy='ddp', or devices=1."
+        )
+    if shards_parameters(trainer.strategy):
+        raise MisconfigurationException(
+            f"{name} does not support the {type(trainer.strategy).__name__} (sharded "
+            "parameters); use a single device or strategy='ddp'."
+        )
+
+
+def refuse_at_fit_start(name: str, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """The ``on_fit_start`` refusals: exactly one optimizer (counted in ``trainer.optimizers``)
+    and at least one trainable parameter."""
+    count = len(trainer.optimizers)
+    if count != 1:
+        raise MisconfigurationException(
+            f"{name} supports exactly one optimizer, got {count}. {_ONE_OPTIMIZER}"
+        )
+    if not any(p.requires_grad for p in pl_module.parameters()):
+        raise MisconfigurationException(
+            f"{name} found no trainable parameters (all have requires_grad=False), so there is "
+            "no task to learn or protect. Unfreeze the parameters to train, or remove the "
+            "callback."
+        )
+
+
+def explain_lightning_refusal(name: str, exception: BaseException) -> None:
+    """``on_exception``: Lightning refuses several optimizers under automatic optimization
+    (before any callback hook sees them) and advises manual optimization, which the callbacks
+    cannot support. A note on that exception says what to do instead (Python >= 3.11 shows
+    notes with the traceback)."""
+    if not isinstance(exception, RuntimeError):
+        return
+    if "multiple optimizers is only supported with manual optimization" not in str(exception):
+        return
+    add_note = getattr(exception, "add_note", None)
+    note = (
+        f"{name} supports exactly one optimizer and needs automatic optimization, so "
+        f"switching to manual optimization does not help here. {_ONE_OPTIMIZER}"
     )
+    if add_note is not None and note not in getattr(exception, "__notes__", []):
+        add_note(note)
 
 
 def loss_of(output: Any) -> Tensor | None:
@@ -57,12 +132,3 @@ def quiet_eval(pl_module: pl.LightningModule) -> Iterator[None]:
         object.__delattr__(pl_module, "log_dict")
         for module, mode in modes.items():
             module.training = mode
-
-
-def count_optimizers(pl_module: pl.LightningModule) -> int | None:
-    """How many optimizers ``configure_optimizers`` returns, or None if it cannot be told yet."""
-    try:
-        optimizers, _, _ = _configure_optimizers(pl_module.configure_optimizers())  # type: ignore[arg-type]
-    except Exception:  # Lightning reports a broken configure_optimizers itself, later.
-        return None
-    return len(optimizers)

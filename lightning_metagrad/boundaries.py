@@ -8,11 +8,19 @@ Plain Python; no Trainer needed.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
+from lightning_metagrad._validation import (
+    check_callable,
+    check_choice,
+    check_int,
+    check_int_sequence,
+    check_state_version,
+    check_str,
+)
 from lightning_metagrad.detection import ChangePointDetector
 from lightning_metagrad.meta_network import CoordinateMLP, MetaNetwork
 from lightning_metagrad.novelty import SubspaceNovelty
@@ -29,6 +37,8 @@ class TaskBoundarySource:
     """
 
     name = "manual"
+    #: The layout version :meth:`state_dict` writes (bumped when the layout changes).
+    _state_version: ClassVar[int] = 1
 
     @property
     def uses_loss(self) -> bool:
@@ -82,11 +92,25 @@ class TaskBoundarySource:
         stream returns to, or None for a task never seen (the default)."""
         return None
 
+    @property
+    def max_onset_steps(self) -> int:
+        """How many optimizer steps before a detection a switch may have begun (0: boundaries
+        are exact). The predictor keeps that much recent history, so that the steps of the
+        new task seen before the detection are not folded into the old one."""
+        return 0
+
+    def onset_steps(self) -> int:
+        """After :meth:`on_pairs` or :meth:`on_gradients` declared a switch: how many
+        optimizer steps before it the new task is estimated to have begun (0: exactly now)."""
+        return 0
+
     def state_dict(self) -> dict:
-        return {}
+        """Plain values only, with a ``"version"``; calling it changes nothing."""
+        return {"version": self._state_version}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        """Restore a :meth:`state_dict`; ValueError for a version this release cannot read."""
+        check_state_version(type(self).__name__, state, self._state_version, unversioned=1)
 
 
 class NewFitBoundaries(TaskBoundarySource):
@@ -118,9 +142,14 @@ class NewFitBoundaries(TaskBoundarySource):
         self.completed_fits += 1
 
     def state_dict(self) -> dict:
-        return {"completed_fits": self.completed_fits, "in_fit": self.in_fit}
+        return {
+            "version": self._state_version,
+            "completed_fits": self.completed_fits,
+            "in_fit": self.in_fit,
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        check_state_version(type(self).__name__, state, self._state_version, unversioned=1)
         self.completed_fits = int(state["completed_fits"])
         self.in_fit = bool(state["in_fit"])
 
@@ -148,12 +177,8 @@ class BatchTaskIdBoundaries(TaskBoundarySource):
     name = "batch"
 
     def __init__(self, key: str = "task_id", fn: Callable[[Any], Hashable] | None = None):
-        if fn is not None and not callable(fn):
-            raise ValueError(f"`fn` must be callable, got {type(fn).__name__}")
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"`key` must be a non-empty string, got {key!r}")
-        self.key = key
-        self.fn = fn
+        self.fn = check_callable("fn", fn, "a callable `batch -> task id`", optional=True)
+        self.key = check_str("key", key)
         self.current_id: Hashable | None = None
         self.seen_ids: list[Hashable] = []  # in order of first appearance: the task indices
         self._returning = False  # the latest batch's id was seen before
@@ -197,11 +222,13 @@ class BatchTaskIdBoundaries(TaskBoundarySource):
 
     def state_dict(self) -> dict:
         return {
+            "version": self._state_version,
             "current_id": _plain(self.current_id),
             "seen_ids": [_plain(i) for i in self.seen_ids],
         }
 
     def load_state_dict(self, state: dict) -> None:
+        check_state_version(type(self).__name__, state, self._state_version, unversioned=1)
         self.current_id = state["current_id"]
         self.seen_ids = list(state["seen_ids"])
 
@@ -211,14 +238,16 @@ def _plain(task_id: Hashable | None) -> Any:
     return task_id if isinstance(task_id, (int, str, float)) or task_id is None else str(task_id)
 
 
-_AUTO_SIGNALS = ("novelty", "loss", "error")
+#: The main signals :class:`AutoBoundaries` can test.
+Signal = Literal["novelty", "loss", "error"]
+_AUTO_SIGNALS: tuple[Signal, ...] = ("novelty", "loss", "error")
 #: The auxiliary evidence (detector weights) each main signal gets by default.
 _DEFAULT_EVIDENCE: dict[str, dict[str, float]] = {
     "novelty": {},
     "loss": {"error": 1.0},
     "error": {},
 }
-_DEFAULT_SIGNAL = "novelty"
+_DEFAULT_SIGNAL: Signal = "novelty"
 
 
 def default_detector(
@@ -279,10 +308,8 @@ class AutoBoundaries(TaskBoundarySource):
     fire alone. A ``detector`` passed in decides itself: its ``signal`` and ``weights`` may
     name ``"novelty"``, ``"loss"`` and ``"error"``.
 
-    ``signal="novelty"`` is the default (what ``task_boundaries="auto"`` builds): measured on
-    four silent streams with tasks of 200 to 1000 steps (``docs/detection.md``), it found
-    every abrupt switch and most blurry ones, where the loss missed switches of short tasks
-    and blends, and the paper's error most switches on Fashion-MNIST.
+    ``signal="novelty"`` is the default (what ``task_boundaries="auto"`` builds); how the
+    three signals compare on silent task streams is measured in ``docs/detection.md``.
 
     Observations are taken every ``every`` optimizer steps (None: every step for the
     novelty, whose value is then pooled over the steps between; every 4 steps for the loss,
@@ -318,20 +345,16 @@ class AutoBoundaries(TaskBoundarySource):
         detector: ChangePointDetector | None = None,
         settle: int | None = None,
         seed: int = 0,
-        signal: str = _DEFAULT_SIGNAL,
+        signal: Signal = _DEFAULT_SIGNAL,
         evidence: Mapping[str, float] | None = None,
         novelty: SubspaceNovelty | None = None,
     ) -> None:
-        if every is not None and (
-            isinstance(every, bool) or not isinstance(every, int) or every < 1
-        ):
-            raise ValueError(f"`every` must be None or an int >= 1, got {every!r}")
-        if settle is not None and (
-            isinstance(settle, bool) or not isinstance(settle, int) or settle < 0
-        ):
-            raise ValueError(f"`settle` must be None or an int >= 0, got {settle!r}")
-        if signal not in _AUTO_SIGNALS:
-            raise ValueError(f"`signal` must be one of {_AUTO_SIGNALS}, got {signal!r}")
+        every = check_int("every", every, minimum=1, optional=True)
+        settle = check_int("settle", settle, minimum=0, optional=True)
+        signal = check_choice("signal", signal, _AUTO_SIGNALS)
+        hidden_sizes = check_int_sequence("hidden_sizes", hidden_sizes)
+        coords_per_step = check_int("coords_per_step", coords_per_step, minimum=1)
+        seed = check_int("seed", seed)
         if evidence is not None and not isinstance(evidence, Mapping):
             raise ValueError(f"`evidence` must map signal names to weights, got {evidence!r}")
         if detector is None:
@@ -359,14 +382,16 @@ class AutoBoundaries(TaskBoundarySource):
         self._loss_sum: Tensor | None = None
         self._loss_finite: Tensor | None = None
         gen = torch.Generator().manual_seed(seed)
-        self.meta = MetaNetwork(
-            CoordinateMLP(hidden_sizes), coords_per_step=coords_per_step, lr=3e-3, generator=gen
-        )
+        # Placeholder weights from a generator of their own (redrawn from `gen` at the
+        # first observation): building the source draws nothing from torch's global RNG.
+        net = CoordinateMLP(hidden_sizes, generator=torch.Generator().manual_seed(seed))
+        self.meta = MetaNetwork(net, coords_per_step=coords_per_step, lr=3e-3, generator=gen)
         self.novelty = novelty if novelty is not None else SubspaceNovelty(seed=seed)
         self.steps = 0
         self.switched = False
         self.last_error: float | None = None
         self.last_novelty: float | None = None
+        self._onset = 0  # observations before the latest detection the switch began
         self._needs_reset = True
 
     # ------------------------------------------------------------------ what is fed
@@ -430,7 +455,9 @@ class AutoBoundaries(TaskBoundarySource):
             return False  # settling: the signals learn, the detector does not
         if self.detector.signal not in signals:
             return False  # e.g. no loss since the last observation: nothing to test
-        return self.detector.update(**signals)
+        switched = self.detector.update(**signals)
+        self._onset = self.detector.last_onset if switched else 0
+        return switched
 
     def on_loss(self, loss: Tensor) -> None:
         loss = loss.detach().float().reshape(())
@@ -448,6 +475,16 @@ class AutoBoundaries(TaskBoundarySource):
         self._loss_sum = self._loss_finite = None
         return total / count if count > 0 else None
 
+    @property
+    def max_onset_steps(self) -> int:
+        det = self.detector
+        slow = det.patience + det.window // 2
+        fast = det._fast_patience + det._fast_window // 2 if det.fast_jump is not None else 0
+        return max(slow, fast) * self.every
+
+    def onset_steps(self) -> int:
+        return self._onset * self.every
+
     def on_task_start(self) -> None:
         self.detector.restart()
         self.novelty.start_task()
@@ -459,6 +496,7 @@ class AutoBoundaries(TaskBoundarySource):
 
     def state_dict(self) -> dict:
         return {
+            "version": self._state_version,
             "loss_sum": float(self._loss_sum) if self._loss_sum is not None else None,
             "loss_finite": float(self._loss_finite) if self._loss_finite is not None else None,
             "meta": self.meta.state_dict(),
@@ -471,6 +509,7 @@ class AutoBoundaries(TaskBoundarySource):
         }
 
     def load_state_dict(self, state: dict) -> None:
+        check_state_version(type(self).__name__, state, self._state_version, unversioned=1)
         self.meta.load_state_dict(state["meta"])
         self.meta.generator.set_state(state["generator"])
         self.detector.load_state_dict(state["detector"])
@@ -532,6 +571,13 @@ class CombinedBoundaries(TaskBoundarySource):
         return next((i for s in self.sources if (i := s.returning_to()) is not None), None)
 
     @property
+    def max_onset_steps(self) -> int:
+        return max(s.max_onset_steps for s in self.sources)
+
+    def onset_steps(self) -> int:
+        return max(s.onset_steps() for s in self.sources)
+
+    @property
     def uses_loss(self) -> bool:
         return any(s.uses_loss for s in self.sources)
 
@@ -545,8 +591,12 @@ class CombinedBoundaries(TaskBoundarySource):
             s.on_task_start()
 
     def state_dict(self) -> dict:
-        return {str(i): s.state_dict() for i, s in enumerate(self.sources)}
+        return {
+            "version": self._state_version,
+            **{str(i): s.state_dict() for i, s in enumerate(self.sources)},
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        check_state_version(type(self).__name__, state, self._state_version, unversioned=1)
         for i, s in enumerate(self.sources):
             s.load_state_dict(state[str(i)])

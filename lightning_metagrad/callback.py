@@ -20,16 +20,23 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_metagrad._lightning import generate_state_key, logs_this_step
 from lightning_metagrad._module_utils import (
-    count_optimizers,
+    explain_lightning_refusal,
     loss_of,
-    several_optimizers_message,
+    refuse_at_fit_start,
+    refuse_unsupported,
+)
+from lightning_metagrad._validation import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_state_version,
+    check_str,
 )
 from lightning_metagrad.boundaries import (
     AutoBoundaries,
@@ -53,16 +60,26 @@ _COMBINE = ("sign", "average")
 _TARGETS = ("auto", "gradient", "update")
 _BOUNDARIES = ("fit", "batch", "manual", "auto")
 _STATE_VERSION = 3
+#: The state version release 0.1.0 wrote (a paper-only callback without predictors).
+_V010_STATE_VERSION = 1
 PREDICTORS: dict[str, type[OldGradientPredictor]] = {
     "subspace": SubspacePredictor,
     "paper": MetaNetPredictor,
     "anchored": AnchoredPredictor,
     "replay": ReplayPredictor,
 }
+#: The predictors ``MetaGradCallback(predictor=...)`` builds by name.
 PredictorName = Literal["subspace", "paper", "anchored", "replay"]
+#: The boundary sources ``MetaGradCallback(task_boundaries=...)`` builds by name.
+BoundaryName = Literal["fit", "batch", "manual", "auto"]
+_RESUME_HINT = (
+    "Start a new run (a new task stream) instead of resuming it: load its model weights only "
+    "(`model.load_state_dict(torch.load(path)['state_dict'])`), or use the release that "
+    "wrote it."
+)
 
 
-def build_predictor(spec: str | OldGradientPredictor) -> OldGradientPredictor:
+def build_predictor(spec: PredictorName | OldGradientPredictor) -> OldGradientPredictor:
     """A predictor from its name (``"subspace"``, ``"paper"``, ``"anchored"``, ``"replay"``)
     or an instance.
 
@@ -102,8 +119,8 @@ class MetaGradCallback(Callback):
             diagonal Taylor model around each old task's end point with a trust region
             (:class:`~lightning_metagrad.predictors.AnchoredPredictor`); ``"paper"`` -- the
             paper exactly: coordinate-wise meta-networks h(theta_j), distilled into g
-            (:class:`~lightning_metagrad.predictors.MetaNetPredictor`; it diverges on the
-            paper's own protocol, see docs/science.md);
+            (:class:`~lightning_metagrad.predictors.MetaNetPredictor`; how it fares on the
+            paper's own protocol is in docs/science.md);
             ``"replay"`` -- the real old-task gradient from a small episodic memory of old
             batches (:class:`~lightning_metagrad.predictors.ReplayPredictor`); or a configured
             predictor instance.
@@ -138,16 +155,17 @@ class MetaGradCallback(Callback):
         predictor: PredictorName | OldGradientPredictor = "subspace",
         combine: Literal["sign", "average"] = "sign",
         target: Literal["auto", "gradient", "update"] = "auto",
-        task_boundaries: str | TaskBoundarySource | Sequence[str | TaskBoundarySource] = "fit",
+        task_boundaries: BoundaryName
+        | TaskBoundarySource
+        | Sequence[BoundaryName | TaskBoundarySource] = "fit",
         task_id_key: str = "task_id",
         task_id_fn: Callable[[Any], Hashable] | None = None,
         diagnostics: bool = True,
     ) -> None:
         super().__init__()
-        if combine not in _COMBINE:
-            raise ValueError(f"`combine` must be one of {_COMBINE}, got {combine!r}")
-        if target not in _TARGETS:
-            raise ValueError(f"`target` must be one of {_TARGETS}, got {target!r}")
+        check_choice("combine", combine, _COMBINE)
+        check_choice("target", target, _TARGETS)
+        check_bool("diagnostics", diagnostics)
         if isinstance(task_boundaries, (str, TaskBoundarySource)):
             names: list[Any] = [task_boundaries]
         elif isinstance(task_boundaries, (list, tuple)):
@@ -177,6 +195,7 @@ class MetaGradCallback(Callback):
         self._tasks_started = 1  # distinct tasks so far (task_index may return to an old one)
         self.detected_switches: list[int] = []  # global steps of automatically detected switches
         self._switch_pending = False
+        self._switch_onset = 0  # steps before the pending detection its task began
         self._global_step = 0
         # Inside trainer.test/validate/predict: a checkpoint they load must not roll back what
         # the callback learned (only `fit` resumes the continual-learning state).
@@ -191,6 +210,7 @@ class MetaGradCallback(Callback):
         self._step_names: list[str] = []
         self._stepped = False
         self._to_log: dict[str, Tensor | float] = {}
+        self._skips_reported = 0  # non-finite steps already warned about
 
     @staticmethod
     def _boundary_source(
@@ -205,12 +225,8 @@ class MetaGradCallback(Callback):
         if spec == "manual":
             return TaskBoundarySource()
         if spec == "batch":
-            if not isinstance(key, str) or not key:
-                raise ValueError(f"`task_id_key` must be a non-empty string, got {key!r}")
-            if fn is not None and not callable(fn):
-                raise ValueError(
-                    f"`task_id_fn` must be a callable `batch -> task id`, got {type(fn).__name__}"
-                )
+            check_str("task_id_key", key)
+            check_callable("task_id_fn", fn, "a callable `batch -> task id`", optional=True)
             return BatchTaskIdBoundaries(key=key, fn=fn)
         raise ValueError(
             f"`task_boundaries` must be one of {_BOUNDARIES}, a TaskBoundarySource or a list of "
@@ -221,8 +237,8 @@ class MetaGradCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            predictor=self.predictor_name, combine=self.combine, target=self.target
+        return generate_state_key(
+            self, predictor=self.predictor_name, combine=self.combine, target=self.target
         )
 
     @property
@@ -232,12 +248,15 @@ class MetaGradCallback(Callback):
 
     @property
     def meta_network(self) -> CoordinateMLP:
-        """The current task's meta-network h (paper predictor only)."""
+        """The current task's meta-network h: with ``predictor="paper"`` only (a shortcut for
+        ``callback.predictor.h``); AttributeError with any other predictor. Every predictor's
+        own state is on :attr:`predictor`."""
         return self._meta_predictor().h
 
     @property
     def predictor_network(self) -> CoordinateMLP | None:
-        """The distilled predictor g of the mean old-task gradient (paper predictor only)."""
+        """The distilled predictor g of the mean old-task gradient (None before task 2): with
+        ``predictor="paper"`` only (``callback.predictor.g``); AttributeError otherwise."""
         return self._meta_predictor().g
 
     def predict_old_gradient(self, theta: Tensor) -> Tensor:
@@ -276,19 +295,23 @@ class MetaGradCallback(Callback):
                 "start_new_task() needs the model's parameters: call it during fit, or pass "
                 "`pl_module=`."
             )
-        self._end_task()
+        self._start_new_task()
+
+    def _start_new_task(self, forget_steps: int = 0) -> None:
+        """:meth:`start_new_task`; a switch detected late leaves out its last steps."""
+        self._end_task(forget_steps)
         self.task_index = self._tasks_started
         self._tasks_started += 1
         self.engine.learning = True
         self.boundaries.on_task_start()
         self.on_task_start(self.task_index)
 
-    def _end_task(self) -> None:
+    def _end_task(self, forget_steps: int = 0) -> None:
         """Fold the current task in, unless it is a revisited one (folded in already)."""
         if not self.engine.learning:
             return
         try:
-            folded = self.engine.end_task()
+            folded = self.engine.end_task(forget_steps)
         except RuntimeError as err:
             raise RuntimeError(f"MetaGrad, task {self.task_index}: {err}") from None
         if not folded:
@@ -328,46 +351,16 @@ class MetaGradCallback(Callback):
         self._evaluating = stage != "fit"
         if stage != "fit":
             return
-        if not pl_module.automatic_optimization:
-            raise MisconfigurationException(
-                "MetaGradCallback rewrites gradients between backward and optimizer.step, which "
-                "Lightning's manual optimization does not expose. Use automatic optimization "
-                "(remove `self.automatic_optimization = False`)."
-            )
-        if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
-            # Runs in the worker: its state would never reach the caller's callback object.
-            raise MisconfigurationException(
-                "MetaGradCallback does not support spawned/forked processes (ddp_spawn, "
-                "ddp_fork, ddp_notebook): the callback's state stays in the worker processes and "
-                "is lost when they exit. Use strategy='ddp', or devices=1."
-            )
-        strategy = type(trainer.strategy).__name__
-        if "FSDP" in strategy or "DeepSpeed" in strategy:
-            raise MisconfigurationException(
-                f"MetaGradCallback does not support the {strategy} (sharded parameters); use a "
-                "single device or strategy='ddp'."
-            )
-        # Lightning itself rejects several optimizers under automatic optimization, advising
-        # manual optimization, which MetaGrad cannot support: say so first.
-        num_optimizers = count_optimizers(pl_module)
-        if num_optimizers is not None and num_optimizers > 1:
-            raise MisconfigurationException(
-                several_optimizers_message("MetaGradCallback", num_optimizers)
-            )
+        refuse_unsupported("MetaGradCallback", trainer, pl_module, edit="rewrites gradients")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if len(trainer.optimizers) != 1:
-            raise MisconfigurationException(
-                several_optimizers_message("MetaGradCallback", len(trainer.optimizers))
-            )
-        if not any(p.requires_grad for p in pl_module.parameters()):
-            raise MisconfigurationException(
-                "MetaGradCallback found no trainable parameters (all have requires_grad=False). "
-                "Unfreeze the parameters to train, or remove the callback."
-            )
+        refuse_at_fit_start("MetaGradCallback", trainer, pl_module)
         self._bind(pl_module)
         self.predictor.attach(trainer, pl_module)
+        # A detected switch is declared some steps after it began: keep that much history.
+        onset = self.boundaries.max_onset_steps
+        self.predictor.keep_history(onset + 1 if onset else 0)
         optimizer = trainer.optimizers[0]
         self._resolved_target = self._resolve_target(optimizer)
         if self._resolved_target == "update":
@@ -398,8 +391,23 @@ class MetaGradCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._warn_skipped_steps()
         self.boundaries.on_fit_end()
         self._release()
+
+    def _warn_skipped_steps(self) -> None:
+        """Without a host sync per step the engine counts non-finite steps on the device;
+        they are reported here, every ``diagnostics.check_every`` steps and at the fit end."""
+        if not self.engine.sync_free:
+            return
+        skipped = self.engine.skipped_steps
+        if skipped > self._skips_reported:
+            rank_zero_warn(
+                f"MetaGrad: {skipped - self._skips_reported} step(s) with a non-finite "
+                "gradient/update; they reach the optimizer non-finite, as without the callback, "
+                "and are not used to train the predictor."
+            )
+        self._skips_reported = skipped
 
     @override
     def on_exception(
@@ -407,19 +415,22 @@ class MetaGradCallback(Callback):
     ) -> None:
         self._evaluating = False
         self._release()
+        explain_lightning_refusal("MetaGradCallback", exception)
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         switch = self.boundaries.on_train_batch(batch, batch_idx)
+        onset = 0
         if self._switch_pending:
             self._switch_pending = False
             switch = True
+            onset, self._switch_onset = self._switch_onset, 0
         if switch:
             revisited = self.boundaries.returning_to()
             if revisited is None:
-                self.start_new_task()
+                self._start_new_task(forget_steps=onset)
             else:
                 self._return_to_task(revisited)
         if self.engine.learning:  # a revisited task's batches are not stored again
@@ -465,6 +476,8 @@ class MetaGradCallback(Callback):
             return
         self._stepped = False
         self._global_step = trainer.global_step
+        if self._global_step % self.diagnostics.check_every == 0:
+            self._warn_skipped_steps()
         self._to_log.update(
             self.diagnostics.step(
                 [p for p in self.engine.params.values() if p.requires_grad], self.task_index
@@ -473,7 +486,7 @@ class MetaGradCallback(Callback):
         # Like Lightning's LearningRateMonitor: only on steps whose logs are written
         # (`log_every_n_steps`), each figure's latest value; a `self.log` call costs about as
         # much as a small model's whole step.
-        if trainer._logger_connector.should_update_logs:
+        if logs_this_step(trainer):
             self._to_log["metagrad/task"] = float(self.task_index)
             for name, value in self._to_log.items():
                 pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
@@ -489,12 +502,40 @@ class MetaGradCallback(Callback):
             "tasks_started": self._tasks_started,
             "detected_switches": list(self.detected_switches),
             "switch_pending": self._switch_pending,
+            "switch_onset": self._switch_onset,
             # Saved at the end of its fit (its max_steps / max_epochs reached)?
             "fit_done": bool(self._trainer is not None and self._trainer.fit_loop.done),
             "engine": self.engine.state_dict(),
             "boundaries": self.boundaries.state_dict(),
             "diagnostics": self.diagnostics.state_dict(),
         }
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning gives a callback only the state stored under its own `state_key` and
+        # merely warns about the others. Release 0.1.0 keyed its state by other arguments, so
+        # without this check `fit(ckpt_path=...)` on a 0.1.0 checkpoint would resume the loops
+        # with a blank callback: every learned task silently lost.
+        if self._evaluating:  # test/validate/predict read the weights only
+            return
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return  # load_state_dict checks its version
+        for key, state in states.items():
+            if not str(key).startswith("MetaGradCallback") or not isinstance(state, dict):
+                continue
+            version = state.get("version")
+            if version == _V010_STATE_VERSION:
+                raise ValueError(
+                    "The checkpoint holds MetaGradCallback state written by lightning-metagrad "
+                    f"0.1.0 (state version {version}, key {key!r}), which this release cannot "
+                    "resume: 0.1.0 had only the paper's meta-network predictor, in a layout "
+                    "today's predictors do not read. " + _RESUME_HINT
+                )
+            if version != _STATE_VERSION:
+                check_state_version("MetaGradCallback", state, _STATE_VERSION, _RESUME_HINT)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -504,21 +545,15 @@ class MetaGradCallback(Callback):
                 "continual-learning state is kept as it is (only `fit` resumes it)."
             )
             return
-        version = state_dict.get("version")
-        if version != _STATE_VERSION:
-            raise ValueError(
-                f"MetaGradCallback state version {version!r} cannot be read by this release "
-                f"(it reads version {_STATE_VERSION}). The checkpoint was written by an older "
-                "lightning-metagrad; load its model weights only (e.g. "
-                "`model.load_state_dict(torch.load(path)['state_dict'])`) and start a new task "
-                "stream, or use the release that wrote it."
-            )
+        check_state_version("MetaGradCallback", state_dict, _STATE_VERSION, _RESUME_HINT)
         self.task_index = int(state_dict["task_index"])
         self._tasks_started = int(state_dict["tasks_started"])
         self.detected_switches = [int(s) for s in state_dict["detected_switches"]]
         self._switch_pending = bool(state_dict["switch_pending"])
+        self._switch_onset = int(state_dict.get("switch_onset", 0))
         self._restored_fit_done = bool(state_dict["fit_done"])
         self.engine.load_state_dict(state_dict["engine"])
+        self._skips_reported = self.engine.skipped_steps
         self.boundaries.load_state_dict(state_dict["boundaries"])
         self.diagnostics.load_state_dict(state_dict["diagnostics"])
 
@@ -554,6 +589,9 @@ class MetaGradCallback(Callback):
         """One step through the engine, plus detection; returns whether it was finite."""
         pairs = (_flat(thetas), _flat(targets)) if self.boundaries.uses_pairs else None
         raw = [t.detach().clone() for t in targets] if self.boundaries.uses_gradients else None
+        # Detection must know at once whether a step was finite (a host sync); without it the
+        # engine checks on the device where the predictor allows.
+        self.engine.sync_free = pairs is None and raw is None
         logged = self.engine.step_(names, thetas, targets)
         if "finite" in logged:
             rank_zero_warn(
@@ -569,6 +607,7 @@ class MetaGradCallback(Callback):
             switch = self.boundaries.on_gradients(names, thetas, raw) or switch
         if switch:
             self._switch_pending = True
+            self._switch_onset = self.boundaries.onset_steps()
             self.detected_switches.append(self._global_step)
             self._to_log["metagrad/switch_detected"] = 1.0
             rank_zero_info(

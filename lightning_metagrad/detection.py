@@ -28,6 +28,13 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, SupportsFloat
 
+from lightning_metagrad._validation import (
+    check_float,
+    check_int,
+    check_state_version,
+    check_str,
+)
+
 __all__ = ["ChangePointDetector", "simulate_detection"]
 
 _CLIP = 3.0  # Huber clip of deviations and differences, in noise standard deviations
@@ -180,20 +187,6 @@ class _SignalStats:
 _STAT_FIELDS = ("n", "mean", "lag", "nv", "var", "nl", "lvar", "nd", "dvar")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_float(name: str, value: Any, *, positive: bool) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or (value <= 0 if positive else value < 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}")
-    return float(value)
-
-
 class ChangePointDetector:
     """Declares a task switch when the meta-network's relative error jumps and stays up.
 
@@ -325,18 +318,14 @@ class ChangePointDetector:
         fast_window: int | None = None,
         fast_patience: int | None = None,
     ) -> None:
-        if not isinstance(signal, str) or not signal:
-            raise ValueError(f"`signal` must be a non-empty string, got {signal!r}")
-        self.signal = signal
-        self.threshold = _check_float("threshold", threshold, positive=True)
-        self.window = _check_int("window", window, 1)
-        self.patience = _check_int("patience", patience, 1)
-        self.warmup = _check_int("warmup", warmup, 2)
-        self.cooldown = _check_int("cooldown", cooldown, 0)
-        self.min_relative_jump = _check_float(
-            "min_relative_jump", min_relative_jump, positive=False
-        )
-        self.halflife = _check_float("halflife", halflife, positive=True)
+        self.signal = check_str("signal", signal)
+        self.threshold = check_float("threshold", threshold, minimum=0, low_open=True)
+        self.window = check_int("window", window, minimum=1)
+        self.patience = check_int("patience", patience, minimum=1)
+        self.warmup = check_int("warmup", warmup, minimum=2)
+        self.cooldown = check_int("cooldown", cooldown, minimum=0)
+        self.min_relative_jump = check_float("min_relative_jump", min_relative_jump, minimum=0)
+        self.halflife = check_float("halflife", halflife, minimum=0, low_open=True)
         if weights is not None and not isinstance(weights, Mapping):
             raise ValueError(f"`weights` must be a mapping name -> weight, got {weights!r}")
         self.weights: dict[str, float] = {}
@@ -346,23 +335,23 @@ class ChangePointDetector:
                     f"`weights` keys must be non-empty strings other than the main signal "
                     f"{signal!r}, got {name!r}"
                 )
-            self.weights[name] = _check_float(f"weights[{name!r}]", weight, positive=False)
+            self.weights[name] = check_float(f"weights[{name!r}]", weight, minimum=0)
         if max_warmup is not None:
-            _check_int("max_warmup", max_warmup, self.warmup)
+            check_int("max_warmup", max_warmup, minimum=self.warmup)
         self.max_warmup = max_warmup
         if fast_jump is not None:
-            _check_float("fast_jump", fast_jump, positive=True)
+            check_float("fast_jump", fast_jump, minimum=0, low_open=True)
         self.fast_jump = fast_jump
         self._log_fast = None if fast_jump is None else math.log1p(fast_jump)
         self._fast_window = (
             max(1, self.window // 3)
             if fast_window is None
-            else _check_int("fast_window", fast_window, 1)
+            else check_int("fast_window", fast_window, minimum=1)
         )
         self._fast_patience = (
             max(1, self.patience // 2)
             if fast_patience is None
-            else _check_int("fast_patience", fast_patience, 1)
+            else check_int("fast_patience", fast_patience, minimum=1)
         )
         self._alpha = 1.0 - 0.5 ** (1.0 / self.halflife)
         self._log_jump = math.log1p(self.min_relative_jump)
@@ -385,6 +374,9 @@ class ChangePointDetector:
         self.switch_steps: list[int] = []
         self.last_statistic = 0.0
         self.last_relative_jump = 0.0
+        #: At a declared switch: how many observations before it the change is estimated to
+        #: have begun (0 before the first).
+        self.last_onset = 0
         self._since = 0  # observations since the last (re)start
         self._run = 0  # consecutive exceedances
         self._fast_run = 0  # consecutive fast exceedances
@@ -455,9 +447,8 @@ class ChangePointDetector:
             >>> det = ChangePointDetector(warmup=5)
             >>> det.load_state_dict(ChangePointDetector(warmup=5).state_dict())
         """
-        version = state.get("version")
-        if version not in (1, _STATE_VERSION):  # version 1: no adaptive warm-up state
-            raise ValueError(f"unsupported detector state version {version!r}")
+        # Version 1: no adaptive warm-up state.
+        check_state_version("ChangePointDetector", state, (1, _STATE_VERSION))
         signals = state["signals"]
         if set(signals) != set(self._names):
             raise ValueError(
@@ -545,6 +536,12 @@ class ChangePointDetector:
         if declared and not in_cooldown:
             self.num_switches += 1
             self.switch_steps.append(index)
+            # Where the change began: the exceedances that declared it, plus the half window
+            # a median needs before it moves.
+            if self._run >= self.patience:
+                self.last_onset = self._run + self.window // 2
+            else:
+                self.last_onset = self._fast_run + self._fast_window // 2
             self.restart()
             return True
         for name in values:

@@ -1,8 +1,9 @@
 """Cheap run-time diagnostics: is the prediction informative, are the weights running away?
 
-The paper's rule can fail silently: a predictor that explains ~1 % of the gradient's variance
-turns eq. 5 into a random one-way filter, and the weights drift until training ends in NaN
-(``docs/science.md``). These checks cost a few reductions every ``check_every`` steps.
+The paper's rule can fail silently: a predictor that explains almost none of the gradient's
+variance turns eq. 5 into a random one-way filter, and the weights can drift until training
+ends in NaN (``docs/science.md`` measures when). These checks cost a few reductions every
+``check_every`` steps.
 """
 
 from __future__ import annotations
@@ -13,6 +14,16 @@ from collections.abc import Sequence
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+
+from lightning_metagrad._validation import (
+    check_bool,
+    check_float,
+    check_fraction,
+    check_int,
+    check_state_version,
+)
+
+_STATE_VERSION = 1
 
 
 class Diagnostics:
@@ -44,12 +55,14 @@ class Diagnostics:
         check_every: int = 50,
         held_back: float = 0.8,
     ) -> None:
-        self.warn = warn
-        self.warmup = warmup
-        self.uninformative_error = uninformative_error
-        self.runaway_growth = runaway_growth
-        self.check_every = check_every
-        self.held_back = held_back
+        self.warn = check_bool("warn", warn)
+        self.warmup = check_int("warmup", warmup, minimum=1)
+        self.uninformative_error = check_float(
+            "uninformative_error", uninformative_error, minimum=0, low_open=True
+        )
+        self.runaway_growth = check_float("runaway_growth", runaway_growth, minimum=1)
+        self.check_every = check_int("check_every", check_every, minimum=1)
+        self.held_back = check_fraction("held_back", held_back)
         self.held_back_ema: float | None = None  # share of the update the rule holds back
         self.holding_back = False
         self._held_calls = 0
@@ -141,6 +154,7 @@ class Diagnostics:
 
     def state_dict(self) -> dict:
         return {
+            "version": _STATE_VERSION,
             "error_ema": self.error_ema,
             "error_count": self.error_count,
             "initial_norm": self.initial_norm,
@@ -156,6 +170,7 @@ class Diagnostics:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        check_state_version("Diagnostics", state, _STATE_VERSION, unversioned=1)
         self.error_ema = state["error_ema"]
         self.error_count = int(state["error_count"])
         self.initial_norm = state["initial_norm"]

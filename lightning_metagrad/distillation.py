@@ -16,6 +16,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from lightning_metagrad._validation import check_float, check_int
 from lightning_metagrad.meta_network import CoordinateMLP
 
 
@@ -33,15 +34,9 @@ class RunningMeanDistiller:
     """
 
     def __init__(self, steps: int = 200, num_samples: int = 4096, lr: float = 1e-3):
-        if steps < 0:
-            raise ValueError(f"`steps` must be >= 0, got {steps}")
-        if num_samples < 1:
-            raise ValueError(f"`num_samples` must be >= 1, got {num_samples}")
-        if lr <= 0:
-            raise ValueError(f"`lr` must be > 0, got {lr}")
-        self.steps = steps
-        self.num_samples = num_samples
-        self.lr = lr
+        self.steps = check_int("steps", steps, minimum=0)
+        self.num_samples = check_int("num_samples", num_samples, minimum=1)
+        self.lr = check_float("lr", lr, minimum=0, low_open=True)
         self.g: CoordinateMLP | None = None
         self.num_tasks = 0
         self.last_error: float | None = None

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lightning_metagrad._validation import check_choice, check_state_version
 from lightning_metagrad.combination import joint_average_, sign_agreement_
 from lightning_metagrad.predictors import OldGradientPredictor
 
@@ -55,19 +56,29 @@ class MetaGrad:
             raise ValueError(
                 f"`predictor` must be an OldGradientPredictor, got {type(predictor).__name__}"
             )
-        if combine not in ("sign", "average"):
-            raise ValueError(f"`combine` must be 'sign' or 'average', got {combine!r}")
+        check_choice("combine", combine, ("sign", "average"))
         self.predictor = predictor
         self.combine = combine
         self.params: dict[str, Tensor] = {}
         self.steps_in_task = 0
-        self.skipped_steps = 0
+        # Non-finite steps not learned from: an int, or a device tensor while steps are
+        # checked without a host sync (see ``sync_free``); read it with ``skipped_steps``.
+        self._skipped: int | Tensor = 0
+        #: Check finiteness on the device, without a host sync per step, where the predictor
+        #: can mask a non-finite step out of what it learns (``masks_non_finite``); set it to
+        #: False when the caller must know at once whether a step was finite.
+        self.sync_free = True
         #: Whether steps are learned from (False while training on a task already folded in,
         #: e.g. a revisited task id: it is not folded in twice; the rule still acts).
         self.learning = True
         # Parameters (name -> shape) the old tasks trained; only these are rewritten.
         self._old_shapes: dict[str, tuple[int, ...]] = {}
         self._trained: set[str] = set()  # had a target in the current task
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps with a non-finite target, not learned from (a host sync on the device)."""
+        return int(self._skipped)
 
     @property
     def num_old_tasks(self) -> int:
@@ -105,17 +116,40 @@ class MetaGrad:
     ) -> dict[str, Tensor]:
         """Observe one step's ``(theta, target)`` pairs, then rewrite ``targets`` in place.
 
-        A step with a non-finite target is neither learned from nor rewritten (``finite`` is
-        0 in the returned figures): a NaN is passed on to the optimizer or grad scaler as is.
+        A step with a non-finite target is not learned from. Checked on the host (one sync),
+        it is not rewritten either, and ``finite`` (0) is in the returned figures: a NaN is
+        passed on to the optimizer or grad scaler as is. Checked on the device (``sync_free``
+        and a predictor that ``masks_non_finite``), the predictor masks it out of what it
+        learns and the rule still runs: the non-finite entries spread along the rows the
+        projection touches, and the step still reaches the optimizer or grad scaler as
+        non-finite.
         """
         if not names:
             return {}
+        if self.sync_free and self.predictor.masks_non_finite:
+            finite = _finite_flag(targets)  # a device tensor: no host sync
+            self._skipped = (~finite).to(torch.int64) + self._skipped
+            return self._learn_and_rewrite(names, thetas, targets, finite)
         if not _all_finite(targets):
-            self.skipped_steps += 1
+            self._skipped = int(self._skipped) + 1
             return {"finite": torch.zeros(())}
+        return self._learn_and_rewrite(names, thetas, targets, None)
+
+    def _learn_and_rewrite(
+        self,
+        names: Sequence[str],
+        thetas: Sequence[Tensor],
+        targets: Sequence[Tensor],
+        finite: Tensor | None,
+    ) -> dict[str, Tensor]:
         logs: dict[str, Tensor] = {}
         if self.learning:
-            logs.update(self.predictor.observe(names, thetas, targets))
+            if finite is None:
+                logs.update(self.predictor.observe(names, thetas, targets))
+            else:
+                # masks_non_finite: the predictor takes ``finite=`` (SubspacePredictor)
+                observe = self.predictor.observe
+                logs.update(observe(names, thetas, targets, finite=finite))  # type: ignore[call-arg]
             self.steps_in_task += 1
             self._trained.update(names)
         logs.update(self.rewrite_(names, thetas, targets))
@@ -157,8 +191,12 @@ class MetaGrad:
         ]
 
     @torch.no_grad()
-    def end_task(self) -> bool:
+    def end_task(self, forget_steps: int = 0) -> bool:
         """Fold the finished task into the predictor (eqs. 6-7) at the bound parameters.
+
+        ``forget_steps``: the last steps belonged to the next task already (a switch detected
+        that many steps late); what they taught the predictor is taken back first, where it
+        keeps that history (:meth:`OldGradientPredictor.keep_history`).
 
         Returns False (and changes nothing) if the task had no optimizer step. Raises if the
         parameters are non-finite: such a task is never folded in.
@@ -174,6 +212,8 @@ class MetaGrad:
                 "last good checkpoint and keep the loss finite (lower learning rate, gradient "
                 "clipping, or skip such steps)."
             )
+        if forget_steps > 0:
+            self.predictor.forget_recent(forget_steps)
         self.predictor.end_task(names, thetas)
         for n, t in zip(names, thetas):
             self._old_shapes[n] = tuple(t.shape)
@@ -186,7 +226,7 @@ class MetaGrad:
         return {
             "version": _STATE_VERSION,
             "steps_in_task": self.steps_in_task,
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": self.skipped_steps,  # a host sync, at checkpoints only
             "learning": self.learning,
             "old_shapes": {n: list(s) for n, s in self._old_shapes.items()},
             "trained": sorted(self._trained),
@@ -194,19 +234,21 @@ class MetaGrad:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        version = state.get("version")
-        if version != _STATE_VERSION:
-            raise ValueError(
-                f"MetaGrad engine state version {version!r} is not supported (this version "
-                f"reads {_STATE_VERSION}); the checkpoint was written by another "
-                "lightning-metagrad release."
-            )
+        check_state_version("MetaGrad engine", state, _STATE_VERSION)
         self.steps_in_task = int(state["steps_in_task"])
-        self.skipped_steps = int(state["skipped_steps"])
+        self._skipped = int(state["skipped_steps"])
         self.learning = bool(state["learning"])
         self._old_shapes = {n: tuple(int(x) for x in s) for n, s in state["old_shapes"].items()}
         self._trained = set(state["trained"])
         self.predictor.load_state_dict(state["predictor"])
+
+
+def _finite_flag(tensors: Sequence[Tensor]) -> Tensor:
+    """Whether every entry is finite, as a 0-dim bool tensor on the tensors' device."""
+    norms = torch._foreach_norm([t.float() if t.dtype != torch.float32 else t for t in tensors])
+    # One reduction per tensor; a norm that overflows float32 (entries near 1e19 and above)
+    # counts as non-finite too: such a step is not learned from either.
+    return torch.isfinite(torch.stack(norms)).all()
 
 
 def _all_finite(tensors: Sequence[Tensor]) -> bool:

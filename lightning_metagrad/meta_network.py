@@ -7,20 +7,17 @@ One small scalar MLP is applied independently to every coordinate of the paramet
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from lightning_metagrad._validation import check_choice, check_float, check_int, check_int_sequence
+
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
-
-
-def _check_hidden_sizes(hidden_sizes: Sequence[int]) -> tuple[int, ...]:
-    sizes = tuple(hidden_sizes)
-    if not sizes or any((not isinstance(s, int)) or s < 1 for s in sizes):
-        raise ValueError(
-            f"`hidden_sizes` must be a non-empty sequence of positive ints, got {hidden_sizes!r}"
-        )
-    return sizes
+#: The activation names :class:`CoordinateMLP` accepts.
+Activation = Literal["relu", "silu", "tanh"]
+ACTIVATIONS: tuple[Activation, ...] = ("relu", "silu", "tanh")
 
 
 class CoordinateMLP(nn.Module):
@@ -28,7 +25,8 @@ class CoordinateMLP(nn.Module):
 
     Inputs and outputs are normalised: ``h(theta) = out_scale * mlp(theta / in_scale)``, with the
     scales held as buffers so they travel with ``state_dict``. The default shape 1-256-256-256-1
-    is the paper's.
+    is the paper's. The initial weights come from ``generator`` if given (torch's global RNG
+    is then left alone), else from torch's global RNG as for any ``nn.Linear``.
 
     Example:
         >>> h = CoordinateMLP(hidden_sizes=(8, 8))
@@ -39,20 +37,28 @@ class CoordinateMLP(nn.Module):
     in_scale: Tensor
     out_scale: Tensor
 
-    def __init__(self, hidden_sizes: Sequence[int] = (256, 256, 256), activation: str = "relu"):
+    def __init__(
+        self,
+        hidden_sizes: Sequence[int] = (256, 256, 256),
+        activation: Activation = "relu",
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
-        sizes = _check_hidden_sizes(hidden_sizes)
-        if activation not in _ACTIVATIONS:
-            raise ValueError(
-                f"`activation` must be one of {sorted(_ACTIVATIONS)}, got {activation!r}"
-            )
+        sizes = check_int_sequence("hidden_sizes", hidden_sizes)
+        activation = check_choice("activation", activation, ACTIVATIONS)
+        # With a generator the weights are drawn from it alone: built on the meta device
+        # (no draw from torch's global RNG), then initialised by reset_parameters.
+        device = None if generator is None else torch.device("meta")
         layers: list[nn.Module] = []
         width = 1
         for size in sizes:
-            layers += [nn.Linear(width, size), _ACTIVATIONS[activation]()]
+            layers += [nn.Linear(width, size, device=device), _ACTIVATIONS[activation]()]
             width = size
-        layers.append(nn.Linear(width, 1))
+        layers.append(nn.Linear(width, 1, device=device))
         self.net = nn.Sequential(*layers)
+        if generator is not None:
+            self.net.to_empty(device="cpu")
+            self.reset_parameters(generator)
         self.hidden_sizes = sizes
         self.activation = activation
         self.register_buffer("in_scale", torch.ones(()))
@@ -104,13 +110,9 @@ class MetaNetwork:
         lr: float = 1e-3,
         generator: torch.Generator | None = None,
     ):
-        if coords_per_step < 1:
-            raise ValueError(f"`coords_per_step` must be >= 1, got {coords_per_step}")
-        if lr <= 0:
-            raise ValueError(f"`lr` must be > 0, got {lr}")
         self.net = net
-        self.coords_per_step = coords_per_step
-        self.lr = lr
+        self.coords_per_step = check_int("coords_per_step", coords_per_step, minimum=1)
+        self.lr = check_float("lr", lr, minimum=0, low_open=True)
         self.generator = generator if generator is not None else torch.Generator()
         self.optimizer = torch.optim.Adam(net.parameters(), lr=lr)
         self.num_updates = 0

@@ -43,25 +43,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_metagrad._validation import (
+    check_float,
+    check_fraction,
+    check_int,
+    check_state_version,
+)
 from lightning_metagrad.subspace import _Group, _matrix_groups
 
 __all__ = ["SubspaceNovelty"]
 
 _EXACT_DIM = 256  # fan-ins up to this always get an exact eigendecomposition
 _EARLY = (1, 2, 4, 8)  # observations of a task after which its first bases are built
-
-
-def _check_fraction(name: str, value: Any) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not 0 < value < 1:
-        raise ValueError(f"`{name}` must be a number in (0, 1), got {value!r}")
-    return float(value)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}")
-    return value
+_STATE_VERSION = 1
 
 
 def _energy_cut(values: Tensor, total: float, energy: float) -> int:
@@ -165,18 +159,13 @@ class SubspaceNovelty:
         every: int = 1,
         seed: int = 0,
     ) -> None:
-        self.energy = _check_fraction("energy", energy)
-        ok = isinstance(halflife, (int, float)) and not isinstance(halflife, bool)
-        if not ok or not math.isfinite(halflife) or halflife <= 0:
-            raise ValueError(f"`halflife` must be a finite number > 0, got {halflife!r}")
-        self.halflife = float(halflife)
-        self.refresh = _check_int("refresh", refresh, 1)
-        self.lag = _check_int("lag", lag, 0)
-        if sample_rows is not None:
-            _check_int("sample_rows", sample_rows, 1)
-        self.sample_rows = sample_rows
-        self.every = _check_int("every", every, 1)
-        self.generator = torch.Generator().manual_seed(_check_int("seed", seed, 0))
+        self.energy = check_fraction("energy", energy, include_one=False)
+        self.halflife = check_float("halflife", halflife, minimum=0, low_open=True)
+        self.refresh = check_int("refresh", refresh, minimum=1)
+        self.lag = check_int("lag", lag, minimum=0)
+        self.sample_rows = check_int("sample_rows", sample_rows, minimum=1, optional=True)
+        self.every = check_int("every", every, minimum=1)
+        self.generator = torch.Generator().manual_seed(check_int("seed", seed, minimum=0))
         self._alpha = 1.0 - 0.5 ** (self.refresh / self.halflife)  # per block
         self._groups: dict[str, _Group] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -314,6 +303,7 @@ class SubspaceNovelty:
             return None if t is None else t.detach().clone()
 
         return {
+            "version": _STATE_VERSION,
             "calls": self.calls,
             "observations": self.observations,
             "generator": self.generator.get_state(),
@@ -332,6 +322,7 @@ class SubspaceNovelty:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        check_state_version("SubspaceNovelty", state, _STATE_VERSION, unversioned=1)
         self.calls = int(state["calls"])
         self.observations = int(state["observations"])
         self.generator.set_state(state["generator"])

@@ -30,8 +30,15 @@ from lightning.fabric.utilities.apply_func import apply_to_collection
 from torch import Tensor
 
 from lightning_metagrad._module_utils import loss_of, quiet_eval
+from lightning_metagrad._validation import (
+    check_choice,
+    check_float,
+    check_int,
+    check_int_sequence,
+    check_state_version,
+)
 from lightning_metagrad.distillation import RunningMeanDistiller
-from lightning_metagrad.meta_network import CoordinateMLP, MetaNetwork
+from lightning_metagrad.meta_network import ACTIVATIONS, Activation, CoordinateMLP, MetaNetwork
 from lightning_metagrad.tabulation import TabulatedFunction
 
 #: Per tensor: ``(mean old-task gradient, trusted mask or None)``, or None (the tensor is free).
@@ -60,13 +67,19 @@ class OldGradientPredictor:
         >>> pred.predict(["w"], [torch.ones(2)])
         [(tensor([0., 0.]), None)]
         >>> pred.state_dict()
-        {'num_old_tasks': 1}
+        {'version': 1, 'num_old_tasks': 1}
         >>> from lightning_metagrad import MetaGradCallback
         >>> MetaGradCallback(predictor=pred).predictor_name
         'ZeroPredictor'
     """
 
     rule: ClassVar[Literal["elementwise", "projection"]] = "elementwise"
+    #: Whether :meth:`observe` accepts ``finite=`` (a 0-dim bool device tensor) and leaves a
+    #: step out of what it learns where it is False: the engine then checks finiteness
+    #: without a host sync per step. Otherwise it only sees finite steps.
+    masks_non_finite: ClassVar[bool] = False
+    #: The layout version :meth:`state_dict` writes (bumped when the layout changes).
+    _state_version: ClassVar[int] = 1
     _old_tasks = 0
 
     @property
@@ -93,6 +106,16 @@ class OldGradientPredictor:
         """Fold the finished task in (eqs. 6-7); ``thetas`` are its end point."""
         raise NotImplementedError
 
+    def keep_history(self, steps: int) -> None:
+        """Keep what each of the last ``steps`` optimizer steps added to the current task, so
+        that :meth:`forget_recent` can take it back (task switches detected some steps
+        late). The default keeps nothing."""
+
+    def forget_recent(self, steps: int) -> bool:
+        """Before :meth:`end_task`: take back what the last ``steps`` steps added to the task
+        (they belong to the next one). False if nothing could be taken back (the default)."""
+        return False
+
     def predict(self, names: Sequence[str], thetas: Sequence[Tensor]) -> list[Prediction]:
         """Elementwise rule: per tensor ``(mean old-task gradient, trusted mask or None)``.
 
@@ -108,10 +131,14 @@ class OldGradientPredictor:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
-        """Plain values and tensors only (Lightning checkpoints load with ``weights_only``)."""
-        return {"num_old_tasks": self._old_tasks}
+        """Plain values and tensors only (Lightning checkpoints load with ``weights_only``),
+        with a ``"version"``; calling it changes nothing. The default holds the old-task
+        count, enough for a predictor whose state is that count alone."""
+        return {"version": self._state_version, "num_old_tasks": self._old_tasks}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`; ValueError for a version this release cannot read."""
+        check_state_version(type(self).__name__, state, self._state_version, unversioned=1)
         self._old_tasks = int(state["num_old_tasks"])
 
 
@@ -141,7 +168,7 @@ class MetaNetPredictor(OldGradientPredictor):
     def __init__(
         self,
         hidden_sizes: Sequence[int] = (256, 256, 256),
-        activation: str = "relu",
+        activation: Activation = "relu",
         coords_per_step: int = 4096,
         lr: float = 1e-3,
         update_every: int = 8,
@@ -150,19 +177,22 @@ class MetaNetPredictor(OldGradientPredictor):
         table_points: int = 4097,
         seed: int = 0,
     ) -> None:
-        if not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"`update_every` must be an int >= 1, got {update_every!r}")
-        if not isinstance(table_points, int) or table_points < 2:
-            raise ValueError(f"`table_points` must be an int >= 2, got {table_points!r}")
-        if not isinstance(seed, int):
-            raise ValueError(f"`seed` must be an int, got {seed!r}")
-        if not isinstance(distill_steps, int) or distill_steps < 0:
-            raise ValueError(f"`distill_steps` must be an int >= 0, got {distill_steps!r}")
-        self.update_every = update_every
-        self.table_points = table_points
+        # Checked here, under the names the user passed (the parts rename some of them).
+        hidden_sizes = check_int_sequence("hidden_sizes", hidden_sizes)
+        activation = check_choice("activation", activation, ACTIVATIONS)
+        coords_per_step = check_int("coords_per_step", coords_per_step, minimum=1)
+        lr = check_float("lr", lr, minimum=0, low_open=True)
+        self.update_every = check_int("update_every", update_every, minimum=1)
+        distill_steps = check_int("distill_steps", distill_steps, minimum=0)
+        distill_samples = check_int("distill_samples", distill_samples, minimum=1)
+        self.table_points = check_int("table_points", table_points, minimum=2)
+        seed = check_int("seed", seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.meta = MetaNetwork(
-            CoordinateMLP(hidden_sizes, activation),
+            # Placeholder weights from a generator of their own (redrawn from
+            # self.generator at the first step): building the predictor draws nothing from
+            # torch's global RNG.
+            CoordinateMLP(hidden_sizes, activation, generator=torch.Generator().manual_seed(seed)),
             coords_per_step=coords_per_step,
             lr=lr,
             generator=self.generator,
@@ -240,6 +270,7 @@ class MetaNetPredictor(OldGradientPredictor):
 
     def state_dict(self) -> dict:
         return {
+            "version": self._state_version,
             "meta": self.meta.state_dict(),
             "distiller": self.distiller.state_dict(),
             "table": None if self.table is None else self.table.state_dict(),
@@ -249,6 +280,7 @@ class MetaNetPredictor(OldGradientPredictor):
         }
 
     def load_state_dict(self, state: dict) -> None:
+        check_state_version(type(self).__name__, state, self._state_version, unversioned=1)
         self.meta.load_state_dict(state["meta"])
         self.distiller.load_state_dict(state["distiller"], template=self.meta.net)
         table = state["table"]
@@ -256,13 +288,6 @@ class MetaNetPredictor(OldGradientPredictor):
         self.in_scale = state["in_scale"]
         self.steps_in_task = int(state["steps_in_task"])
         self.generator.set_state(state["generator"])
-
-
-def _finite_positive(name: str, value: Any) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 class AnchoredPredictor(OldGradientPredictor):
@@ -290,7 +315,7 @@ class AnchoredPredictor(OldGradientPredictor):
     """
 
     def __init__(self, radius: float = 0.01) -> None:
-        self.radius = _finite_positive("radius", radius)
+        self.radius = check_float("radius", radius, minimum=0, low_open=True)
         self._old_tasks = 0
         # Per parameter name, so the model may change between tasks.
         self._b: dict[str, Tensor] = {}
@@ -361,7 +386,7 @@ class AnchoredPredictor(OldGradientPredictor):
 
     def state_dict(self) -> dict:
         return {
-            "radius": self.radius,
+            "version": self._state_version,
             "num_old_tasks": self._old_tasks,
             "b": {k: v.detach().clone() for k, v in self._b.items()},
             "c": {k: v.detach().clone() for k, v in self._c.items()},
@@ -370,6 +395,7 @@ class AnchoredPredictor(OldGradientPredictor):
         }
 
     def load_state_dict(self, state: dict) -> None:
+        check_state_version(type(self).__name__, state, self._state_version, unversioned=1)
         self._old_tasks = int(state["num_old_tasks"])
         self._b = {k: v.clone() for k, v in state["b"].items()}
         self._c = {k: v.clone() for k, v in state["c"].items()}
@@ -406,24 +432,10 @@ class ReplayPredictor(OldGradientPredictor):
         seed: int = 0,
         free_below: float | None = 4.0,
     ) -> None:
-        if not isinstance(memory_batches, int) or memory_batches < 1:
-            raise ValueError(f"`memory_batches` must be an int >= 1, got {memory_batches!r}")
-        if not isinstance(refresh_every, int) or refresh_every < 1:
-            raise ValueError(f"`refresh_every` must be an int >= 1, got {refresh_every!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"`seed` must be an int, got {seed!r}")
-        if free_below is not None and (
-            isinstance(free_below, bool)
-            or not isinstance(free_below, (int, float))
-            or not 0 <= free_below < float("inf")
-        ):
-            raise ValueError(
-                f"`free_below` must be None or a finite number >= 0, got {free_below!r}"
-            )
-        self.free_below = None if free_below is None else float(free_below)
-        self.memory_batches = memory_batches
-        self.refresh_every = refresh_every
-        self._generator = torch.Generator().manual_seed(seed)
+        self.free_below = check_float("free_below", free_below, minimum=0, optional=True)
+        self.memory_batches = check_int("memory_batches", memory_batches, minimum=1)
+        self.refresh_every = check_int("refresh_every", refresh_every, minimum=1)
+        self._generator = torch.Generator().manual_seed(check_int("seed", seed))
         self.memory: list[list[Any]] = []  # per old task: stored batches
         self.current: list[Any] = []
         self._seen = 0
@@ -523,8 +535,10 @@ class ReplayPredictor(OldGradientPredictor):
 
     def state_dict(self) -> dict:
         return {
-            "memory": self.memory,
-            "current": self.current,
+            "version": self._state_version,
+            # Copies of the lists: a later task must not change a state taken now.
+            "memory": [list(batches) for batches in self.memory],
+            "current": list(self.current),
             "seen": self._seen,
             "calls": self._calls,
             "generator": self._generator.get_state(),
@@ -536,6 +550,7 @@ class ReplayPredictor(OldGradientPredictor):
         }
 
     def load_state_dict(self, state: dict) -> None:
+        check_state_version(type(self).__name__, state, self._state_version, unversioned=1)
         self.memory = [list(b) for b in state["memory"]]
         self.current = list(state["current"])
         self._seen = int(state["seen"])

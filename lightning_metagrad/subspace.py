@@ -26,12 +26,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_metagrad._validation import (
+    check_choice,
+    check_fraction,
+    check_int,
+    check_state_version,
+)
 from lightning_metagrad.predictors import OldGradientPredictor, Prediction
 from lightning_metagrad.projection import complement_of, grow_basis
 
@@ -58,13 +64,6 @@ def _matrix_groups(params: Mapping[str, Tensor]) -> list[_Group]:
         fan_in = p[0].numel()
         groups.append(_Group(name, bias, p.shape[0], fan_in + (bias is not None)))
     return groups
-
-
-def _check_fraction(name: str, value: Any) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not 0 < value <= 1:
-        raise ValueError(f"`{name}` must be a number in (0, 1], got {value!r}")
-    return float(value)
 
 
 class SubspacePredictor(OldGradientPredictor):
@@ -108,6 +107,7 @@ class SubspacePredictor(OldGradientPredictor):
     """
 
     rule: ClassVar[Literal["elementwise", "projection"]] = "projection"
+    masks_non_finite: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -120,34 +120,22 @@ class SubspacePredictor(OldGradientPredictor):
         seed: int = 0,
         in_basis: Literal["project", "sign"] = "project",
     ) -> None:
-        if in_basis not in ("project", "sign"):
-            raise ValueError(f"`in_basis` must be 'project' or 'sign', got {in_basis!r}")
-        self.in_basis = in_basis
-        self.threshold = _check_fraction("threshold", threshold)
-        self.input_threshold = (
-            None if input_threshold is None else _check_fraction("input_threshold", input_threshold)
-        )
+        self.in_basis = check_choice("in_basis", in_basis, ("project", "sign"))
+        self.threshold = check_fraction("threshold", threshold)
+        self.input_threshold = check_fraction("input_threshold", input_threshold, optional=True)
         if layer_thresholds is not None and not isinstance(layer_thresholds, Mapping):
             raise ValueError(
                 "`layer_thresholds` must map weight names to fractions, got "
                 f"{type(layer_thresholds).__name__}"
             )
         self.layer_thresholds = {
-            str(k): _check_fraction(f"layer_thresholds[{k!r}]", v)
+            str(k): check_fraction(f"layer_thresholds[{k!r}]", v)
             for k, v in (layer_thresholds or {}).items()
         }
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"`every` must be an int >= 1, got {every!r}")
-        if sample_rows is not None and (
-            isinstance(sample_rows, bool) or not isinstance(sample_rows, int) or sample_rows < 1
-        ):
-            raise ValueError(f"`sample_rows` must be None or an int >= 1, got {sample_rows!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"`seed` must be an int, got {seed!r}")
-        self.every = every
-        self.sample_rows = sample_rows
-        self.full_rank_warning = _check_fraction("full_rank_warning", full_rank_warning)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.every = check_int("every", every, minimum=1)
+        self.sample_rows = check_int("sample_rows", sample_rows, minimum=1, optional=True)
+        self.full_rank_warning = check_fraction("full_rank_warning", full_rank_warning)
+        self.generator = torch.Generator().manual_seed(check_int("seed", seed))
         self._old_tasks = 0
         self._groups: dict[str, _Group] = {}
         self._first: str | None = None
@@ -159,6 +147,9 @@ class SubspacePredictor(OldGradientPredictor):
         self._complement: set[str] = set()
         self._cov: dict[str, Tensor] = {}
         self._count: dict[str, int] = {}
+        # With keep_history(n): per observation step of the last n steps, the rows it added.
+        self._history_steps = 0
+        self._recent: list[tuple[int, dict[str, Tensor]]] = []
         self._shapes: dict[str, tuple[int, int]] = {}  # (rows, cols) each basis was built for
         self._steps = 0
         self._warned: set[str] = set()
@@ -229,22 +220,61 @@ class SubspacePredictor(OldGradientPredictor):
         return out
 
     def observe(
-        self, names: Sequence[str], thetas: Sequence[Tensor], targets: Sequence[Tensor]
+        self,
+        names: Sequence[str],
+        thetas: Sequence[Tensor],
+        targets: Sequence[Tensor],
+        finite: Tensor | None = None,
     ) -> dict[str, Tensor]:
+        """Add the step's (sampled) gradient rows to each matrix's second moment, every
+        ``every`` steps; ``finite`` (a 0-dim bool tensor) False leaves the step out."""
         step = self._steps
         self._steps += 1
         if step % self.every != 0:
             return {}
+        added: dict[str, Tensor] = {}
         for group, g in self._matrix_views(names, targets):  # a missing bias grad counts as 0
             if self.sample_rows is not None and self.sample_rows < group.rows:
                 rows = torch.randint(group.rows, (self.sample_rows,), generator=self.generator)
-                g = g[rows.to(g.device)]
+                g = g[_to_device(rows, g.device)]
+            if finite is not None:  # where, not a product: a NaN times 0 is still NaN
+                g = torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device))
+            if self._history_steps:
+                added[group.weight] = g
             cov = self._cov.get(group.weight)
             if cov is None:
                 cov = self._cov[group.weight] = g.new_zeros(group.cols, group.cols)
             cov.addmm_(g.T, g)
             self._count[group.weight] = self._count.get(group.weight, 0) + 1
+        if self._history_steps:
+            self._recent.append((step, added))
+            while self._recent and self._recent[0][0] <= step - self._history_steps:
+                self._recent.pop(0)
         return {}
+
+    def keep_history(self, steps: int) -> None:
+        """Keep the sampled rows of the observations of the last ``steps`` steps (without
+        ``sample_rows`` whole gradients would be kept: nothing is kept then)."""
+        self._history_steps = steps if self.sample_rows is not None else 0
+        if not self._history_steps:
+            self._recent = []
+
+    def forget_recent(self, steps: int) -> bool:
+        """Subtract the observations of the last ``steps`` steps from the second moments."""
+        if steps <= 0 or not self._recent:
+            return False
+        first = self._steps - steps  # steps numbered from 0; the last one is _steps - 1
+        taken = False
+        for step, added in self._recent:
+            if step < first:
+                continue
+            for name, g in added.items():
+                if self._count.get(name, 0) > 1:  # never empty a moment entirely
+                    self._cov[name].addmm_(g.T, g, alpha=-1.0)
+                    self._count[name] -= 1
+                    taken = True
+        self._recent = [(s, a) for s, a in self._recent if s < first]
+        return taken
 
     @torch.no_grad()
     def end_task(self, names: Sequence[str], thetas: Sequence[Tensor]) -> None:
@@ -271,7 +301,7 @@ class SubspacePredictor(OldGradientPredictor):
             self._shapes[name] = (rows, cov.shape[0])
             if self.in_basis == "sign" and name in ends:
                 self._fold_taylor(name, cov / (self._count[name] * max(rows, 1)), ends[name])
-        self._cov, self._count = {}, {}
+        self._cov, self._count, self._recent = {}, {}, []
         self._old_tasks += 1
         self._warn_full_rank()
 
@@ -351,13 +381,14 @@ class SubspacePredictor(OldGradientPredictor):
                 # with the modelled mean old-task gradient there.
                 old = anchors[group.weight] @ self._k[group.weight] - self._d[group.weight]
                 gm.mul_(torch.mul(gm, old).le_(0).to(gm.dtype))
+            # Energies by norms: a reduction, no squared temporary of G.
             if group.bias is not None and b is not None:
                 mb = m[w.shape[1]]
-                total.append(wf.pow(2).sum() + b.float().pow(2).sum())
+                total.append(_sq_norm(wf) + _sq_norm(b.float()))
                 b.sub_((gm @ mb).to(b.dtype))
             else:
-                total.append(wf.pow(2).sum())
-            removed.append(gm.pow(2).sum())  # |G M M^T|^2 = |G M|^2 (M orthonormal)
+                total.append(_sq_norm(wf))
+            removed.append(_sq_norm(gm))  # |G M M^T|^2 = |G M|^2 (M orthonormal)
             if w.dtype == torch.float32:
                 w.sub_(gm @ mw.T)  # G <- G - (G M) M^T, in place in .grad
             else:
@@ -371,6 +402,7 @@ class SubspacePredictor(OldGradientPredictor):
 
     def state_dict(self) -> dict:
         return {
+            "version": self._state_version,
             "num_old_tasks": self._old_tasks,
             "basis": {k: v.detach().clone() for k, v in self._basis.items()},
             "cov": {k: v.detach().clone() for k, v in self._cov.items()},
@@ -382,9 +414,15 @@ class SubspacePredictor(OldGradientPredictor):
             "complement": sorted(self._complement),
             "taylor_k": {k: v.detach().clone() for k, v in self._k.items()},
             "taylor_d": {k: v.detach().clone() for k, v in self._d.items()},
+            "history_steps": self._history_steps,
+            "recent": [
+                [step, {k: v.detach().clone() for k, v in added.items()}]
+                for step, added in self._recent
+            ],
         }
 
     def load_state_dict(self, state: dict) -> None:
+        check_state_version(type(self).__name__, state, self._state_version, unversioned=1)
         self._old_tasks = int(state["num_old_tasks"])
         self._basis = {k: v.clone() for k, v in state["basis"].items()}
         self._cov = {k: v.clone() for k, v in state["cov"].items()}
@@ -396,6 +434,11 @@ class SubspacePredictor(OldGradientPredictor):
         self._complement = set(state["complement"])
         self._k = {k: v.clone() for k, v in state["taylor_k"].items()}
         self._d = {k: v.clone() for k, v in state["taylor_d"].items()}
+        self._history_steps = int(state.get("history_steps", 0))
+        self._recent = [
+            (int(step), {k: v.clone() for k, v in added.items()})
+            for step, added in state.get("recent", [])
+        ]
 
 
 @torch.no_grad()
@@ -413,3 +456,15 @@ def _keep_complement_(n: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, T
         b.copy_(gn @ nb)
     w.copy_(gn @ nw.T)
     return total - gn.pow(2).sum(), total
+
+
+def _to_device(index: Tensor, device: torch.device) -> Tensor:
+    """A CPU index tensor on ``device``; to a GPU through pinned memory without blocking, so
+    the copy does not wait for the work queued before it (no host sync)."""
+    if device.type == "cpu":
+        return index
+    return index.pin_memory().to(device, non_blocking=True)
+
+
+def _sq_norm(t: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(t).square()

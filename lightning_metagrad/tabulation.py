@@ -9,7 +9,8 @@ Error bound: for a function with bounded second derivative ``|f''| <= M`` on the
 range, linear interpolation on a grid of spacing ``h`` errs by at most ``M h^2 / 8``. A ReLU MLP
 is piecewise linear, so its error is non-zero only in the grid cells that contain a kink.
 Outside the range the table extrapolates linearly from its end cells, which is exact for a ReLU
-MLP once all kinks lie inside the range. ``tests/test_tabulation.py`` measures the error.
+MLP once all kinks lie inside the range. ``tests/test_core.py`` checks the error
+(``test_tabulated_mlp_error_is_bounded``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from lightning_metagrad._validation import check_float, check_int
 
 
 class TabulatedFunction:
@@ -33,8 +36,9 @@ class TabulatedFunction:
     def __init__(self, values: Tensor, low: float, high: float):
         if values.dim() != 1 or values.numel() < 2:
             raise ValueError("`values` must be a 1-D tensor with at least 2 entries")
+        low, high = check_float("low", low), check_float("high", high)
         if not high > low:
-            raise ValueError(f"`high` ({high}) must be greater than `low` ({low})")
+            raise ValueError(f"`high` must be greater than `low` ({low}), got {high!r}")
         self.values = values
         self.low = float(low)
         self.high = float(high)
@@ -53,8 +57,7 @@ class TabulatedFunction:
         device: torch.device | str | None = None,
     ) -> TabulatedFunction:
         """Tabulate ``fn`` (a batched 1-D -> 1-D callable) on an evenly spaced grid."""
-        if num_points < 2:
-            raise ValueError(f"`num_points` must be >= 2, got {num_points}")
+        num_points = check_int("num_points", num_points, minimum=2)
         grid = torch.linspace(low, high, num_points, device=device)
         return cls(fn(grid).detach().float(), low, high)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,7 +13,8 @@ from conftest import TinyClassifier, loader, make_trainer, small_callback_kwargs
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_metagrad import MetaGradCallback, MetaNetPredictor, sign_agreement
+from lightning_metagrad import MetaGradCallback, MetaNetPredictor
+from lightning_metagrad.combination import sign_agreement
 
 
 class StepSpy(Callback):
@@ -293,8 +295,23 @@ def test_several_optimizers_are_refused() -> None:
                 torch.optim.SGD(self.net[2].parameters(), lr=0.1),
             ]
 
-    with pytest.raises(MisconfigurationException, match="exactly one optimizer"):
+    # Lightning refuses several optimizers first (before any callback hook sees them) and
+    # advises manual optimization; the callback adds that this would not help, and the fix.
+    with pytest.raises(RuntimeError, match="multiple optimizers") as err:
         make_trainer([MetaGradCallback()]).fit(TwoOpts(), loader(0))
+    if sys.version_info >= (3, 11):  # exception notes
+        notes = "\n".join(getattr(err.value, "__notes__", []))
+        assert "MetaGradCallback supports exactly one optimizer" in notes
+        assert "parameter groups" in notes
+
+
+def test_no_optimizer_is_refused() -> None:
+    class NoOptimizer(TinyClassifier):
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            return []
+
+    with pytest.raises(MisconfigurationException, match="exactly one optimizer, got 0"):
+        make_trainer([MetaGradCallback()]).fit(NoOptimizer(), loader(0))
 
 
 def test_model_without_trainable_parameters_is_refused() -> None:

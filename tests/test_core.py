@@ -5,16 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_metagrad import (
-    BatchTaskIdBoundaries,
-    CoordinateMLP,
-    MetaNetwork,
-    NewFitBoundaries,
-    RunningMeanDistiller,
-    TabulatedFunction,
-    joint_average,
-    sign_agreement,
-)
+from lightning_metagrad import BatchTaskIdBoundaries, NewFitBoundaries
+from lightning_metagrad.combination import joint_average, sign_agreement
+from lightning_metagrad.distillation import RunningMeanDistiller
+from lightning_metagrad.meta_network import CoordinateMLP, MetaNetwork
+from lightning_metagrad.tabulation import TabulatedFunction
 
 # ------------------------------------------------------------------ eq. 5 and eq. 2
 

@@ -31,11 +31,11 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_metagrad import (
     AutoBoundaries,
-    ChangePointDetector,
     MetaGradCallback,
     ReplayPredictor,
     SubspacePredictor,
 )
+from lightning_metagrad.detection import ChangePointDetector
 from lightning_metagrad.novelty import SubspaceNovelty
 
 GLOBAL_BATCH = 16

@@ -7,7 +7,8 @@ import torch
 from conftest import TinyClassifier, loader, make_trainer, task_data
 from torch.utils.data import DataLoader
 
-from lightning_metagrad import AnchoredPredictor, Diagnostics, MetaGradCallback, MetaNetPredictor
+from lightning_metagrad import AnchoredPredictor, MetaGradCallback, MetaNetPredictor
+from lightning_metagrad.diagnostics import Diagnostics
 
 
 def _observe(pred: AnchoredPredictor, theta: list[float], target: list[float]) -> None:
@@ -224,7 +225,8 @@ def test_replay_frees_small_old_gradients_above_zero_when_asked() -> None:
 
 @pytest.mark.parametrize("name", ["anchored", "replay", "paper"])
 def test_per_tensor_rule_equals_the_flat_reference_rule(name: str) -> None:
-    from lightning_metagrad import ReplayPredictor, sign_agreement
+    from lightning_metagrad import ReplayPredictor
+    from lightning_metagrad.combination import sign_agreement
 
     predictor = {
         "anchored": AnchoredPredictor(radius=1e-3),

@@ -45,8 +45,8 @@ from lightning_metagrad import (
     MetaNetPredictor,
     ReplayPredictor,
     SubspacePredictor,
-    sign_agreement,
 )
+from lightning_metagrad.combination import sign_agreement
 
 LR = 0.1  # TinyClassifier's plain-SGD learning rate
 

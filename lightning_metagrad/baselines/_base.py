@@ -21,8 +21,9 @@ state when ``trainer.test/validate/predict`` load a checkpoint (only ``fit`` res
 :class:`_FitStateCallback`).
 
 The gradient-editing baselines (GPM, A-GEM, ER) share the task bookkeeping, refusals and state
-handling of :class:`_TaskCallback`, and the functions below (argument checks, refusals, the
-batch iterator and the precision context of the extra passes).
+handling of :class:`_TaskCallback`, and the functions below (the batch iterator and the
+precision context of the extra passes). The refusals of set-ups they cannot support are
+:mod:`lightning_metagrad._module_utils`'s, shared with ``MetaGradCallback``.
 """
 
 from __future__ import annotations
@@ -36,101 +37,27 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_metagrad._lightning import before_batch_transfer, generate_state_key
 from lightning_metagrad._module_utils import (
-    count_optimizers,
+    explain_lightning_refusal,
     quiet_eval,
-    several_optimizers_message,
+    refuse_at_fit_start,
+    refuse_unsupported,
 )
+from lightning_metagrad._validation import check_float, check_state_version
 
 TensorDict = dict[str, Tensor]
 
 _STATE_VERSION = 1
 
 
-# ---------------------------------------------------------------------------- argument checks
-
-
-def check_number(name: str, value: Any, *, low: float, low_inclusive: bool, high: float) -> float:
-    """``value`` as a float, or ValueError naming the argument (bools are not numbers here)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value >= low if low_inclusive else value > low) and value <= high
-    if not ok:
-        bound = f"{'>=' if low_inclusive else '>'} {low}" + (
-            f" and <= {high}" if math.isfinite(high) else ""
-        )
-        raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}")
-    return float(value)
-
-
-def check_positive_int(name: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
-    return value
-
-
-def check_int(name: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"`{name}` must be an int, got {value!r}")
-    return value
-
-
 # ---------------------------------------------------------------------------- shared checks
-
-
-def refuse_unsupported(
-    name: str,
-    trainer: pl.Trainer,
-    pl_module: pl.LightningModule,
-    *,
-    manual_message: str,
-    refuse_spawn: bool = True,
-) -> None:
-    """The ``setup`` refusals of the baselines: manual optimization (``manual_message``),
-    spawned/forked processes (if ``refuse_spawn``), sharded strategies and several optimizers."""
-    if not pl_module.automatic_optimization:
-        raise MisconfigurationException(manual_message)
-    if refuse_spawn and isinstance(
-        getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher
-    ):
-        # Runs in the worker: its state would never reach the caller's callback object.
-        raise MisconfigurationException(
-            f"{name} does not support spawned/forked processes (ddp_spawn, ddp_fork, "
-            "ddp_notebook): the callback's state stays in the worker processes and is lost when "
-            "they exit. Use strategy='ddp', or devices=1."
-        )
-    strategy = type(trainer.strategy).__name__
-    if "FSDP" in strategy or "DeepSpeed" in strategy:
-        raise MisconfigurationException(
-            f"{name} does not support the {strategy} (sharded parameters); use a single "
-            "device or strategy='ddp'."
-        )
-    count = count_optimizers(pl_module)
-    if count is not None and count > 1:
-        raise MisconfigurationException(several_optimizers_message(name, count))
-
-
-def check_one_optimizer(name: str, trainer: pl.Trainer) -> None:
-    """``on_fit_start``: exactly one optimizer (``setup`` cannot always tell)."""
-    if len(trainer.optimizers) != 1:
-        raise MisconfigurationException(several_optimizers_message(name, len(trainer.optimizers)))
-
-
-def check_trainable(name: str, pl_module: torch.nn.Module) -> None:
-    """``on_fit_start``: MisconfigurationException when no parameter has ``requires_grad``."""
-    if not any(p.requires_grad for p in pl_module.parameters()):
-        raise MisconfigurationException(
-            f"{name} found no trainable parameters (all have requires_grad=False), so there is "
-            "no task to learn or protect. Unfreeze the parameters to train, or remove the "
-            "callback."
-        )
 
 
 def check_finite_weights(name: str, pl_module: torch.nn.Module, task: int) -> None:
@@ -193,7 +120,7 @@ def training_batches(
         batch = item[0] if isinstance(source, CombinedLoader) else item
         # The training loop's own steps (loops/training_epoch_loop.py).
         batch = trainer.precision_plugin.convert_input(batch)
-        batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+        batch = before_batch_transfer(pl_module, batch)
         yield trainer.strategy.batch_to_device(batch, pl_module.device, dataloader_idx=0)
 
 
@@ -241,6 +168,7 @@ class _FitStateCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._evaluating = False
+        explain_lightning_refusal(type(self).__name__, exception)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -290,9 +218,7 @@ class _QuadraticPenaltyCallback(_FitStateCallback):
 
     def __init__(self, *, strength: float) -> None:
         super().__init__()
-        self.strength = check_number(
-            "strength", strength, low=0.0, low_inclusive=True, high=math.inf
-        )
+        self.strength = check_float("strength", strength, minimum=0)
         #: Tasks consolidated so far.
         self.num_tasks = 0
         self._terms: list[tuple[TensorDict, TensorDict]] = []  # [(anchors, importances)]
@@ -461,32 +387,28 @@ class _QuadraticPenaltyCallback(_FitStateCallback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(**self._config())
+        return generate_state_key(self, **self._config())
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        name = type(self).__name__
         refuse_unsupported(
-            name,
+            type(self).__name__,
             trainer,
             pl_module,
-            manual_message=(
-                f"{name} adds its penalty gradient between backward and optimizer.step, which "
-                "manual optimization does not expose. Use automatic optimization (remove "
-                "`self.automatic_optimization = False`), or leave the callback out of the "
-                "Trainer, add its `penalty(pl_module)` to your loss and call its "
-                "`consolidate(trainer, pl_module)` at the end of each task."
+            edit="adds its penalty gradient",
+            alternative=(
+                ", or leave the callback out of the Trainer, add its `penalty(pl_module)` to your "
+                "loss and call its `consolidate(trainer, pl_module)` at the end of each task"
             ),
             refuse_spawn=False,  # unchanged behaviour of the quadratic baselines
         )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        check_one_optimizer(type(self).__name__, trainer)
-        check_trainable(type(self).__name__, pl_module)
+        refuse_at_fit_start(type(self).__name__, trainer, pl_module)
         self._build_cache(pl_module, check=True)
         self._warn_if_unstable(trainer.optimizers[0])
 
@@ -556,12 +478,7 @@ class _QuadraticPenaltyCallback(_FitStateCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._ignore_loaded_state():
             return
-        version = state_dict.get("version")
-        if version != _STATE_VERSION:
-            raise ValueError(
-                f"{type(self).__name__} cannot load state of version {version!r} "
-                f"(expected {_STATE_VERSION})."
-            )
+        check_state_version(type(self).__name__, state_dict, _STATE_VERSION)
         self.num_tasks = int(state_dict["num_tasks"])
         self._steps_in_task = int(state_dict["steps_in_task"])
         self._terms = [
@@ -650,8 +567,8 @@ class _TaskCallback(_FitStateCallback):
     """Base of the gradient-editing baselines (GPM, A-GEM, ER).
 
     Each ``trainer.fit`` is one task, ended in ``on_train_end`` (where ``trainer.train_dataloader``
-    is still available) by :meth:`consolidate`, which refuses non-finite weights; the refusals
-    of :func:`refuse_unsupported` run in ``setup``. Subclasses implement :meth:`_end_task`,
+    is still available) by :meth:`consolidate`, which refuses non-finite weights; the shared
+    refusals (``refuse_unsupported``) run in ``setup``. Subclasses implement :meth:`_end_task`,
     :meth:`_config` and the gradient edit in ``on_before_optimizer_step`` (counting the steps
     that saw a gradient in ``_steps_in_task``), and add their state with
     :meth:`_extra_state` / :meth:`_load_extra_state`.
@@ -716,29 +633,18 @@ class _TaskCallback(_FitStateCallback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(**self._config())
+        return generate_state_key(self, **self._config())
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        name = type(self).__name__
-        refuse_unsupported(
-            name,
-            trainer,
-            pl_module,
-            manual_message=(
-                f"{name} {self._edit} between backward and optimizer.step, which manual "
-                "optimization does not expose. Use automatic optimization (remove "
-                "`self.automatic_optimization = False`)."
-            ),
-        )
+        refuse_unsupported(type(self).__name__, trainer, pl_module, edit=self._edit)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        check_one_optimizer(type(self).__name__, trainer)
-        check_trainable(type(self).__name__, pl_module)
+        refuse_at_fit_start(type(self).__name__, trainer, pl_module)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -773,12 +679,7 @@ class _TaskCallback(_FitStateCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._ignore_loaded_state():
             return
-        version = state_dict.get("version")
-        if version != self._STATE_VERSION:
-            raise ValueError(
-                f"{type(self).__name__} cannot load state of version {version!r} "
-                f"(expected {self._STATE_VERSION})."
-            )
+        check_state_version(type(self).__name__, state_dict, self._STATE_VERSION)
         self.num_tasks = int(state_dict["num_tasks"])
         self._steps_in_task = int(state_dict["steps_in_task"])
         self._load_extra_state(state_dict)

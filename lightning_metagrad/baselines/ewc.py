@@ -11,11 +11,10 @@ import torch
 from typing_extensions import override
 
 from lightning_metagrad._module_utils import loss_of
+from lightning_metagrad._validation import check_fraction, check_int
 from lightning_metagrad.baselines._base import (
     TensorDict,
     _QuadraticPenaltyCallback,
-    check_number,
-    check_positive_int,
 )
 
 
@@ -71,7 +70,7 @@ class EWCCallback(_FisherMixin):
 
     def __init__(self, *, strength: float = 100.0, fisher_batches: int = 32) -> None:
         super().__init__(strength=strength)
-        self.fisher_batches = check_positive_int("fisher_batches", fisher_batches)
+        self.fisher_batches = check_int("fisher_batches", fisher_batches, minimum=1)
 
     @override
     def _config(self) -> dict[str, Any]:
@@ -110,8 +109,8 @@ class OnlineEWCCallback(_FisherMixin):
         self, *, strength: float = 100.0, gamma: float = 1.0, fisher_batches: int = 32
     ) -> None:
         super().__init__(strength=strength)
-        self.gamma = check_number("gamma", gamma, low=0.0, low_inclusive=False, high=1.0)
-        self.fisher_batches = check_positive_int("fisher_batches", fisher_batches)
+        self.gamma = check_fraction("gamma", gamma)
+        self.fisher_batches = check_int("fisher_batches", fisher_batches, minimum=1)
 
     @override
     def _config(self) -> dict[str, Any]:

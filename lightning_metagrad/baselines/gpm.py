@@ -14,12 +14,11 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_metagrad._module_utils import quiet_eval
+from lightning_metagrad._validation import check_float, check_fraction, check_int
 from lightning_metagrad.baselines._base import (
     TensorDict,
     _TaskCallback,
     all_finite,
-    check_number,
-    check_positive_int,
     extra_pass_context,
     training_batches,
 )
@@ -196,16 +195,12 @@ class GPMCallback(_TaskCallback):
             for name, value in threshold.items():
                 if not isinstance(name, str):
                     raise ValueError(f"`threshold` keys must be layer names, got {name!r}")
-                self.threshold[name] = check_number(
-                    f"threshold[{name!r}]", value, low=0.0, low_inclusive=False, high=1.0
-                )
+                self.threshold[name] = check_fraction(f"threshold[{name!r}]", value)
         else:
-            self.threshold = check_number(
-                "threshold", threshold, low=0.0, low_inclusive=False, high=1.0
-            )
-        self.samples = check_positive_int("samples", samples)
-        self.threshold_increment = check_number(
-            "threshold_increment", threshold_increment, low=0.0, low_inclusive=True, high=1.0
+            self.threshold = check_fraction("threshold", threshold)
+        self.samples = check_int("samples", samples, minimum=1)
+        self.threshold_increment = check_float(
+            "threshold_increment", threshold_increment, minimum=0, maximum=1
         )
         self._bases: TensorDict = {}
         self._full: set[str] = set()  # layers already warned about

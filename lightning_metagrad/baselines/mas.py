@@ -12,10 +12,10 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_metagrad._module_utils import quiet_eval
+from lightning_metagrad._validation import check_int
 from lightning_metagrad.baselines._base import (
     TensorDict,
     _QuadraticPenaltyCallback,
-    check_positive_int,
     extra_pass_context,
 )
 
@@ -65,7 +65,7 @@ class MASCallback(_QuadraticPenaltyCallback):
 
     def __init__(self, *, strength: float = 1.0, importance_batches: int = 32) -> None:
         super().__init__(strength=strength)
-        self.importance_batches = check_positive_int("importance_batches", importance_batches)
+        self.importance_batches = check_int("importance_batches", importance_batches, minimum=1)
         self._output_checked = False  # forward_batch tried on this fit's first batch
 
     def forward_batch(self, pl_module: torch.nn.Module, batch: Any) -> Tensor:

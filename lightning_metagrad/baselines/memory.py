@@ -13,13 +13,14 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_metagrad._module_utils import loss_of, quiet_eval
+from lightning_metagrad._validation import check_int, check_state_version
 from lightning_metagrad.baselines._base import (
     _TaskCallback,
     all_finite,
-    check_int,
-    check_positive_int,
     extra_pass_context,
 )
+
+_STATE_VERSION = 1
 
 
 def _detached(batch: Any) -> Any:
@@ -56,7 +57,7 @@ class EpisodicMemory:
     """
 
     def __init__(self, capacity: int, seed: int = 0) -> None:
-        self.capacity = check_positive_int("capacity", capacity)
+        self.capacity = check_int("capacity", capacity, minimum=1)
         self.generator = torch.Generator().manual_seed(check_int("seed", seed))
         #: The stored batches of each represented old task.
         self.tasks: list[list[Any]] = []
@@ -121,6 +122,7 @@ class EpisodicMemory:
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "version": _STATE_VERSION,
             "tasks": [list(batches) for batches in self.tasks],
             "task_ids": list(self.task_ids),
             "current": list(self.current),
@@ -130,6 +132,7 @@ class EpisodicMemory:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_version("EpisodicMemory", state, _STATE_VERSION, unversioned=1)
         self.tasks = [list(batches) for batches in state["tasks"]]
         self.task_ids = [int(i) for i in state["task_ids"]]
         self.current = list(state["current"])
@@ -158,7 +161,7 @@ class _ReplayCallback(_TaskCallback):
 
     def __init__(self, *, memory_batches: int, seed: int) -> None:
         super().__init__()
-        self.memory_batches = check_positive_int("memory_batches", memory_batches)
+        self.memory_batches = check_int("memory_batches", memory_batches, minimum=1)
         self.seed = check_int("seed", seed)
         #: The stored batches (see :class:`EpisodicMemory`).
         self.memory = EpisodicMemory(self.memory_batches, self.seed)

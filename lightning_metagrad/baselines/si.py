@@ -11,10 +11,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_metagrad._validation import check_float
 from lightning_metagrad.baselines._base import (
     TensorDict,
     _QuadraticPenaltyCallback,
-    check_number,
 )
 
 
@@ -62,7 +62,7 @@ class SICallback(_QuadraticPenaltyCallback):
 
     def __init__(self, *, strength: float = 1.0, damping: float = 0.1) -> None:
         super().__init__(strength=strength)
-        self.damping = check_number("damping", damping, low=0.0, low_inclusive=False, high=1e300)
+        self.damping = check_float("damping", damping, minimum=0, low_open=True)
         self._omega: TensorDict = {}  # path integral of the current task
         self._start: TensorDict | None = None  # θ at the current task's first step
         self._pending: tuple[list[str], list[Tensor], list[Tensor], list[Tensor]] | None = None
@@ -153,7 +153,8 @@ class SICallback(_QuadraticPenaltyCallback):
     @override
     def _extra_state(self) -> dict[str, Any]:
         return {
-            "omega": dict(self._omega),
+            # A copy: the path integral grows in place, a state taken now must not.
+            "omega": {n: t.clone() for n, t in self._omega.items()},
             "start": None if self._start is None else dict(self._start),
         }
 

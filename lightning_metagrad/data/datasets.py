@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_metagrad._validation import check_choice, check_float
+
 DATASETS = ("digits", "mnist", "fashion_mnist")
 
 #: ``name -> (channels, height, width)``
@@ -93,10 +95,8 @@ def check_dataset_args(
     dataset: str, root: str | Path | None, download: bool, val_fraction: float | None
 ) -> None:
     """Eager argument checks (ValueError naming the argument; FileNotFoundError for files)."""
-    if dataset not in DATASETS:
-        raise ValueError(f"`dataset` must be one of {DATASETS}, got {dataset!r}")
-    if val_fraction is not None and not 0.0 <= float(val_fraction) < 1.0:
-        raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction}")
+    check_choice("dataset", dataset, DATASETS)
+    check_float("val_fraction", val_fraction, minimum=0, maximum=1, high_open=True, optional=True)
     if dataset == "digits":
         return
     if root is None:

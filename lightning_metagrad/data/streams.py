@@ -31,6 +31,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from lightning_metagrad._validation import check_int
 from lightning_metagrad.data.datasets import (
     IMAGE_SHAPES,
     NUM_CLASSES,
@@ -175,12 +176,6 @@ class JointDataset(Dataset):
         return out
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
@@ -239,17 +234,17 @@ class TaskStream(LightningDataModule):
         self.save_hyperparameters()  # the subclass's arguments too (for loggers and the CLI)
         check_dataset_args(dataset, root, bool(download), val_fraction)
         self.dataset = dataset
-        self._num_tasks = _check_int("num_tasks", num_tasks, 1)
+        self._num_tasks = check_int("num_tasks", num_tasks, minimum=1)
         self.root, self.download = root, bool(download)
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.seed = _check_int("seed", seed, 0)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.seed = check_int("seed", seed, minimum=0)
         self.val_fraction = val_fraction
-        self.num_workers = _check_int("num_workers", num_workers, 0)
+        self.num_workers = check_int("num_workers", num_workers, minimum=0)
         self.flatten = bool(flatten)
         self.eval_batch_size = (
             self.batch_size
             if eval_batch_size is None
-            else _check_int("eval_batch_size", eval_batch_size, 1)
+            else check_int("eval_batch_size", eval_batch_size, minimum=1)
         )
         self._splits: DatasetSplits | None = None
         self._datasets: dict[tuple[int, str], TaskDataset] = {}

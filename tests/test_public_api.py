@@ -1,0 +1,97 @@
+"""The top level holds what a user imports; names are typed so that LightningCLI checks them."""
+
+from __future__ import annotations
+
+import importlib
+import typing
+
+import pytest
+
+import lightning_metagrad as lm
+from lightning_metagrad.baselines import __all__ as baseline_names
+
+
+def test_the_top_level_holds_what_a_user_imports() -> None:
+    callbacks = {"MetaGradCallback", "MetaGrad"}
+    predictors = {
+        "OldGradientPredictor",
+        "SubspacePredictor",
+        "AnchoredPredictor",
+        "MetaNetPredictor",
+        "ReplayPredictor",
+    }
+    boundaries = {
+        "TaskBoundarySource",
+        "NewFitBoundaries",
+        "BatchTaskIdBoundaries",
+        "AutoBoundaries",
+        "CombinedBoundaries",
+    }
+    baselines = {name for name in baseline_names if name.endswith("Callback")}
+    namespaces = {"baselines", "data", "metrics"}
+    assert set(lm.__all__) == callbacks | predictors | boundaries | baselines | namespaces
+    for name in lm.__all__:
+        assert getattr(lm, name) is not None
+
+
+@pytest.mark.parametrize(
+    ("name", "module"),
+    [
+        ("CoordinateMLP", "lightning_metagrad.meta_network"),
+        ("MetaNetwork", "lightning_metagrad.meta_network"),
+        ("RunningMeanDistiller", "lightning_metagrad.distillation"),
+        ("TabulatedFunction", "lightning_metagrad.tabulation"),
+        ("ChangePointDetector", "lightning_metagrad.detection"),
+        ("Diagnostics", "lightning_metagrad.diagnostics"),
+        ("sign_agreement", "lightning_metagrad.combination"),
+        ("joint_average", "lightning_metagrad.combination"),
+    ],
+)
+def test_internals_left_the_top_level_for_their_modules(name: str, module: str) -> None:
+    assert name not in lm.__all__ and name not in vars(lm)
+    moved = getattr(importlib.import_module(module), name)
+    with pytest.warns(DeprecationWarning, match=f"import it from {module}"):
+        assert getattr(lm, name) is moved  # old imports keep working, with a warning
+    with pytest.raises(AttributeError):
+        lm.NotAName  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_names_are_literal_typed() -> None:
+    hints = typing.get_type_hints(lm.MetaGradCallback.__init__)
+
+    def literals(hint: object) -> set[object]:
+        if typing.get_origin(hint) is typing.Literal:
+            return set(typing.get_args(hint))
+        found: set[object] = set()
+        for arg in typing.get_args(hint):
+            if typing.get_origin(arg) is typing.Literal:
+                found |= set(typing.get_args(arg))
+            else:
+                found |= literals(arg)
+        return found
+
+    assert literals(hints["predictor"]) == {"subspace", "anchored", "paper", "replay"}
+    assert literals(hints["task_boundaries"]) == {"fit", "batch", "manual", "auto"}
+    assert literals(hints["combine"]) == {"sign", "average"}
+    auto = typing.get_type_hints(lm.AutoBoundaries.__init__)
+    assert literals(auto["signal"]) == {"novelty", "loss", "error"}
+
+
+def test_lightning_cli_refuses_an_unknown_predictor_name() -> None:
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(lm.MetaGradCallback, "callback")
+    config = parser.parse_args(["--callback.predictor=anchored"])
+    assert config.callback.predictor == "anchored"
+    with pytest.raises(jsonargparse.ArgumentError):
+        parser.parse_args(["--callback.predictor=subspac"])
+    with pytest.raises(jsonargparse.ArgumentError):
+        parser.parse_args(["--callback.task_boundaries=epoch"])
+
+
+def test_properties_of_the_paper_predictor_say_what_to_use_elsewhere() -> None:
+    paper = lm.MetaGradCallback(predictor="paper")
+    assert paper.meta_network is paper.predictor.h  # type: ignore[attr-defined]
+    assert paper.predictor_network is None  # before task 2
+    with pytest.raises(AttributeError, match="predictor='paper'"):
+        _ = lm.MetaGradCallback().meta_network

@@ -1,0 +1,126 @@
+"""The default's step needs no host-device synchronisation (issue 16), and a non-finite step
+still never reaches what the predictor learns.
+
+A host sync is a read of a device value on the host: ``Tensor.item()``, ``bool(t)``,
+``float(t)``, all of which dispatch ``aten::_local_scalar_dense``. A ``TorchDispatchMode``
+sees every such read on the CPU too, so the property is checked here without a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import TinyClassifier, loader, make_trainer
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lightning_metagrad import MetaGrad, MetaGradCallback, SubspacePredictor
+from lightning_metagrad.callback import build_predictor
+
+_HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value on the host (each one a sync on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in _HOST_READS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def engine_and_step(predictor: str) -> tuple[MetaGrad, nn.Module, Any]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4))
+    core = MetaGrad(build_predictor(predictor))
+    core.bind(model.named_parameters())
+    x = torch.randn(32, 20)
+
+    def step(bad: bool = False) -> None:
+        model.zero_grad()
+        model(x).pow(2).mean().backward()
+        if bad:
+            model[0].weight.grad[0, 0] = float("nan")  # type: ignore[index]
+        core.step()
+
+    for _ in range(8):
+        step()
+    core.end_task()
+    return core, model, step
+
+
+def test_the_default_step_reads_nothing_back_from_the_device() -> None:
+    _, _, step = engine_and_step("subspace")
+    step()  # first step of task 2 (allocations)
+    with HostReads() as reads:
+        for _ in range(8):  # every=4: covers observing and non-observing steps
+            step()
+    assert reads.count == 0
+
+
+def test_elementwise_predictors_check_finiteness_on_the_host() -> None:
+    # They learn from finite steps only and cannot mask a step out: a read every step.
+    _, _, step = engine_and_step("anchored")
+    with HostReads() as reads:
+        for _ in range(4):
+            step()
+    assert reads.count >= 4
+
+
+def test_a_non_finite_step_is_masked_out_of_the_subspace_moments() -> None:
+    core, model, step = engine_and_step("subspace")
+    predictor = core.predictor
+    assert isinstance(predictor, SubspacePredictor)
+    for _ in range(3):
+        step()
+    before = {n: c.clone() for n, c in predictor.state_dict()["cov"].items()}
+    step(bad=True)  # the 12th step: an observation step (every=4)
+    after = predictor.state_dict()["cov"]
+    assert core.skipped_steps == 1
+    assert all(torch.isfinite(c).all() for c in after.values())
+    for name, cov in before.items():
+        torch.testing.assert_close(after[name], cov)  # nothing was added
+    # It still reaches the optimizer non-finite, as without the callback.
+    assert not torch.isfinite(model[0].weight.grad).all()  # type: ignore[arg-type]
+
+
+def test_the_host_checked_mode_leaves_a_non_finite_step_untouched() -> None:
+    core, model, step = engine_and_step("subspace")
+    core.sync_free = False
+    step(bad=True)
+    grad = model[0].weight.grad
+    assert core.skipped_steps == 1
+    assert int(torch.isnan(grad).sum()) == 1  # type: ignore[arg-type]  # passed on as it was
+
+
+class NaNOnce(TinyClassifier):
+    """A NaN in one gradient entry at global step 2 of its fit; the user's guard (a module
+    hook, after the callbacks') zeroes it, so the weights stay finite."""
+
+    def on_after_backward(self) -> None:
+        if self.trainer.global_step == 2:
+            self.net[0].weight.grad[0, 0] = float("nan")  # type: ignore[index]
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        for p in self.parameters():
+            torch.nan_to_num_(p.grad, nan=0.0)  # type: ignore[arg-type]
+
+
+def test_a_sync_free_run_reports_its_non_finite_step_and_keeps_the_basis_finite() -> None:
+    cb = MetaGradCallback(predictor=SubspacePredictor(every=1))
+    model = NaNOnce()
+    make_trainer([cb], max_steps=6).fit(model, loader(0))
+    with pytest.warns(UserWarning, match=r"1 step\(s\) with a non-finite"):
+        make_trainer([cb], max_steps=6).fit(model, loader(1))
+    assert cb.engine.skipped_steps == 2  # one per fit; the first fit warned already
+    predictor = cb.predictor
+    assert isinstance(predictor, SubspacePredictor) and predictor.num_old_tasks == 1
+    for name in predictor.subspace_dims():
+        assert torch.isfinite(predictor.basis(name)).all()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
