@@ -684,7 +684,7 @@ def machine() -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", default="runs/performance/overhead.json")
-    p.add_argument("--models", nargs="+", default=["mlp", "cnn", "transformer"])
+    p.add_argument("--models", nargs="*", default=["mlp", "cnn", "transformer"])
     p.add_argument(
         "--configs",
         nargs="+",

@@ -1,6 +1,7 @@
 """How stale is ReplayPredictor's cached old gradient? (docs/science.md, section 3)
 
-Permuted Fashion-MNIST, 2 tasks x 2000 steps, lr 0.03, seed 1, ``predictor="replay"`` with
+Permuted Fashion-MNIST, 2 tasks x 2000 steps, lr 0.03, seed 1 (``--preset replay-staleness``;
+the experiment options are those of ``metagrad-benchmark``), ``predictor="replay"`` with
 ``refresh_every`` steps between refreshes (default 10). Every 250 steps of task 2 it prints the
 cosine of the gradient on 2000 task-1 training images ("true") with (a) the cached old gradient
 the rule is using, (b) a fresh gradient on the same stored batches, and (c) the cosine of (a)
@@ -10,8 +11,6 @@ with (b). Run: ``python benchmarks/replay_staleness.py [--refresh-every N]``
 from __future__ import annotations
 
 import argparse
-import logging
-import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,62 +18,76 @@ import torch
 from torch import nn
 
 from lightning_metagrad import MetaGradCallback, ReplayPredictor
-from lightning_metagrad.benchmark.models import MLPClassifier
-from lightning_metagrad.data import PermutedStream
+from lightning_metagrad.benchmark.config import BenchmarkConfig, add_config_arguments, parse_config
+from lightning_metagrad.benchmark.quiet import quiet_trainer_kwargs, silence_lightning
+from lightning_metagrad.benchmark.runner import first_samples, make_model, make_stream
+
+PROBE_EVERY, PROBE_SAMPLES = 250, 2000
 
 
 def flat_grad(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default="../shared/data")
+    add_config_arguments(
+        parser,
+        preset="replay-staleness",
+        exclude=("methods", "strengths", "eval_every", "eval_samples", "eval_split"),
+    )
     parser.add_argument("--refresh-every", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=1)
-    args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    pl.seed_everything(args.seed, verbose=False)
-    stream = PermutedStream(dataset="fashion_mnist", root=args.root, num_tasks=2, seed=args.seed)
-    model = MLPClassifier(input_dim=784, lr=0.03)
-    replay = ReplayPredictor(refresh_every=args.refresh_every)
+    return parser
+
+
+def staleness(config: BenchmarkConfig, seed: int, refresh_every: int) -> None:
+    """Train ``config``'s tasks with replay, printing the cosines every ``PROBE_EVERY`` steps."""
+    pl.seed_everything(seed, verbose=False)
+    stream = make_stream(config, seed)
+    model = make_model(config, stream)
+    replay = ReplayPredictor(refresh_every=refresh_every)
     cb = MetaGradCallback(predictor=replay)
-    xs, ys = [], []
-    for batch in stream.task_dataloader(0, "train"):
-        xs.append(batch["x"])
-        ys.append(batch["y"])
-        if sum(len(y) for y in ys) >= 2000:
-            break
-    x_old, y_old = torch.cat(xs)[:2000], torch.cat(ys)[:2000]
+    x_old, y_old = first_samples(stream, 0, PROBE_SAMPLES, split="train")
     cos = nn.functional.cosine_similarity
 
     class Probe(pl.Callback):
         def on_train_batch_end(self, trainer: pl.Trainer, m: Any, *rest: Any) -> None:
-            if cb.task_index == 0 or trainer.global_step % 250 or replay._cached is None:
+            if cb.task_index == 0 or trainer.global_step % PROBE_EVERY or replay._cached is None:
                 return
             params = list(m.parameters())
             true = flat_grad(nn.functional.cross_entropy(m(x_old), y_old), params)
             stored = replay.memory[0]
             losses = [nn.functional.cross_entropy(m(b["x"]), b["y"]) for b in stored]
             fresh = flat_grad(torch.stack(losses).mean(), params)
-            cached = replay._cached
+            # The cached old gradient is kept per parameter name; flatten it like `true`.
+            by_name = replay._cached
+            cached = torch.cat(
+                [by_name.get(n, torch.zeros_like(p)).reshape(-1) for n, p in m.named_parameters()]
+            )
             print(
                 f"step {trainer.global_step}: cos(cached, true) {float(cos(cached, true, 0)):+.3f}"
                 f"  cos(fresh, true) {float(cos(fresh, true, 0)):+.3f}"
                 f"  cos(cached, fresh) {float(cos(cached, fresh, 0)):+.3f}"
             )
 
-    for task in range(2):
+    for task in range(config.tasks):
         stream.set_task(task)
         pl.Trainer(
-            max_steps=2000,
+            max_steps=config.iters,
+            accelerator=config.accelerator,
+            devices=1,
             callbacks=[cb, Probe()],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
+            **quiet_trainer_kwargs(),
         ).fit(model, datamodule=stream)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, args = parse_config(build_parser(), argv)
+    silence_lightning()
+    for seed in config.seeds:
+        if len(config.seeds) > 1:
+            print(f"seed {seed}")
+        staleness(config, seed, args.refresh_every)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ set -euo pipefail
 LR=${1:-0.03}
 OUT=${2:-runs/fig1-lr$LR}
 ROOT=${ROOT:-../shared/data}
-BENCH=".venv/bin/metagrad-benchmark --stream permuted --dataset fashion_mnist --root $ROOT
-  --tasks 5 --iters 2000 --batch-size 64 --optimizer sgd --lr $LR --eval-every 100"
+# --preset fig1: Permuted Fashion-MNIST, 5 tasks x 2000 steps, batch 64, SGD, seeds 0 1 2
+# (lightning_metagrad/benchmark/config.py); here with denser curves.
+BENCH=".venv/bin/metagrad-benchmark --preset fig1 --root $ROOT --lr $LR
+  --eval-every 100 --eval-samples 1000"
 mkdir -p "$OUT"
-.venv/bin/python benchmarks/science.py --dataset fashion_mnist --root "$ROOT" --lr "$LR" \
+.venv/bin/python benchmarks/science.py --preset fig1 --root "$ROOT" --lr "$LR" \
   --seeds 0 1 2 --output "$OUT/science" | tee "$OUT/science.txt"
 for s in 1 10 100; do
   $BENCH --methods ewc online-ewc --strength ewc=$((s * 10)) --strength online-ewc=$((s * 10)) \

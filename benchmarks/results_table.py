@@ -6,40 +6,36 @@ Usage::
         runs/fig1-lr0.03/final-weak/results.json
 
 Each row: method (with its strength), ACC mean ± std over seeds, BWT mean ± std, the per-seed
-ACC, and how many seeds collapsed to chance (every task's final accuracy ≤ 0.11).
+ACC, how many seeds collapsed to chance (``lightning_metagrad.metrics.collapsed_in_task``: a
+task learned before, yet the task just trained at chance), and the step time. The scores are
+recomputed from each seed's accuracy matrix with the benchmark's own summary
+(``lightning_metagrad.benchmark.runner.summarise``), so older files read the same way.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
-
-def seed_scores(matrix: list[list[float]]) -> tuple[float, float]:
-    """ACC and BWT (Lopez-Paz & Ranzato) of one seed's accuracy matrix."""
-    T = len(matrix)
-    acc = sum(matrix[-1]) / T
-    bwt = sum(matrix[-1][j] - matrix[j][j] for j in range(T - 1)) / max(T - 1, 1)
-    return acc, bwt
+from lightning_metagrad.benchmark.runner import summarise
+from lightning_metagrad.metrics import average_accuracy
 
 
 def rows(path: Path) -> list[str]:
     result = json.loads(path.read_text())
-    strengths = result["config"].get("strengths", {})
+    strengths = result.get("config", {}).get("strengths", {})
     out = []
     for name, entry in result["methods"].items():
-        scores = [seed_scores(s["acc_matrix"]) for s in entry["per_seed"]]
-        accs, bwts = [a for a, _ in scores], [b for _, b in scores]
-        std = statistics.stdev if len(accs) > 1 else (lambda _: 0.0)
-        collapsed = sum(max(s["acc_matrix"][-1]) <= 0.11 for s in entry["per_seed"])
+        summary = summarise(entry["per_seed"])
+        accs = [average_accuracy(s["acc_matrix"]) for s in entry["per_seed"]]
         label = f"{name} ({strengths[name]:g})" if name in strengths else name
         out.append(
-            f"| {label} | {statistics.mean(accs):.3f} ± {std(accs):.3f} "
-            f"| {statistics.mean(bwts):+.3f} ± {std(bwts):.3f} "
-            f"| {' / '.join(f'{a:.3f}' for a in accs)} | {collapsed}/{len(accs)} "
-            f"| {entry['train_step_ms']:.1f} |"
+            f"| {label} | {summary['acc']:.3f} ± {summary['acc_std']:.3f} "
+            f"| {summary['bwt']:+.3f} ± {summary['bwt_std']:.3f} "
+            f"| {' / '.join(f'{a:.3f}' for a in accs)} "
+            f"| {len(summary['collapsed_seeds'])}/{len(accs)} "
+            f"| {summary['train_step_ms']:.1f} |"
         )
     return out
 

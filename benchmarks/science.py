@@ -6,6 +6,10 @@ the *true* mean old-task gradient at the current parameters -- computed from old
 for this diagnostic only -- and records the fraction of coordinates the rule zeroed, the
 predictor's held-out reconstruction error and the largest |theta|.
 
+The experiment options are those of ``metagrad-benchmark`` (``--preset fig1``, the paper's
+Fig. 1 protocol on Permuted Fashion-MNIST, by default; ``--methods`` is replaced by
+``--predictors``)::
+
     python benchmarks/science.py --dataset fashion_mnist --root ../shared/data \
         --predictors paper anchored replay --seeds 0 1 2 --output runs/science
 """
@@ -13,10 +17,7 @@ predictor's held-out reconstruction error and the largest |theta|.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import statistics
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,12 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_metagrad import MetaGradCallback
-from lightning_metagrad.benchmark.runner import BenchmarkConfig, run_method, summarise
+from lightning_metagrad.benchmark.cli import format_scores, write_json
+from lightning_metagrad.benchmark.config import add_config_arguments, config_dict, parse_config
+from lightning_metagrad.benchmark.quiet import silence_lightning
+from lightning_metagrad.benchmark.runner import first_samples, run_method, summarise
+
+PREDICTORS = ("paper", "anchored", "replay")
 
 
 class OldGradientProbe(Callback):
@@ -40,14 +46,7 @@ class OldGradientProbe(Callback):
 
     def _old_data(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
         if task not in self._old:
-            xs, ys, seen = [], [], 0
-            for batch in self.stream.task_dataloader(task, split="train"):
-                xs.append(batch["x"])
-                ys.append(batch["y"])
-                seen += len(batch["y"])
-                if seen >= self.samples:
-                    break
-            self._old[task] = (torch.cat(xs)[: self.samples], torch.cat(ys)[: self.samples])
+            self._old[task] = first_samples(self.stream, task, self.samples, split="train")
         return self._old[task]
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
@@ -81,44 +80,25 @@ class OldGradientProbe(Callback):
         )
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", default="fashion_mnist")
-    parser.add_argument("--root", default="../shared/data")
-    parser.add_argument("--stream", default="permuted")
-    parser.add_argument("--tasks", type=int, default=5)
-    parser.add_argument("--iters", type=int, default=2000)
-    parser.add_argument("--lr", type=float, default=0.03)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument(
-        "--predictors",
-        nargs="+",
-        default=["paper", "anchored", "replay"],
-        choices=["paper", "anchored", "replay"],
-    )
+    add_config_arguments(parser, preset="fig1", exclude=("methods", "strengths"))
+    parser.add_argument("--predictors", nargs="+", default=list(PREDICTORS), choices=PREDICTORS)
     parser.add_argument("--probe-every", type=int, default=250)
     parser.add_argument("--probe-samples", type=int, default=2000)
     parser.add_argument("--output", type=Path, default=Path("runs/science"))
-    args = parser.parse_args()
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    out: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "predictors": {}}
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    config, args = parse_config(build_parser(), argv)
+    silence_lightning()
+    script_args = {k: v for k, v in vars(args).items() if k != "output"}  # preset, probes
+    out: dict[str, Any] = {"config": config_dict(config), "args": script_args, "predictors": {}}
     for name in args.predictors:
         method = f"metagrad-{name}"
-        config = BenchmarkConfig(
-            stream=args.stream,
-            dataset=args.dataset,
-            root=args.root,
-            tasks=args.tasks,
-            iters=args.iters,
-            lr=args.lr,
-            methods=(method,),
-            seeds=tuple(args.seeds),
-            eval_every=args.iters,
-            eval_samples=500,
-        )
         runs, probes = [], []
-        for seed in args.seeds:
+        for seed in config.seeds:
             holder: list[OldGradientProbe] = []
 
             def make_probe(
@@ -155,14 +135,13 @@ def main() -> None:
         out["predictors"][name] = summary
         p = summary["probe"]
         print(
-            f"{name:<9} ACC {summary['acc']:.3f} ± {summary['acc_std']:.3f}  BWT "
-            f"{summary['bwt']:+.3f}  sign agreement {p['sign_agreement']:.3f} (weighted "
-            f"{p['weighted_sign_agreement']:.3f})  cosine {p['cosine']:+.3f}  zeroed "
+            f"{name:<9} {format_scores(summary)}  sign agreement {p['sign_agreement']:.3f} "
+            f"(weighted {p['weighted_sign_agreement']:.3f})  cosine {p['cosine']:+.3f}  zeroed "
             f"{p['zeroed_fraction']:.3f}  rel. error {p['meta_rel_error']:.3f}  "
             f"max|θ| {p['max_abs_theta']}"
         )
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "science.json").write_text(json.dumps(out, indent=1))
+    write_json(args.output, "science.json", out)
+    return out
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 Runs ``metagrad`` (``MetaGradCallback()``, the subspace predictor) through the benchmark runner
 on a long stream and records, after every task, the protected subspace of each weight matrix
 and the floats the predictor holds between tasks per model parameter. Other methods given with
-``--methods`` run alongside (accuracy only). Example (Permuted Fashion-MNIST, 20 tasks)::
+``--methods`` run alongside (accuracy only). The experiment options are those of
+``metagrad-benchmark`` (``--preset tasks-scaling`` by default: the Fig. 1 protocol over 10 tasks,
+``metagrad`` and ``naive``, seed 0). Example (Permuted Fashion-MNIST, 20 tasks)::
 
     python benchmarks/tasks_scaling.py --tasks 20 --methods metagrad naive \\
         --output runs/tasks20
@@ -12,16 +14,15 @@ and the floats the predictor holds between tasks per model parameter. Other meth
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
 from lightning_metagrad import MetaGradCallback, SubspacePredictor
-from lightning_metagrad.benchmark import BenchmarkConfig
+from lightning_metagrad.benchmark.cli import format_scores, write_json
+from lightning_metagrad.benchmark.config import add_config_arguments, config_dict, parse_config
+from lightning_metagrad.benchmark.quiet import silence_lightning
 from lightning_metagrad.benchmark.runner import run_method, summarise
 
 
@@ -50,29 +51,20 @@ class SubspaceMemory(Callback):
         self.record()
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="fashion_mnist")
-    parser.add_argument("--root", default="../shared/data")
-    parser.add_argument("--stream", default="permuted")
-    parser.add_argument("--tasks", type=int, default=10)
-    parser.add_argument("--iters", type=int, default=2000)
-    parser.add_argument("--lr", type=float, default=0.03)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--methods", nargs="+", default=["metagrad", "naive"])
+    add_config_arguments(parser, preset="tasks-scaling")
     parser.add_argument("--output", type=Path, default=Path("runs/tasks_scaling"))
-    args = parser.parse_args(argv)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    out: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "methods": {}}
-    for method in args.methods:
-        config = BenchmarkConfig(
-            stream=args.stream, dataset=args.dataset, root=args.root, tasks=args.tasks,
-            iters=args.iters, lr=args.lr, seeds=tuple(args.seeds), methods=(method,),
-            eval_every=args.iters, eval_samples=500,
-        )  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    config, args = parse_config(build_parser(), argv)
+    silence_lightning()
+    out: dict[str, Any] = {"config": config_dict(config), "methods": {}}
+    for method in config.methods:
         runs, memory = [], []
-        for seed in args.seeds:
+        for seed in config.seeds:
             probe: list[SubspaceMemory] = []
 
             def make_probe(
@@ -93,16 +85,15 @@ def main(argv: list[str] | None = None) -> None:
         summary = summarise(runs)
         summary["memory"] = memory
         out["methods"][method] = summary
-        line = f"{method}: ACC {summary['acc']:.3f} ± {summary['acc_std']:.3f}"
-        line += f"  BWT {summary['bwt']:+.3f}"
+        line = f"{method}: {format_scores(summary)}"
         if memory:
             last = memory[0][-1]
             line += (
                 f"  state {last['state_floats_per_param']:.2f} floats/param, dims {last['dims']}"
             )
         print(line, flush=True)
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "results.json").write_text(json.dumps(out, indent=1))
+    write_json(args.output, "results.json", out)
+    return out
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """Run configured MetaGrad variants through the benchmark runner (docs/science.md).
 
-The benchmark CLI runs methods by name; this script runs ``MetaGradCallback`` instances built
-from a ``NAME=EXPRESSION`` list, on the same streams, seeds and runner, and writes a
-``results.json`` of the same schema. Example (Fig. 1 protocol)::
+The benchmark CLI runs methods by name; this script runs callbacks configured on the command
+line, ``NAME=SPEC`` with SPEC a constructor call over the package's public classes (parsed by
+``lightning_metagrad.benchmark.variants``, never evaluated), or a method name alone, on the
+same streams, seeds and runner, and writes a ``results.json`` of the same schema. The
+experiment options are those of ``metagrad-benchmark`` (``--preset fig1``, the paper's Fig. 1
+protocol, by default). Example::
 
     python benchmarks/variants.py --output runs/variants \\
         "replay-free1=MetaGradCallback(predictor=ReplayPredictor(free_below=1.0))"
@@ -11,45 +14,46 @@ from a ``NAME=EXPRESSION`` list, on the same streams, seeds and runner, and writ
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-import lightning_metagrad as lm
-from lightning_metagrad.benchmark import BenchmarkConfig, runner
-from lightning_metagrad.benchmark.runner import summarise
+from lightning_metagrad.benchmark.cli import format_scores, write_json
+from lightning_metagrad.benchmark.config import add_config_arguments, config_dict, parse_config
+from lightning_metagrad.benchmark.quiet import silence_lightning
+from lightning_metagrad.benchmark.runner import CallbackFactory, run_method, summarise
+from lightning_metagrad.benchmark.variants import parse_variant
 
 
-def main(argv: list[str] | None = None) -> None:
+def _variant(text: str) -> tuple[str, str, CallbackFactory]:
+    try:
+        return parse_variant(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("variants", nargs="+", help="NAME=EXPRESSION over lightning_metagrad")
-    parser.add_argument("--dataset", default="fashion_mnist")
-    parser.add_argument("--root", default="../shared/data")
-    parser.add_argument("--stream", default="permuted")
-    parser.add_argument("--tasks", type=int, default=5)
-    parser.add_argument("--iters", type=int, default=2000)
-    parser.add_argument("--lr", type=float, default=0.03)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--eval-split", choices=["test", "val"], default="test")
+    parser.add_argument(
+        "variants", nargs="+", type=_variant, metavar="NAME=SPEC", help="or a method name"
+    )
+    add_config_arguments(parser, preset="fig1", exclude=("methods", "strengths"))
     parser.add_argument("--output", type=Path, default=Path("runs/variants"))
-    args = parser.parse_args(argv)
-    namespace: dict[str, Any] = {k: getattr(lm, k) for k in lm.__all__}
-    variants = dict(v.split("=", 1) for v in args.variants)
-    config = BenchmarkConfig(
-        stream=args.stream, dataset=args.dataset, root=args.root, tasks=args.tasks,
-        iters=args.iters, lr=args.lr, seeds=tuple(args.seeds), methods=("naive",),
-        eval_every=400, eval_samples=500, eval_split=args.eval_split,
-    )  # fmt: skip
-    out: dict[str, Any] = {"config": {**vars(args), "output": str(args.output)}, "methods": {}}
-    for name, expression in variants.items():
-        # The runner builds a method's callbacks by name; give it this variant's instead.
-        runner.make_callbacks = lambda _m, _s, e=expression: [eval(e, namespace)]
-        runs = [runner.run_method(config, "naive", seed) for seed in args.seeds]
-        out["methods"][name] = {"expression": expression, **summarise(runs)}
-        entry = out["methods"][name]
-        print(f"{name}: ACC {entry['acc']:.3f} ± {entry['acc_std']:.3f}  BWT {entry['bwt']:+.3f}")
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "results.json").write_text(json.dumps(out, indent=1))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    config, args = parse_config(build_parser(), argv)
+    silence_lightning()
+    names = [name for name, _, _ in args.variants]
+    texts = [name if spec == name else f"{name}={spec}" for name, spec, _ in args.variants]
+    cfg = {**config_dict(config), "methods": names, "variants": texts}
+    out: dict[str, Any] = {"config": cfg, "methods": {}}
+    for name, spec, factory in args.variants:
+        runs = [run_method(config, name, seed, callbacks=factory) for seed in config.seeds]
+        entry = out["methods"][name] = {"expression": spec, **summarise(runs)}
+        print(f"{name}: {format_scores(entry)}")
+    write_json(args.output, "results.json", out)
+    return out
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ of callbacks added to an unchanged ``LightningModule``:
 * ``metagrad-replay``: ``MetaGradCallback(predictor="replay")`` (8 stored batches);
 * ``joint`` (optional, ``--methods ... joint``): trains on all tasks so far, an upper bound.
 
-The runs come from ``lightning_metagrad.benchmark`` (what ``metagrad-benchmark`` runs): the
-example prints the accuracy matrices and the ACC / BWT / FWT / forgetting table, and writes
-``results.json``, ``curves.png`` (per-task test accuracy during training, the paper's Fig. 1)
-and ``matrices.png`` (accuracy-matrix heatmaps) to ``--out``.
+The runs come from ``lightning_metagrad.benchmark`` (what ``metagrad-benchmark`` runs, with
+the same options; the defaults are its preset ``compare``): the example prints the accuracy
+matrices and the ACC / BWT / FWT / forgetting table, and writes ``results.json``,
+``curves.png`` (per-task test accuracy during training, the paper's Fig. 1) and
+``matrices.png`` (accuracy-matrix heatmaps) to ``--out``.
 
 Run (no download; Permuted 8x8 digits, under half a minute on CPU)::
 
@@ -35,65 +36,26 @@ there.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
-from lightning_metagrad.benchmark import BenchmarkConfig, run_benchmark
-from lightning_metagrad.benchmark.cli import format_matrices, format_table
-from lightning_metagrad.benchmark.methods import ALL_METHODS
-from lightning_metagrad.benchmark.plots import plot_curves, plot_matrices
-from lightning_metagrad.benchmark.runner import STREAMS
-
-METHODS = ("naive", "ewc", "online-ewc", "si", "mas", "metagrad", "metagrad-replay")
+from lightning_metagrad.benchmark import run_benchmark
+from lightning_metagrad.benchmark.cli import report
+from lightning_metagrad.benchmark.config import add_config_arguments, parse_config
+from lightning_metagrad.benchmark.quiet import silence_lightning
 
 
-def _strength(text: str) -> tuple[str, float]:
-    name, _, value = text.partition("=")
-    return name, float(value)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_arguments(parser, preset="compare")  # --tasks, --iters, --methods, --strength, ...
+    parser.add_argument("--out", type=Path, default=Path("runs/compare"))
+    return parser
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stream", default="permuted", choices=sorted(STREAMS))
-    parser.add_argument("--dataset", default="digits", choices=["digits", "mnist", "fashion_mnist"])
-    parser.add_argument("--root", default=None, help="torchvision data folder (MNIST-like sets)")
-    parser.add_argument("--tasks", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=300, help="optimizer steps per task")
-    parser.add_argument("--lr", type=float, default=0.03)
-    parser.add_argument("--hidden", type=int, nargs="+", default=[256, 256, 256])
-    parser.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(METHODS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument(
-        "--strength",
-        type=_strength,
-        action="append",
-        default=[],
-        metavar="METHOD=VALUE",
-        help="a baseline's regularisation strength",
-    )
-    parser.add_argument("--eval-every", type=int, default=25, help="steps between curve points")
-    parser.add_argument("--out", type=Path, default=Path("runs/compare"))
-    args = parser.parse_args(argv)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # quiet per-fit banners
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning vs newer torch
+    config, args = parse_config(build_parser(), argv)
+    silence_lightning()  # one Trainer per task and method: no per-fit banners
 
-    config = BenchmarkConfig(
-        stream=args.stream,
-        dataset=args.dataset,
-        root=args.root,
-        tasks=args.tasks,
-        iters=args.iters,
-        lr=args.lr,
-        hidden_sizes=tuple(args.hidden),
-        methods=tuple(dict.fromkeys(args.methods)),
-        seeds=tuple(args.seeds),
-        eval_every=args.eval_every,
-        strengths=dict(args.strength),
-    )
     done = [0]
     total = len(config.methods) * len(config.seeds) * config.tasks
 
@@ -103,16 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     results = run_benchmark(config, progress=progress)
     print("\n")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    plots = [
-        plot_curves(results, args.out / "curves.png"),
-        plot_matrices(results, args.out / "matrices.png"),
-    ]
-    print(format_matrices(results))
-    print()
-    print(format_table(results))
-    print(f"\nwrote {args.out / 'results.json'}, " + ", ".join(str(p) for p in plots))
+    plots = report(results, args.out)  # results.json, curves.png, matrices.png; the tables
     return {"results": results, "plots": plots}
 
 

@@ -21,7 +21,6 @@ On Rotated Fashion-MNIST (torchvision layout under ``--root``)::
 from __future__ import annotations
 
 import argparse
-import logging
 from typing import Any
 
 import lightning.pytorch as pl
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from lightning_metagrad import MetaGradCallback
+from lightning_metagrad.benchmark.quiet import quiet_trainer_kwargs, silence_lightning
 from lightning_metagrad.data import RotatedStream
 from lightning_metagrad.metrics import average_accuracy, backward_transfer
 
@@ -92,10 +92,7 @@ def train_over_tasks(
             max_steps=steps,
             callbacks=callbacks,  # the same callback instance: each new fit() is a new task
             accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
+            **quiet_trainer_kwargs(),  # no logger, checkpoints, progress bar or model summary
         )
         trainer.fit(model, train_dataloaders=stream.train_dataloader())  # task `task`'s batches
         for j in range(stream.num_tasks):
@@ -118,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # quiet per-fit banners
+    silence_lightning()  # one fit per task: no per-fit banners
 
     stream = RotatedStream(
         dataset=args.dataset, root=args.root, num_tasks=args.tasks, seed=args.seed, flatten=False

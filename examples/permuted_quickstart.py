@@ -23,6 +23,7 @@ import torch
 
 from lightning_metagrad import MetaGradCallback
 from lightning_metagrad.benchmark.models import MLPClassifier
+from lightning_metagrad.benchmark.quiet import quiet_trainer_kwargs, silence_lightning
 from lightning_metagrad.data import PermutedStream
 from lightning_metagrad.metrics import average_accuracy, backward_transfer
 
@@ -38,10 +39,7 @@ def run(stream: PermutedStream, steps: int, lr: float, seed: int, metagrad: bool
         trainer = pl.Trainer(
             max_steps=steps,
             callbacks=callbacks,  # the same callback instance: each new fit() is a new task
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
+            **quiet_trainer_kwargs(),  # no logger, checkpoints, progress bar or model summary
         )
         trainer.fit(model, datamodule=stream)
         for j in range(stream.num_tasks):
@@ -64,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict[str, torch.Tensor]:
     parser.add_argument("--lr", type=float, default=0.03)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    silence_lightning()  # one fit per task: no per-fit banners
 
     stream = PermutedStream(
         dataset=args.dataset, root=args.root, num_tasks=args.tasks, seed=args.seed

@@ -8,10 +8,12 @@
 * :func:`forward_transfer`: ``FWT = mean_{j>=1} (R[j-1][j] - b[j])`` with ``b`` the accuracies
   of the randomly initialised model;
 * :func:`average_forgetting`: ``F = mean_{j<T-1} (max_{l<T-1} R[l][j] - R[T-1][j])``
-  (Chaudhry et al., 2018).
+  (Chaudhry et al., 2018);
+* :func:`collapsed_in_task`: the first task after which training collapsed to chance.
 
-The functions take a tensor, a NumPy array or nested lists, and return a Python float; NaN
-entries they read propagate to the result.
+The functions take a tensor, a NumPy array or nested lists; the scores are Python floats, and
+NaN entries they read propagate to the result. The benchmark runner fills ``R`` with
+:class:`AccuracyMatrix` and its curves with :class:`TaskAccuracyCurve`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ class AccuracyMatrix(Metric):
     """Accumulates the accuracy matrix ``R`` (``T x T``) of a continual-learning run.
 
     Call :meth:`update` with the predictions on task ``eval_task`` made after training up to
-    task ``trained_upto``; :meth:`compute` returns ``R`` with NaN where nothing was evaluated.
+    task ``trained_upto``; :meth:`compute` returns ``R`` with NaN where nothing was evaluated,
+    in the metric's dtype (the default dtype; ``set_dtype(torch.float64)`` for exact ratios).
     The states are fixed-shape count matrices summed across processes (like
     ``MulticlassConfusionMatrix``), so it works under DDP.
 
@@ -93,7 +96,7 @@ class AccuracyMatrix(Metric):
     def compute(self) -> Tensor:
         """``R`` as a float ``T x T`` tensor: ``R[i][j]`` = accuracy on task j after task i."""
         acc = self.correct.double() / self.total.double()  # 0/0 -> NaN: not evaluated
-        return acc.to(torch.get_default_dtype())
+        return acc.to(self.dtype)
 
     def _check_task(self, name: str, task: Any) -> int:
         if isinstance(task, Tensor) and task.numel() == 1 and not task.is_floating_point():
@@ -117,6 +120,12 @@ def _as_matrix(R: Any, min_tasks: int = 1, name: str = "R") -> Tensor:
     return m
 
 
+def _mean(values: Tensor) -> float:
+    # Left-to-right float64 sum, as the tables in docs/ were computed: their third decimals
+    # (ties such as 0.7855) come out the same.
+    return sum(values.tolist()) / values.numel()
+
+
 def average_accuracy(R: Any) -> float:
     """ACC: mean accuracy over all tasks after training the last one (mean of the last row).
 
@@ -125,7 +134,7 @@ def average_accuracy(R: Any) -> float:
         0.75
     """
     m = _as_matrix(R)
-    return float(m[-1].mean())
+    return _mean(m[-1])
 
 
 def backward_transfer(R: Any) -> float:
@@ -137,7 +146,7 @@ def backward_transfer(R: Any) -> float:
     """
     m = _as_matrix(R, min_tasks=2)
     T = m.shape[0]
-    return float((m[T - 1, : T - 1] - m.diagonal()[: T - 1]).mean())
+    return _mean(m[T - 1, : T - 1] - m.diagonal()[: T - 1])
 
 
 def forward_transfer(R: Any, b: Any) -> float:
@@ -157,7 +166,7 @@ def forward_transfer(R: Any, b: Any) -> float:
     T = m.shape[0]
     if base.shape != (T,):
         raise ValueError(f"`b` must be a vector of {T} accuracies, got shape {tuple(base.shape)}")
-    return float((m.diagonal(offset=1) - base[1:]).mean())
+    return _mean(m.diagonal(offset=1) - base[1:])
 
 
 def average_forgetting(R: Any) -> float:
@@ -170,7 +179,36 @@ def average_forgetting(R: Any) -> float:
     m = _as_matrix(R, min_tasks=2)
     T = m.shape[0]
     best = m[: T - 1, : T - 1].max(dim=0).values
-    return float((best - m[T - 1, : T - 1]).mean())
+    return _mean(best - m[T - 1, : T - 1])
+
+
+# An accuracy at most CHANCE_MARGIN / num_classes counts as chance in collapsed_in_task.
+CHANCE_MARGIN = 1.5
+
+
+def collapsed_in_task(R: Any, num_classes: int) -> int | None:
+    """The first task ``i`` after which training had collapsed to chance, or None.
+
+    Collapsed: an earlier task was learned (``R[l][l]`` above chance for some ``l < i``), yet
+    the task just trained scores at chance, ``R[i][i] <= 1.5 / num_classes`` (e.g. a penalty
+    whose curvature passed SGD's stability limit, or weights gone non-finite, which predict
+    one class). The benchmark's "collapsed" seeds are those where this is not None.
+
+    Example:
+        >>> collapsed_in_task([[0.9, 0.1, 0.1], [0.8, 0.7, 0.1], [0.1, 0.1, 0.1]], 10)
+        2
+        >>> collapsed_in_task([[0.9, 0.1], [0.5, 0.8]], num_classes=10) is None
+        True
+    """
+    m = _as_matrix(R)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}")
+    chance = CHANCE_MARGIN / num_classes
+    diagonal = m.diagonal().tolist()
+    for task, accuracy in enumerate(diagonal):
+        if accuracy <= chance and any(a > chance for a in diagonal[:task]):
+            return task
+    return None
 
 
 class TaskAccuracyCurve:

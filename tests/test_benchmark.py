@@ -1,18 +1,36 @@
-"""The benchmark runner and CLI: results.json schema, failed seeds recorded, table printed."""
+"""The benchmark: one configuration with presets for every script, callbacks passed to the
+runner, results.json schema, failed seeds recorded with the metrics' definitions, table printed."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import importlib.util
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_metagrad.benchmark import BenchmarkConfig, run_method
-from lightning_metagrad.benchmark.cli import format_table, main
+from lightning_metagrad import MetaGradCallback, ReplayPredictor
+from lightning_metagrad.benchmark import (
+    PRESETS,
+    BenchmarkConfig,
+    methods,
+    preset,
+    run_method,
+    runner,
+)
+from lightning_metagrad.benchmark.cli import build_parser, format_table, main
+from lightning_metagrad.benchmark.config import config_flag, config_from_args, parse_config
 from lightning_metagrad.benchmark.runner import summarise
+from lightning_metagrad.benchmark.variants import parse_variant
+from lightning_metagrad.metrics import average_accuracy, backward_transfer, collapsed_in_task
 
 SMALL = {"tasks": 3, "iters": 150, "hidden_sizes": (32,), "eval_every": 30, "eval_samples": 200}
 
@@ -78,3 +96,221 @@ def test_cli_writes_the_documented_results_schema_and_plots(
     for plot in ("curves.png", "matrices.png"):
         assert (tmp_path / plot).stat().st_size > 1000
     assert "metagrad" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ one experiment configuration
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "digits", "--tasks", "2", "--iters", "20", "--hidden", "16", "--seeds", "0"]
+
+
+def load_script(relative: str) -> ModuleType:
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def cli_parser() -> argparse.ArgumentParser:
+    return build_parser()
+
+
+# Every experiment entry point: (how to get its parser, its preset, arguments it requires, the
+# config fields it does not take because it has its own option in their place).
+SCRIPTS: dict[str, tuple[Callable[[], argparse.ArgumentParser], str, list[str], set[str]]] = {
+    "metagrad-benchmark": (cli_parser, "digits", [], set()),
+    "benchmarks/science.py": (
+        lambda: load_script("benchmarks/science.py").build_parser(),
+        "fig1",
+        [],
+        {"methods", "strengths"},  # --predictors
+    ),
+    "benchmarks/variants.py": (
+        lambda: load_script("benchmarks/variants.py").build_parser(),
+        "fig1",
+        ["naive"],
+        {"methods", "strengths"},  # the positional NAME=SPEC variants
+    ),
+    "benchmarks/tasks_scaling.py": (
+        lambda: load_script("benchmarks/tasks_scaling.py").build_parser(),
+        "tasks-scaling",
+        [],
+        set(),
+    ),
+    "benchmarks/replay_staleness.py": (
+        lambda: load_script("benchmarks/replay_staleness.py").build_parser(),
+        "replay-staleness",
+        [],
+        {"methods", "strengths", "eval_every", "eval_samples", "eval_split"},  # no evaluation
+    ),
+    "examples/compare_baselines.py": (
+        lambda: load_script("examples/compare_baselines.py").build_parser(),
+        "compare",
+        [],
+        set(),
+    ),
+}
+
+
+def test_the_fig1_preset_is_the_papers_protocol() -> None:
+    fig1 = PRESETS["fig1"]
+    assert (fig1.stream, fig1.dataset, fig1.root) == ("permuted", "fashion_mnist", "../shared/data")
+    assert (fig1.tasks, fig1.iters, fig1.batch_size) == (5, 2000, 64)
+    assert (fig1.optimizer, fig1.lr, fig1.hidden_sizes) == ("sgd", 0.03, (256, 256, 256))
+    assert fig1.seeds == (0, 1, 2) and fig1.eval_split == "test"
+    assert (fig1.eval_every, fig1.eval_samples) == (400, 500)  # docs/results.md's commands
+
+
+def test_the_other_presets_are_the_scripts_protocols() -> None:
+    assert PRESETS["digits"] == BenchmarkConfig()  # the README's `metagrad-benchmark`
+    assert PRESETS["compare"] == BenchmarkConfig(
+        tasks=3,
+        methods=("naive", "ewc", "online-ewc", "si", "mas", "metagrad", "metagrad-replay"),
+        eval_every=25,
+    )
+    fig1 = PRESETS["fig1"]
+    assert PRESETS["tasks-scaling"] == dataclasses.replace(
+        fig1, tasks=10, seeds=(0,), methods=("metagrad", "naive"), eval_every=2000
+    )
+    assert PRESETS["replay-staleness"] == dataclasses.replace(
+        fig1, tasks=2, seeds=(1,), methods=("metagrad-replay",)
+    )
+
+
+def test_a_preset_is_a_fresh_copy_with_changes() -> None:
+    config = preset("fig1", seeds=(0,), strengths={"ewc": 300.0})
+    assert config.seeds == (0,) and config.iters == 2000
+    config.strengths["si"] = 1.0
+    assert PRESETS["fig1"].strengths == {}
+    with pytest.raises(ValueError, match="unknown preset 'paper'"):
+        preset("paper")
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_every_script_defaults_to_its_preset(script: str) -> None:
+    make_parser, name, required, _ = SCRIPTS[script]
+    assert config_from_args(make_parser().parse_args(required)) == PRESETS[name]
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_every_config_field_is_an_option_of_every_script(script: str) -> None:
+    """A field added to BenchmarkConfig is a flag of each script without touching the script."""
+    make_parser, _, _, replaced = SCRIPTS[script]
+    parser = make_parser()
+    help_text = parser.format_help()
+    assert "--preset" in help_text
+    for f in dataclasses.fields(BenchmarkConfig):
+        if f.name not in replaced:
+            assert config_flag(f.name) in help_text, f"{script} lacks {config_flag(f.name)}"
+
+
+def test_options_change_the_chosen_preset() -> None:
+    argv = ["--preset", "fig1", "--tasks", "3", "--seed", "1", "--strength", "ewc=300"]
+    config = config_from_args(build_parser().parse_args(argv))
+    assert config == preset("fig1", tasks=3, seeds=(1,), strengths={"ewc": 300.0})
+    # The documented Fig. 1 command line spells the preset out: the same configuration.
+    spelled = "--stream permuted --dataset fashion_mnist --root ../shared/data --tasks 5 "
+    spelled += "--iters 2000 --batch-size 64 --optimizer sgd --lr 0.03 --eval-every 400 "
+    spelled += "--eval-samples 500 --seeds 0 1 2"
+    assert config_from_args(build_parser().parse_args(spelled.split())) == dataclasses.replace(
+        PRESETS["fig1"], methods=PRESETS["digits"].methods
+    )
+
+
+def test_a_rejected_value_exits_with_the_fields_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_config(build_parser(), ["--tasks", "1"])
+    assert "`tasks` must be >= 2" in capsys.readouterr().err
+
+
+def test_the_docs_list_every_option() -> None:
+    page = (REPO / "docs" / "benchmark.md").read_text()
+    for flag in ["--preset", *(config_flag(f.name) for f in dataclasses.fields(BenchmarkConfig))]:
+        assert f"`{flag}" in page, f"docs/benchmark.md does not describe {flag}"
+    for name in PRESETS:
+        assert f"`{name}`" in page, f"docs/benchmark.md does not describe the preset {name}"
+
+
+# ----------------------------------------------------------------------- callbacks as arguments
+
+
+class FitCounter(pl.Callback):
+    def __init__(self) -> None:
+        self.fits = 0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fits += 1
+
+
+def test_the_runner_takes_a_callbacks_factory() -> None:
+    made: list[FitCounter] = []
+
+    def factory() -> list[pl.Callback]:
+        made.append(FitCounter())
+        return [made[-1]]
+
+    config = BenchmarkConfig(tasks=2, iters=5, hidden_sizes=(8,))
+    run = run_method(config, "counted", seed=0, callbacks=factory)
+    assert len(made) == 1 and made[0].fits == 2  # one list for the run, used by every task
+    assert len(run["acc_matrix"]) == 2
+
+
+def test_variants_runs_configured_callbacks_end_to_end(tmp_path: Path) -> None:
+    variants = load_script("benchmarks/variants.py")
+    spec = "MetaGradCallback(predictor=ReplayPredictor(free_below=1.0))"
+    out = variants.main([*TINY, "--output", str(tmp_path), f"replay1={spec}", "naive"])
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written == json.loads(json.dumps(out))
+    assert list(written["methods"]) == ["replay1", "naive"]
+    assert written["methods"]["replay1"]["expression"] == spec
+    assert written["config"]["variants"] == [f"replay1={spec}", "naive"]
+    assert written["config"]["tasks"] == 2 and written["config"]["dataset"] == "digits"
+    assert len(written["methods"]["replay1"]["acc_matrix"]) == 2
+    assert runner.make_callbacks is methods.make_callbacks  # nothing was patched
+
+
+def test_a_variant_spec_builds_fresh_callbacks_of_its_constructors() -> None:
+    name, spec, factory = parse_variant(
+        "r=MetaGradCallback(predictor=ReplayPredictor(free_below=2.0))"
+    )
+    first, second = factory(), factory()
+    assert (name, spec) == ("r", "MetaGradCallback(predictor=ReplayPredictor(free_below=2.0))")
+    assert first[0] is not second[0]
+    assert isinstance(first[0], MetaGradCallback)
+    assert isinstance(first[0].predictor, ReplayPredictor) and first[0].predictor.free_below == 2.0
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("x=__import__('os').system('true')", "not a constructor"),
+        ("x=MetaGradCallback(**{'predictor': 'replay'})", r"no \*args"),
+        ("x=MetaGradCallback(predictor=1 + 2)", "neither a literal"),
+        ("x=ReplayPredictor()", "not a callback"),
+        ("x=MetaGradCallback(colour='red')", "colour"),
+        ("not-a-method", "not a method"),
+    ],
+)
+def test_a_variant_spec_is_parsed_never_evaluated(text: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        parse_variant(text)
+
+
+# ------------------------------------------------------------------- one definition of a metric
+
+
+def test_runs_and_tables_use_the_metrics_definition_of_collapsed(tmp_path: Path) -> None:
+    run = sabotaged_run(task=2, value=0.0)
+    assert run["collapsed_in_task"] == collapsed_in_task(run["acc_matrix"], run["num_classes"])
+    # A seed that collapsed and then partly recovered still counts as collapsed in the table.
+    recovered = {**run, "acc_matrix": [[0.9, 0.1, 0.1], [0.8, 0.1, 0.1], [0.3, 0.2, 0.4]]}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"config": {}, "methods": {"m": {"per_seed": [recovered]}}}))
+    (row,) = load_script("benchmarks/results_table.py").rows(path)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "m" and cells[4] == "1/1"
+    assert cells[1] == f"{average_accuracy(recovered['acc_matrix']):.3f} ± 0.000"
+    assert cells[2].startswith(f"{backward_transfer(recovered['acc_matrix']):+.3f}")

@@ -1,4 +1,5 @@
-"""Continual-learning metrics: formulas on hand-computed matrices, AccuracyMatrix, curves."""
+"""Continual-learning metrics: formulas on hand-computed matrices, collapse to chance,
+AccuracyMatrix, curves."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from lightning_metagrad.metrics import (
     average_accuracy,
     average_forgetting,
     backward_transfer,
+    collapsed_in_task,
     forward_transfer,
 )
 
@@ -89,6 +91,29 @@ def test_nan_entries_that_a_formula_reads_propagate() -> None:
     assert average_accuracy(partial) == pytest.approx(average_accuracy(R))
     assert backward_transfer(partial) == pytest.approx(backward_transfer(R))
     assert math.isnan(forward_transfer(partial, B))
+
+
+def test_collapse_is_a_learned_run_whose_new_task_scores_at_chance() -> None:
+    # Task 0 learned; task 1 then scores at chance (<= 1.5 / 10) right after its training.
+    R3 = [[0.90, 0.10, 0.10], [0.85, 0.12, 0.10], [0.40, 0.30, 0.80]]
+    assert collapsed_in_task(R3, num_classes=10) == 1  # even though task 2 recovered
+    assert collapsed_in_task(R, num_classes=10) is None
+    # Nothing was ever learned: a failure to learn, not a collapse.
+    assert collapsed_in_task([[0.1, 0.1], [0.1, 0.1]], num_classes=10) is None
+    # Chance depends on the number of classes: 0.25 is chance for 5 classes, not for 10.
+    learned_then_lost = [[0.9, 0.1], [0.5, 0.25]]
+    assert collapsed_in_task(learned_then_lost, 5) == 1
+    assert collapsed_in_task(learned_then_lost, 10) is None
+    with pytest.raises(ValueError, match="num_classes"):
+        collapsed_in_task(R, num_classes=1)
+
+
+def test_accuracy_matrix_computes_in_its_dtype() -> None:
+    metric = AccuracyMatrix(num_tasks=2)
+    metric.set_dtype(torch.float64)  # exact ratios, e.g. for results.json
+    metric.update(torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1]), 0, 0)
+    out = metric.compute()
+    assert out.dtype == torch.float64 and out[0, 0].item() == 2 / 3
 
 
 def test_accuracy_matrix_counts_per_cell_and_leaves_unevaluated_nan() -> None:

@@ -9,9 +9,15 @@ Example:
     >>> results = run_benchmark(config)
     >>> len(results["methods"]["naive"]["acc_matrix"])
     2
+
+Where things are: ``config`` (:class:`BenchmarkConfig`, its presets and the command-line
+options built from it), ``runner`` (one method on one stream), ``methods`` (methods by name),
+``variants`` (callbacks from ``NAME=SPEC`` text), ``models`` (the paper's MLP), ``quiet``
+(quiet Trainers), ``plots`` and ``cli``.
 """
 
+from lightning_metagrad.benchmark.config import PRESETS, BenchmarkConfig, preset
 from lightning_metagrad.benchmark.models import MLPClassifier
-from lightning_metagrad.benchmark.runner import BenchmarkConfig, run_benchmark, run_method
+from lightning_metagrad.benchmark.runner import run_benchmark, run_method
 
-__all__ = ["BenchmarkConfig", "MLPClassifier", "run_benchmark", "run_method"]
+__all__ = ["PRESETS", "BenchmarkConfig", "MLPClassifier", "preset", "run_benchmark", "run_method"]

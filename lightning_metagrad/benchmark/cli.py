@@ -1,82 +1,62 @@
 """``metagrad-benchmark``: compare continual-learning methods on a task stream.
 
-Defaults run every method on Permuted digits (scikit-learn's embedded set, no download) in a
-few minutes on 2 CPU cores, print a table, and write ``results.json`` and PNG plots.
+Defaults (preset ``digits``) run every method on Permuted digits (scikit-learn's embedded set,
+no download) in a few minutes on 2 CPU cores, print a table, and write ``results.json`` and
+PNG plots; ``--preset fig1`` is the paper's Fig. 1 protocol.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from lightning_metagrad.benchmark.methods import ALL_METHODS, METHOD_NAMES
-from lightning_metagrad.benchmark.models import OPTIMIZERS
+from lightning_metagrad.benchmark.config import add_config_arguments, parse_config
 from lightning_metagrad.benchmark.plots import plot_curves, plot_matrices
-from lightning_metagrad.benchmark.runner import STREAMS, BenchmarkConfig, run_benchmark
-
-
-def _strength(text: str) -> tuple[str, float]:
-    name, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected METHOD=VALUE, got {text!r}")
-    try:
-        return name, float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"strength for {name!r} is not a number: {value!r}"
-        ) from None
+from lightning_metagrad.benchmark.quiet import silence_lightning
+from lightning_metagrad.benchmark.runner import run_benchmark
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``metagrad-benchmark`` argument parser.
+    """The ``metagrad-benchmark`` argument parser: the options of ``BenchmarkConfig`` (preset
+    ``digits`` by default) and ``--output-dir``.
 
     Example:
+        >>> from lightning_metagrad.benchmark.config import config_from_args
         >>> args = build_parser().parse_args(["--tasks", "3", "--strength", "ewc=10"])
-        >>> args.tasks, args.stream, args.strength
-        (3, 'permuted', [('ewc', 10.0)])
+        >>> config = config_from_args(args)
+        >>> config.tasks, config.stream, config.strengths
+        (3, 'permuted', {'ewc': 10.0})
     """
     p = argparse.ArgumentParser(
         prog="metagrad-benchmark",
         description="Continual-learning benchmark: accuracy matrix, ACC, BWT, FWT, forgetting.",
     )
-    p.add_argument("--stream", choices=sorted(STREAMS), default="permuted")
-    p.add_argument("--dataset", choices=["digits", "mnist", "fashion_mnist"], default="digits")
-    p.add_argument("--root", default=None, help="data root for mnist / fashion_mnist")
-    p.add_argument("--download", action="store_true", help="let torchvision download the data")
-    p.add_argument("--tasks", type=int, default=5)
-    p.add_argument("--iters", type=int, default=300, help="iterations per task")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
-    p.add_argument("--lr", type=float, default=0.03)
-    p.add_argument("--hidden", type=int, nargs="+", default=[256, 256, 256])
-    p.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(METHOD_NAMES))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument(
-        "--strength",
-        type=_strength,
-        action="append",
-        default=[],
-        metavar="METHOD=VALUE",
-        help="regularisation strength of a baseline",
-    )
-    p.add_argument("--eval-every", type=int, default=50, help="iterations between curve points")
-    p.add_argument("--eval-samples", type=int, default=1000, help="test samples per curve point")
-    p.add_argument("--accelerator", default="cpu")
-    p.add_argument(
-        "--eval-split",
-        choices=["test", "val"],
-        default="test",
-        help="evaluate on the validation split (for tuning strengths) or the test split",
-    )
+    add_config_arguments(p, preset="digits")
     p.add_argument("--output-dir", type=Path, default=Path("runs/benchmark"))
     return p
+
+
+def write_json(folder: Path, name: str, document: Any) -> Path:
+    """Write ``document`` as ``folder/name`` (indented JSON), creating ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(json.dumps(document, indent=1))
+    return path
+
+
+def format_scores(entry: dict[str, Any]) -> str:
+    """One method's ``results.json`` entry in a line: ``ACC mean ± std  BWT mean``.
+
+    Example:
+        >>> format_scores({"acc": 0.7123, "acc_std": 0.0171, "bwt": -0.1544})
+        'ACC 0.712 ± 0.017  BWT -0.154'
+    """
+    return f"ACC {entry['acc']:.3f} ± {entry['acc_std']:.3f}  BWT {entry['bwt']:+.3f}"
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -128,6 +108,21 @@ def format_matrices(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def report(results: dict[str, Any], folder: Path) -> list[Path]:
+    """Write ``results.json`` and the plots of ``results`` to ``folder``, print the accuracy
+    matrices and the table; return the plots' paths."""
+    path = write_json(folder, "results.json", results)
+    plots = [
+        plot_curves(results, folder / "curves.png"),
+        plot_matrices(results, folder / "matrices.png"),
+    ]
+    print(format_matrices(results))
+    print()
+    print(format_table(results))
+    print(f"\nwrote {path}, " + ", ".join(str(p) for p in plots))
+    return plots
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``metagrad-benchmark``: run, print the table, write results and plots.
 
@@ -141,41 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> code, written
         (0, ['curves.png', 'matrices.png', 'results.json'])
     """
-    args = build_parser().parse_args(argv)
-    try:
-        config = BenchmarkConfig(
-            stream=args.stream,
-            dataset=args.dataset,
-            root=args.root,
-            download=args.download,
-            tasks=args.tasks,
-            iters=args.iters,
-            batch_size=args.batch_size,
-            optimizer=args.optimizer,
-            lr=args.lr,
-            hidden_sizes=tuple(args.hidden),
-            methods=tuple(dict.fromkeys(args.methods)),
-            seeds=tuple(args.seeds),
-            eval_every=args.eval_every,
-            eval_samples=args.eval_samples,
-            strengths=dict(args.strength),
-            accelerator=args.accelerator,
-            eval_split=args.eval_split,
-        )
-    except ValueError as err:
-        build_parser().error(str(err))
-    # Lightning's per-fit banners would drown the progress bar: this loop makes many Trainers.
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    config, args = parse_config(build_parser(), argv)
+    silence_lightning()  # this loop makes many Trainers: their banners would drown the bar
     total = len(config.methods) * len(config.seeds) * config.tasks
     with tqdm(total=total, desc="tasks trained", unit="task") as bar:
         results = run_benchmark(config, progress=lambda: bar.update(1))
-    out = args.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    plots = [plot_curves(results, out / "curves.png"), plot_matrices(results, out / "matrices.png")]
-    print(format_matrices(results))
-    print()
-    print(format_table(results))
-    print(f"\nwrote {out / 'results.json'}, " + ", ".join(str(p) for p in plots))
+    report(results, args.output_dir)
     return 0

@@ -14,28 +14,20 @@ Factory = Callable[[float | None], list[Callback]]
 
 
 def _baselines() -> dict[str, tuple[Factory, float | None]]:
-    from lightning_metagrad.baselines import (
-        AGEMCallback,
-        ERCallback,
-        EWCCallback,
-        GPMCallback,
-        MASCallback,
-        OnlineEWCCallback,
-        SICallback,
-    )
+    from lightning_metagrad import baselines as b
 
     def strength(s: float | None, default: float) -> float:
         return default if s is None else s
 
     return {
-        "ewc": (lambda s: [EWCCallback(strength=strength(s, 100.0))], 100.0),
-        "online-ewc": (lambda s: [OnlineEWCCallback(strength=strength(s, 100.0))], 100.0),
-        "si": (lambda s: [SICallback(strength=strength(s, 1.0))], 1.0),
-        "mas": (lambda s: [MASCallback(strength=strength(s, 1.0))], 1.0),
+        "ewc": (lambda s: [b.EWCCallback(strength=strength(s, 100.0))], 100.0),
+        "online-ewc": (lambda s: [b.OnlineEWCCallback(strength=strength(s, 100.0))], 100.0),
+        "si": (lambda s: [b.SICallback(strength=strength(s, 1.0))], 1.0),
+        "mas": (lambda s: [b.MASCallback(strength=strength(s, 1.0))], 1.0),
         # No strength: GPM's threshold and the memory size are their knobs.
-        "gpm": (lambda s: [GPMCallback()], None),
-        "agem": (lambda s: [AGEMCallback()], None),
-        "er": (lambda s: [ERCallback()], None),
+        "gpm": (lambda s: [b.GPMCallback()], None),
+        "agem": (lambda s: [b.AGEMCallback()], None),
+        "er": (lambda s: [b.ERCallback()], None),
     }
 
 

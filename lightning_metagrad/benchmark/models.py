@@ -9,6 +9,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lightning_metagrad.metrics import AccuracyMatrix
+
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
 
@@ -68,15 +70,27 @@ class MLPClassifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9 if name == "momentum" else 0)
 
     @torch.no_grad()
-    def accuracy(self, loader: Any) -> float:
-        """Accuracy over a whole dataloader (eval mode, restored afterwards)."""
+    def score(self, loader: Any, metric: AccuracyMatrix, trained_upto: int, eval_task: int) -> None:
+        """Add the predictions on every batch of ``loader`` to ``metric``'s cell
+        ``R[trained_upto][eval_task]`` (eval mode, restored afterwards; the metric stays on its
+        device)."""
         was_training = self.training
         self.eval()
-        correct = total = 0
         for batch in loader:
             x, y = self.unpack(batch)
-            x, y = x.to(self.device), y.to(self.device)
-            correct += int((self(x).argmax(-1) == y).sum())
-            total += len(y)
+            labels = self(x.to(self.device)).argmax(dim=-1).to(metric.device)
+            metric.update(labels, y.to(metric.device), trained_upto, eval_task)
         self.train(was_training)
-        return correct / max(total, 1)
+
+    def accuracy(self, loader: Any) -> float:
+        """Accuracy over a whole dataloader (eval mode, restored afterwards).
+
+        Example:
+            >>> model = MLPClassifier(input_dim=4, num_classes=3, hidden_sizes=())
+            >>> model.accuracy([(torch.zeros(5, 4), torch.tensor([0, 1, 2, 0, 0]))]) in (0.2, 0.6)
+            True
+        """
+        metric = AccuracyMatrix(num_tasks=1)
+        metric.set_dtype(torch.float64)  # exact ratios, as Python's division gives
+        self.score(loader, metric, trained_upto=0, eval_task=0)
+        return float(metric.compute())  # a 1 x 1 matrix

@@ -40,7 +40,8 @@ def plot_curves(results: dict[str, Any], path: Path) -> Path:
         ax.set_title(name)
         ax.set_xlabel("iteration")
     axes[0][0].set_ylabel("test accuracy")
-    axes[0][-1].legend(fontsize=7, loc="lower left")
+    if axes[0][-1].get_legend_handles_labels()[0]:  # no curve points: no legend
+        axes[0][-1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -2,80 +2,41 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_metagrad.benchmark.methods import ALL_METHODS, METHOD_NAMES, make_callbacks
-from lightning_metagrad.benchmark.models import OPTIMIZERS, MLPClassifier
-from lightning_metagrad.data import PermutedStream, RotatedStream, SplitStream
-from lightning_metagrad.metrics import (
-    average_accuracy,
-    average_forgetting,
-    backward_transfer,
-    forward_transfer,
-)
+from lightning_metagrad import metrics
+from lightning_metagrad.benchmark.config import STREAMS, BenchmarkConfig, config_dict
+from lightning_metagrad.benchmark.methods import make_callbacks
+from lightning_metagrad.benchmark.models import MLPClassifier
+from lightning_metagrad.benchmark.quiet import quiet_trainer_kwargs
+from lightning_metagrad.metrics import AccuracyMatrix, TaskAccuracyCurve, collapsed_in_task
 
-STREAMS = {"permuted": PermutedStream, "split": SplitStream, "rotated": RotatedStream}
+__all__ = [
+    "STREAMS",
+    "BenchmarkConfig",
+    "CallbackFactory",
+    "PeriodicEvaluator",
+    "StepTimer",
+    "first_batches",
+    "first_samples",
+    "make_model",
+    "make_stream",
+    "run_benchmark",
+    "run_method",
+    "summarise",
+]
 
-
-@dataclass
-class BenchmarkConfig:
-    """Everything a benchmark run depends on (stored in ``results.json``).
-
-    The fields mirror the options of ``metagrad-benchmark``; they are checked at construction.
-
-    Example:
-        >>> config = BenchmarkConfig(tasks=3, iters=100, methods=("naive", "metagrad"))
-        >>> config.stream, config.dataset, config.optimizer
-        ('permuted', 'digits', 'sgd')
-        >>> BenchmarkConfig(tasks=1)
-        Traceback (most recent call last):
-            ...
-        ValueError: `tasks` must be >= 2 for continual learning, got 1
-    """
-
-    stream: str = "permuted"
-    dataset: str = "digits"
-    root: str | None = None
-    download: bool = False
-    tasks: int = 5
-    iters: int = 300
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    lr: float = 0.03
-    hidden_sizes: Sequence[int] = (256, 256, 256)
-    methods: Sequence[str] = METHOD_NAMES
-    seeds: Sequence[int] = (0,)
-    eval_every: int = 50
-    eval_samples: int = 1000
-    strengths: dict[str, float] = field(default_factory=dict)
-    accelerator: str = "cpu"
-    eval_split: str = "test"
-
-    def __post_init__(self) -> None:
-        if self.stream not in STREAMS:
-            raise ValueError(f"`stream` must be one of {sorted(STREAMS)}, got {self.stream!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        for name in ("tasks", "iters", "batch_size", "eval_every", "eval_samples"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
-        if self.tasks < 2:
-            raise ValueError(f"`tasks` must be >= 2 for continual learning, got {self.tasks}")
-        unknown = [m for m in self.methods if m not in ALL_METHODS]
-        if unknown:
-            raise ValueError(f"unknown `methods` {unknown}; choose from {list(ALL_METHODS)}")
-        if self.eval_split not in ("test", "val"):
-            raise ValueError(f"`eval_split` must be 'test' or 'val', got {self.eval_split!r}")
-        if not self.seeds:
-            raise ValueError("`seeds` must name at least one seed")
+CallbackFactory = Callable[[], list[Callback]]
+"""Makes a fresh list of callbacks: one method, for one run (callbacks hold a run's state)."""
+ProbeFactory = Callable[[Any, MLPClassifier, list[Callback]], list[Callback]]
 
 
 def make_stream(config: BenchmarkConfig, seed: int) -> Any:
@@ -94,6 +55,66 @@ def make_stream(config: BenchmarkConfig, seed: int) -> Any:
         batch_size=config.batch_size,
         seed=seed,
     )
+
+
+def make_model(config: BenchmarkConfig, stream: Any) -> MLPClassifier:
+    """The benchmark's MLP for ``stream``, with the widths, optimizer and learning rate of
+    ``config``.
+
+    Example:
+        >>> config = BenchmarkConfig(hidden_sizes=(8,))
+        >>> make_model(config, make_stream(config, seed=0)).net
+        Sequential(
+          (0): Linear(in_features=64, out_features=8, bias=True)
+          (1): ReLU()
+          (2): Linear(in_features=8, out_features=10, bias=True)
+        )
+    """
+    return MLPClassifier(
+        input_dim=stream.input_dim,
+        num_classes=stream.num_classes,
+        hidden_sizes=tuple(config.hidden_sizes),
+        optimizer=config.optimizer,
+        lr=config.lr,
+    )
+
+
+def first_batches(stream: Any, task: int, samples: int, split: str = "test") -> list[Any]:
+    """The first batches of task ``task``'s ``split`` holding at least ``samples`` samples
+    (all of them if the split is smaller), in the stream's order.
+
+    Example:
+        >>> stream = make_stream(BenchmarkConfig(), seed=0)
+        >>> stream.setup("fit")
+        >>> [len(b["y"]) for b in first_batches(stream, 1, samples=150)]
+        [64, 64, 64]
+    """
+    batches, seen = [], 0
+    for batch in stream.task_dataloader(task, split=split):
+        batches.append(batch)
+        seen += len(batch["y"])
+        if seen >= samples:
+            break
+    return batches
+
+
+def first_samples(
+    stream: Any, task: int, samples: int, split: str = "train"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)``: the first ``samples`` samples of task ``task``'s ``split``, stacked (for a
+    diagnostic that needs old tasks' data).
+
+    Example:
+        >>> stream = make_stream(BenchmarkConfig(), seed=0)
+        >>> stream.setup("fit")
+        >>> x, y = first_samples(stream, 0, samples=100)
+        >>> tuple(x.shape), tuple(y.shape)
+        ((100, 64), (100,))
+    """
+    batches = first_batches(stream, task, samples, split)
+    x = torch.cat([b["x"] for b in batches])[:samples]
+    y = torch.cat([b["y"] for b in batches])[:samples]
+    return x, y
 
 
 class StepTimer(Callback):
@@ -121,43 +142,31 @@ class StepTimer(Callback):
 class PeriodicEvaluator(Callback):
     """Test accuracy on every task every ``every`` steps: the curves of the paper's Fig. 1.
 
-    ``rows`` collects ``{"iteration", "task", "accuracy"}`` dicts, the iteration offset by
-    ``offset`` (the steps of earlier tasks); the module needs an ``accuracy(loader)`` method.
+    Records into ``curve`` at the iteration offset by ``offset`` (the steps of earlier tasks);
+    the module needs an ``accuracy(loader)`` method.
 
     Example:
         >>> from types import SimpleNamespace
-        >>> rows = []
-        >>> evaluator = PeriodicEvaluator(["loader 0", "loader 1"], every=10, offset=100, rows=rows)
+        >>> curve = TaskAccuracyCurve()
+        >>> evaluator = PeriodicEvaluator(["loader 0", "loader 1"], 10, offset=100, curve=curve)
         >>> module = SimpleNamespace(accuracy=lambda loader: 0.5)
         >>> evaluator.on_train_batch_end(SimpleNamespace(global_step=20), module)
-        >>> rows[1]
+        >>> curve.rows[1]
         {'iteration': 120, 'task': 1, 'accuracy': 0.5}
     """
 
-    def __init__(self, loaders: Sequence[Any], every: int, offset: int, rows: list) -> None:
-        self.loaders, self.every, self.offset, self.rows = loaders, every, offset, rows
+    def __init__(
+        self, loaders: Sequence[Any], every: int, offset: int, curve: TaskAccuracyCurve
+    ) -> None:
+        self.loaders, self.every, self.offset, self.curve = loaders, every, offset, curve
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *a: Any
     ) -> None:
         step = trainer.global_step
         if step % self.every == 0:
-            for task, loader in enumerate(self.loaders):
-                acc = pl_module.accuracy(loader)  # type: ignore[operator]
-                self.rows.append({"iteration": self.offset + step, "task": task, "accuracy": acc})
-
-
-def _subset_loader(stream: Any, task: int, samples: int, split: str) -> list:
-    batches, seen = [], 0
-    for batch in stream.task_dataloader(task, split=split):
-        batches.append(batch)
-        seen += len(batch["y"])
-        if seen >= samples:
-            break
-    return batches
-
-
-ProbeFactory = Callable[[Any, MLPClassifier, list[Callback]], list[Callback]]
+            accuracies = [pl_module.accuracy(loader) for loader in self.loaders]  # type: ignore[operator]
+            self.curve.record_all(self.offset + step, accuracies)
 
 
 def run_method(
@@ -166,9 +175,13 @@ def run_method(
     seed: int,
     on_task_end: Callable[[], None] | None = None,
     probes: ProbeFactory | None = None,
+    callbacks: CallbackFactory | None = None,
 ) -> dict[str, Any]:
     """Train one method on one seed's stream; return its accuracy matrix, curves and timing.
 
+    ``callbacks()`` makes the method's callbacks (called once, before the first task); without
+    it they come from the registry by ``method``'s name, at ``config.strengths[method]``.
+    ``method`` names the run either way; ``"joint"`` trains each task on all tasks so far.
     ``probes(stream, model, method_callbacks)`` may add diagnostic callbacks (placed last).
 
     Example:
@@ -176,45 +189,43 @@ def run_method(
         >>> run = run_method(config, "metagrad", seed=0)
         >>> len(run["acc_matrix"]), len(run["acc_matrix"][0]), run["diverged_in_task"]
         (2, 2, None)
+        >>> from lightning_metagrad import MetaGradCallback
+        >>> mine = lambda: [MetaGradCallback(predictor="replay")]
+        >>> len(run_method(config, "my-replay", seed=0, callbacks=mine)["acc_matrix"])
+        2
     """
     stream = make_stream(config, seed)
     stream.setup("fit")
     pl.seed_everything(seed, verbose=False)
-    model = MLPClassifier(
-        input_dim=stream.input_dim,
-        num_classes=stream.num_classes,
-        hidden_sizes=tuple(config.hidden_sizes),
-        optimizer=config.optimizer,
-        lr=config.lr,
-    )
+    model = make_model(config, stream)
     split = config.eval_split
     test_loaders = [stream.task_dataloader(j, split=split) for j in range(config.tasks)]
     curve_loaders = [
-        _subset_loader(stream, j, config.eval_samples, split) for j in range(config.tasks)
+        first_batches(stream, j, config.eval_samples, split) for j in range(config.tasks)
     ]
     random_init = [model.accuracy(loader) for loader in test_loaders]
-    callbacks = make_callbacks(method, config.strengths.get(method))
-    extra = probes(stream, model, callbacks) if probes is not None else []
-    matrix: list[list[float]] = []
+    if callbacks is None:
+        method_callbacks = make_callbacks(method, config.strengths.get(method))
+    else:
+        method_callbacks = list(callbacks())
+    extra = probes(stream, model, method_callbacks) if probes is not None else []
+    accuracy = AccuracyMatrix(num_tasks=config.tasks)
+    accuracy.set_dtype(torch.float64)
+    curve = TaskAccuracyCurve()
     diverged: int | None = None
-    collapsed: int | None = None
-    curves: list[dict[str, Any]] = []
     step_times: list[float] = []
     for task in range(config.tasks):
         stream.set_task(task)
         timer = StepTimer()
-        evaluator = PeriodicEvaluator(curve_loaders, config.eval_every, task * config.iters, curves)
+        evaluator = PeriodicEvaluator(curve_loaders, config.eval_every, task * config.iters, curve)
         trainer = pl.Trainer(
             max_steps=config.iters,
             accelerator=config.accelerator,
             devices=1,
-            callbacks=[timer, *callbacks, evaluator, *extra],
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=False,
+            callbacks=[timer, *method_callbacks, evaluator, *extra],
             num_sanity_val_steps=0,
             limit_val_batches=0,
+            **quiet_trainer_kwargs(),
         )
         train_loader = (
             stream.joint_train_dataloader(task) if method == "joint" else stream.train_dataloader()
@@ -230,22 +241,19 @@ def run_method(
         if diverged is None and not _weights_finite(model):
             diverged = task  # non-finite weights without an error (NaN losses are trained on)
         step_times += timer.times[5:]  # skip warm-up steps of each task
-        matrix.append([model.accuracy(loader) for loader in test_loaders])
-        chance = 1.5 / stream.num_classes
-        learned_before = any(matrix[i][i] > chance for i in range(task))
-        if collapsed is None and learned_before and matrix[-1][task] <= chance:
-            # Earlier tasks were learned, yet the task just trained scores at chance: training
-            # collapsed (e.g. a penalty's curvature above SGD's stability limit).
-            collapsed = task
+        for j, loader in enumerate(test_loaders):
+            model.score(loader, accuracy, trained_upto=task, eval_task=j)
         if on_task_end is not None:
             on_task_end()
+    matrix = accuracy.compute().tolist()
     return {
         "seed": seed,
         "acc_matrix": matrix,
         "random_init": random_init,
+        "num_classes": stream.num_classes,
         "diverged_in_task": diverged,
-        "collapsed_in_task": collapsed,
-        "curves": curves,
+        "collapsed_in_task": collapsed_in_task(matrix, stream.num_classes),
+        "curves": curve.rows,
         "train_step_ms": 1000 * statistics.median(step_times) if step_times else float("nan"),
     }
 
@@ -255,12 +263,18 @@ def _weights_finite(model: torch.nn.Module) -> bool:
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
+    if not all(math.isfinite(v) for v in values):
+        return float("nan"), float("nan")  # statistics' exact arithmetic takes finite values
+    mean = statistics.mean(values)  # exactly rounded (fmean may differ in the last bit)
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Aggregate one method's per-seed runs into the ``results.json`` entry.
+
+    The scores come from :mod:`lightning_metagrad.metrics` on each seed's matrix (so a stored
+    ``per_seed`` list can be summarised again); a run without ``num_classes`` (files written
+    before it was recorded) had 10 classes.
 
     Example:
         >>> run = {"seed": 0, "acc_matrix": [[0.9, 0.1], [0.5, 0.8]], "random_init": [0.1, 0.1],
@@ -269,14 +283,12 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         >>> round(entry["acc"], 3), round(entry["bwt"], 3), entry["diverged_seeds"]
         (0.65, -0.4, [])
     """
-    matrices = [torch.tensor(r["acc_matrix"]) for r in runs]
+    matrices = [torch.tensor(r["acc_matrix"], dtype=torch.float64) for r in runs]
     mean_matrix = torch.stack(matrices).mean(0)
-    accs = [float(average_accuracy(m)) for m in matrices]
-    bwts = [float(backward_transfer(m)) for m in matrices]
-    fwts = [
-        float(forward_transfer(m, torch.tensor(r["random_init"]))) for m, r in zip(matrices, runs)
-    ]
-    forgetting = [float(average_forgetting(m)) for m in matrices]
+    accs = [metrics.average_accuracy(m) for m in matrices]
+    bwts = [metrics.backward_transfer(m) for m in matrices]
+    fwts = [metrics.forward_transfer(m, r["random_init"]) for m, r in zip(matrices, runs)]
+    forgetting = [metrics.average_forgetting(m) for m in matrices]
     acc, acc_std = _mean_std(accs)
     return {
         "seeds": [r["seed"] for r in runs],
@@ -289,7 +301,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "forgetting": _mean_std(forgetting)[0],
         "train_step_ms": statistics.fmean(r["train_step_ms"] for r in runs),
         "diverged_seeds": [r["seed"] for r in runs if r.get("diverged_in_task") is not None],
-        "collapsed_seeds": [r["seed"] for r in runs if r.get("collapsed_in_task") is not None],
+        "collapsed_seeds": [
+            r["seed"]
+            for r in runs
+            if collapsed_in_task(r["acc_matrix"], r.get("num_classes", 10)) is not None
+        ],
         "per_seed": runs,
     }
 
@@ -313,10 +329,4 @@ def run_benchmark(
     for method in config.methods:
         runs = [run_method(config, method, seed, progress) for seed in config.seeds]
         methods[method] = summarise(runs)
-    cfg = asdict(config)
-    cfg["hidden_sizes"], cfg["methods"], cfg["seeds"] = (
-        list(config.hidden_sizes),
-        list(config.methods),
-        list(config.seeds),
-    )
-    return {"config": cfg, "methods": methods}
+    return {"config": config_dict(config), "methods": methods}
