@@ -122,26 +122,26 @@ def cli_parser() -> argparse.ArgumentParser:
 # config fields it does not take because it has its own option in their place).
 SCRIPTS: dict[str, tuple[Callable[[], argparse.ArgumentParser], str, list[str], set[str]]] = {
     "metagrad-benchmark": (cli_parser, "digits", [], set()),
-    "benchmarks/science.py": (
-        lambda: load_script("benchmarks/science.py").build_parser(),
+    "experiments/science.py": (
+        lambda: load_script("experiments/science.py").build_parser(),
         "fig1",
         [],
         {"methods", "strengths"},  # --predictors
     ),
-    "benchmarks/variants.py": (
-        lambda: load_script("benchmarks/variants.py").build_parser(),
+    "experiments/variants.py": (
+        lambda: load_script("experiments/variants.py").build_parser(),
         "fig1",
         ["naive"],
         {"methods", "strengths"},  # the positional NAME=SPEC variants
     ),
-    "benchmarks/tasks_scaling.py": (
-        lambda: load_script("benchmarks/tasks_scaling.py").build_parser(),
+    "experiments/tasks_scaling.py": (
+        lambda: load_script("experiments/tasks_scaling.py").build_parser(),
         "tasks-scaling",
         [],
         set(),
     ),
-    "benchmarks/replay_staleness.py": (
-        lambda: load_script("benchmarks/replay_staleness.py").build_parser(),
+    "experiments/replay_staleness.py": (
+        lambda: load_script("experiments/replay_staleness.py").build_parser(),
         "replay-staleness",
         [],
         {"methods", "strengths", "eval_every", "eval_samples", "eval_split"},  # no evaluation
@@ -259,7 +259,7 @@ def test_the_runner_takes_a_callbacks_factory() -> None:
 
 
 def test_variants_runs_configured_callbacks_end_to_end(tmp_path: Path) -> None:
-    variants = load_script("benchmarks/variants.py")
+    variants = load_script("experiments/variants.py")
     spec = "MetaGradCallback(predictor=ReplayPredictor(free_below=1.0))"
     out = variants.main([*TINY, "--output", str(tmp_path), f"replay1={spec}", "naive"])
     written = json.loads((tmp_path / "results.json").read_text())
@@ -309,7 +309,7 @@ def test_runs_and_tables_use_the_metrics_definition_of_collapsed(tmp_path: Path)
     recovered = {**run, "acc_matrix": [[0.9, 0.1, 0.1], [0.8, 0.1, 0.1], [0.3, 0.2, 0.4]]}
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"config": {}, "methods": {"m": {"per_seed": [recovered]}}}))
-    (row,) = load_script("benchmarks/results_table.py").rows(path)
+    (row,) = load_script("experiments/results_table.py").rows(path)
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[0] == "m" and cells[4] == "1/1"
     assert cells[1] == f"{average_accuracy(recovered['acc_matrix']):.3f} ± 0.000"

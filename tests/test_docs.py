@@ -9,10 +9,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
-# Repository paths the pages cite, in links or code spans: benchmarks/overhead.py,
-# ../tests/test_callback.py, benchmarks/results/main-job.json, ...
+# Repository paths the pages cite, in links or code spans: experiments/overhead.py,
+# ../tests/test_callback.py, experiments/results/main-job.json, ...
 CITED = re.compile(
-    r"(?:\.\./)?\b((?:benchmarks|tests|lightning_metagrad|examples|docs)/[\w./-]*\w\.(?:py|json|md|sh|txt|yaml|png))"
+    r"(?:\.\./)?\b((?:experiments|tests|lightning_metagrad|examples|docs)/[\w./-]*\w\.(?:py|json|md|sh|txt|yaml|png))"
     r"(?:::(\w+))?"
 )
 

@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/overhead.py (issue #6): tiny settings, keys and positive times only."""
+"""Smoke test of experiments/overhead.py (issue #6): tiny settings, keys and positive times only."""
 
 from __future__ import annotations
 
@@ -13,7 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_overhead_script_quick_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--quick", "--output", str(out)],
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "overhead.py"),
+            "--quick",
+            "--output",
+            str(out),
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,

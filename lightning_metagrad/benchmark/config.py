@@ -1,7 +1,7 @@
 """What a benchmark run depends on, its named presets, and the command-line options built from it.
 
 :class:`BenchmarkConfig` is the one description of an experiment: ``metagrad-benchmark``, the
-experiment scripts in ``benchmarks/`` and ``examples/compare_baselines.py`` all take their
+experiment scripts in ``experiments/`` and ``examples/compare_baselines.py`` all take their
 options from its fields (:func:`add_config_arguments`), and their defaults from a named preset
 (:data:`PRESETS`, chosen with ``--preset``), so a field added here is an option of every one.
 
@@ -165,7 +165,7 @@ _FIG1 = BenchmarkConfig(
 
 PRESETS: Mapping[str, BenchmarkConfig] = {
     # Every default method on Permuted 8x8 digits: the README's command, a few minutes on
-    # 2 CPU cores (benchmarks/results/main-job.json). The defaults of BenchmarkConfig.
+    # 2 CPU cores (experiments/results/main-job.json). The defaults of BenchmarkConfig.
     "digits": BenchmarkConfig(),
     # The paper's Fig. 1 protocol (docs/results.md): Permuted Fashion-MNIST from
     # ../shared/data, MLP 784-256-256-256-10, 5 tasks x 2000 steps, batch 64, SGD, lr 0.03,
@@ -177,12 +177,12 @@ PRESETS: Mapping[str, BenchmarkConfig] = {
         methods=("naive", "ewc", "online-ewc", "si", "mas", "metagrad", "metagrad-replay"),
         eval_every=25,
     ),
-    # benchmarks/tasks_scaling.py: the Fig. 1 protocol over 10 tasks, the default and plain
+    # experiments/tasks_scaling.py: the Fig. 1 protocol over 10 tasks, the default and plain
     # SGD, seed 0; curve points at task ends only.
     "tasks-scaling": dataclasses.replace(
         _FIG1, tasks=10, seeds=(0,), methods=("metagrad", "naive"), eval_every=2000
     ),
-    # benchmarks/replay_staleness.py: two tasks of the Fig. 1 protocol, seed 1.
+    # experiments/replay_staleness.py: two tasks of the Fig. 1 protocol, seed 1.
     "replay-staleness": dataclasses.replace(
         _FIG1, tasks=2, seeds=(1,), methods=("metagrad-replay",)
     ),

@@ -5,7 +5,7 @@ the experiment options are those of ``metagrad-benchmark``), ``predictor="replay
 ``refresh_every`` steps between refreshes (default 10). Every 250 steps of task 2 it prints the
 cosine of the gradient on 2000 task-1 training images ("true") with (a) the cached old gradient
 the rule is using, (b) a fresh gradient on the same stored batches, and (c) the cosine of (a)
-with (b). Run: ``python benchmarks/replay_staleness.py [--refresh-every N]``
+with (b). Run: ``python experiments/replay_staleness.py [--refresh-every N]``
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The paper's Fig. 1 protocol on Permuted Fashion-MNIST (docs/results.md, docs/science.md):
 # MLP 784-256-256-256-10, 5 tasks x 2000 iterations, batch 64, SGD.
-#  1. MetaGrad's predictors with prediction diagnostics, 3 seeds (benchmarks/science.py),
+#  1. MetaGrad's predictors with prediction diagnostics, 3 seeds (experiments/science.py),
 #  2. each baseline's strength tuned on the validation split (seed 0),
 #  3. all baselines with the tuned strengths, 3 seeds, on the test split.
-# Usage: bash benchmarks/reproduce_fig1.sh [LR] [OUT]   (about an hour on 2 CPU cores)
+# Usage: bash experiments/reproduce_fig1.sh [LR] [OUT]   (about an hour on 2 CPU cores)
 set -euo pipefail
 LR=${1:-0.03}
 OUT=${2:-runs/fig1-lr$LR}
@@ -14,7 +14,7 @@ ROOT=${ROOT:-../shared/data}
 BENCH=".venv/bin/metagrad-benchmark --preset fig1 --root $ROOT --lr $LR
   --eval-every 100 --eval-samples 1000"
 mkdir -p "$OUT"
-.venv/bin/python benchmarks/science.py --preset fig1 --root "$ROOT" --lr "$LR" \
+.venv/bin/python experiments/science.py --preset fig1 --root "$ROOT" --lr "$LR" \
   --seeds 0 1 2 --output "$OUT/science" | tee "$OUT/science.txt"
 for s in 1 10 100; do
   $BENCH --methods ewc online-ewc --strength ewc=$((s * 10)) --strength online-ewc=$((s * 10)) \

@@ -8,7 +8,7 @@ fuses it into one loop over the coordinates). Rounds alternate the two so that m
 hits both; the printed ratio is compiled / eager (median per step, the thread's CPU time).
 Both give the same gradient bit for bit or the script fails.
 
-    OMP_NUM_THREADS=1 python benchmarks/compile_rule.py --sizes 1e5 1e6 1e7
+    OMP_NUM_THREADS=1 python experiments/compile_rule.py --sizes 1e5 1e6 1e7
 """
 
 from __future__ import annotations

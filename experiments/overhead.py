@@ -17,15 +17,14 @@ Three parts, all in one process:
 
 Example::
 
-    OMP_NUM_THREADS=1 python benchmarks/overhead.py            # trainer + scaling
-    OMP_NUM_THREADS=1 python benchmarks/overhead.py --quick    # a few seconds, for tests
+    OMP_NUM_THREADS=1 python experiments/overhead.py            # trainer + scaling
+    OMP_NUM_THREADS=1 python experiments/overhead.py --quick    # a few seconds, for tests
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import statistics
@@ -51,6 +50,7 @@ from lightning_metagrad.baselines import (
     SICallback,
 )
 from lightning_metagrad.benchmark.models import MLPClassifier
+from lightning_metagrad.benchmark.quiet import quiet_trainer_kwargs, silence_lightning
 from lightning_metagrad.callback import build_predictor
 from lightning_metagrad.diagnostics import Diagnostics
 from lightning_metagrad.predictors import MetaNetPredictor
@@ -266,13 +266,7 @@ def _fit(model: pl.LightningModule, callbacks: list[Callback], loader: DataLoade
     trainer = pl.Trainer(
         max_steps=steps,
         callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-        num_sanity_val_steps=0,
+        **quiet_trainer_kwargs(accelerator="cpu", devices=1, num_sanity_val_steps=0),
     )
     trainer.fit(model, train_dataloaders=loader)
 
@@ -446,20 +440,23 @@ def _hot_path_setup(num: int, predictor: str, task: int, chunks: int = 8, cols: 
     core.bind(module.named_parameters())
     diagnostics = Diagnostics(warn=False)
 
-    def step() -> None:
-        for p in params:  # a fresh gradient: the rule rewrites it in place
+    def refill() -> None:
+        for p in params:  # a fresh gradient (the rule rewrites it in place); not timed
             p.grad = torch.randn_like(p) * 1e-3
+
+    def step() -> None:
         core.step()
         diagnostics.step(params, task - 1)
 
     boundary = 0.0
     if task == 2:
         for _ in range(8):
+            refill()
             step()
         t0 = _clock()
         core.end_task()
         boundary = _clock() - t0
-    return core, module, step, boundary
+    return core, module, refill, step, boundary
 
 
 def time_scaling(sizes: list[int], rounds: int, steps: int) -> list[dict[str, Any]]:
@@ -472,8 +469,9 @@ def time_scaling(sizes: list[int], rounds: int, steps: int) -> list[dict[str, An
         sgd_times: list[float] = []
         for predictor, task in methods:
             name = f"metagrad-{predictor}/task{task}"
-            cb, module, step, boundary = _hot_path_setup(num, predictor, task)
+            cb, module, refill, step, boundary = _hot_path_setup(num, predictor, task)
             sgd = torch.optim.SGD(module.parameters(), lr=1e-3)
+            refill()
             step()  # warm-up (the first task-1 observation sets scales, buffers are allocated)
             values: list[float] = []
             for _ in range(rounds):
@@ -482,6 +480,7 @@ def time_scaling(sizes: list[int], rounds: int, steps: int) -> list[dict[str, An
                     sgd.step()
                     sgd_times.append(_clock() - t0)
                 for _ in range(steps):
+                    refill()
                     t0 = _clock()
                     step()
                     values.append(_clock() - t0)
@@ -491,7 +490,7 @@ def time_scaling(sizes: list[int], rounds: int, steps: int) -> list[dict[str, An
                 row["methods"][name]["boundary_ms_per_million_params"] = (
                     1e3 * boundary / (num / 1e6)
                 )
-            del cb, module, step, sgd
+            del cb, module, refill, step, sgd
         row["methods"]["sgd-step"] = _scaling_entry(sgd_times, num)
         rows.append(row)
     return rows
@@ -547,13 +546,9 @@ def run_quality(tasks: int, iters: int, lr: float, hidden: int) -> dict[str, Any
             trainer = pl.Trainer(
                 max_steps=iters,
                 callbacks=[clock, cb],
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                accelerator="cpu",
-                num_sanity_val_steps=0,
-                limit_val_batches=0,
+                **quiet_trainer_kwargs(
+                    accelerator="cpu", num_sanity_val_steps=0, limit_val_batches=0
+                ),
             )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -751,9 +746,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.clock == "thread" and args.threads != 1:
         raise SystemExit("--clock thread needs --threads 1 (other threads' work is not counted)")
     _clock = CLOCKS[args.clock]
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # per-fit banners
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+    silence_lightning()  # per-fit banners and known harmless warnings
     result: dict[str, Any] = {"machine": machine(), "args": vars(args), "trainer": {}}
     for entry in args.models:
         # "mlp@256": the MLP at batch 256 (default batch: --batch-size, --transformer-batch)

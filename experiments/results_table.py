@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/results_table.py runs/fig1-lr0.03/final-strong/results.json \
+    python experiments/results_table.py runs/fig1-lr0.03/final-strong/results.json \
         runs/fig1-lr0.03/final-weak/results.json
 
 Each row: method (with its strength), ACC mean ± std over seeds, BWT mean ± std, the per-seed

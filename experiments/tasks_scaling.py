@@ -7,7 +7,7 @@ and the floats the predictor holds between tasks per model parameter. Other meth
 ``metagrad-benchmark`` (``--preset tasks-scaling`` by default: the Fig. 1 protocol over 10 tasks,
 ``metagrad`` and ``naive``, seed 0). Example (Permuted Fashion-MNIST, 20 tasks)::
 
-    python benchmarks/tasks_scaling.py --tasks 20 --methods metagrad naive \\
+    python experiments/tasks_scaling.py --tasks 20 --methods metagrad naive \\
         --output runs/tasks20
 """
 

@@ -10,7 +10,7 @@ The experiment options are those of ``metagrad-benchmark`` (``--preset fig1``, t
 Fig. 1 protocol on Permuted Fashion-MNIST, by default; ``--methods`` is replaced by
 ``--predictors``)::
 
-    python benchmarks/science.py --dataset fashion_mnist --root ../shared/data \
+    python experiments/science.py --dataset fashion_mnist --root ../shared/data \
         --predictors paper anchored replay --seeds 0 1 2 --output runs/science
 """
 

@@ -16,14 +16,13 @@ Three modes, each writing ``<output>/<mode>.json``:
 
 ``report FILE...`` prints the markdown tables of saved results.
 
-    python benchmarks/detection_eval.py switches --signals novelty --seeds 0 1 2
+    python experiments/detection_eval.py switches --signals novelty --seeds 0 1 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import time
 import warnings
@@ -36,6 +35,7 @@ from torch.utils.data import DataLoader
 
 from lightning_metagrad import AutoBoundaries, MetaGradCallback
 from lightning_metagrad.benchmark import MLPClassifier
+from lightning_metagrad.benchmark.quiet import quiet_trainer_kwargs, silence_lightning
 from lightning_metagrad.data import PermutedStream, RotatedStream
 from lightning_metagrad.metrics import average_accuracy, backward_transfer
 
@@ -188,14 +188,7 @@ def with_event(batches: list[dict], event: str, seed: int) -> list[dict]:
     return out
 
 
-TRAINER: dict[str, Any] = dict(
-    logger=False,
-    enable_checkpointing=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    accelerator="cpu",
-    devices=1,
-)
+TRAINER: dict[str, Any] = quiet_trainer_kwargs(accelerator="cpu", devices=1)
 
 
 def accuracy_row(model: MLPClassifier, stream: Any, tasks: int) -> list[float]:
@@ -398,8 +391,8 @@ def main() -> None:
     if args.mode == "report":
         print(report(args.files))
         return
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore")
+    silence_lightning()
+    warnings.filterwarnings("ignore", category=UserWarning, module="lightning_metagrad")
     torch.set_num_threads(1)
     t0 = time.time()
     result = {"switches": mode_switches, "events": mode_events, "given": mode_given}[args.mode](

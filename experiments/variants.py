@@ -7,7 +7,7 @@ same streams, seeds and runner, and writes a ``results.json`` of the same schema
 experiment options are those of ``metagrad-benchmark`` (``--preset fig1``, the paper's Fig. 1
 protocol, by default). Example::
 
-    python benchmarks/variants.py --output runs/variants \\
+    python experiments/variants.py --output runs/variants \\
         "replay-free1=MetaGradCallback(predictor=ReplayPredictor(free_below=1.0))"
 """
 
