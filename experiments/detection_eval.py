@@ -344,23 +344,31 @@ def _fmt(v: Any) -> str:
 
 def report(paths: list[Path]) -> str:
     """Markdown tables of saved ``switches``/``events``/``given`` results (docs/detection.md);
-    a ``switches`` row gets the ACC/BWT of the ``given`` run of the same stream and length."""
+    a ``switches`` row gets the ACC/BWT of the ``given`` run of the same stream and length.
+    A row (signal, stream, kind, length) found in several files is taken from the first; the
+    last column names the file it came from."""
     loaded = [(p, json.loads(p.read_text())) for p in paths]
     given = {
         (r["stream"], r["per_task"]): r
         for p, d in loaded if p.stem == "given" for r in d["table"]
     }  # fmt: skip
     out = []
-    switches = [r for p, d in loaded if p.stem == "switches" for r in d["table"]]
+    switches: dict[tuple, tuple[dict[str, Any], str]] = {}
+    for p, d in loaded:
+        if p.stem.startswith("switches"):
+            for r in d["table"]:
+                key = (r["signal"], r["stream"], r["kind"], r["per_task"])
+                switches.setdefault(key, (r, f"{p.parent.name}/{p.name}"))
     if switches:
         head = ["signal", "stream", "switch", "steps/task", "found", "median delay", "max delay"]
         head += ["false /10k steps", "ACC detected", "ACC given", "BWT detected", "BWT given"]
+        head += ["file"]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in switches:
+        for r, source in switches.values():
             g = given.get((r["stream"], r["per_task"]), {})
             cells = [r["signal"], r["stream"], r["kind"], r["per_task"], r["found"]]
             cells += [r["median_delay"], r["max_delay"], r["false_per_10k"], r["acc"]]
-            cells += [g.get("acc"), r["bwt"], g.get("bwt")]
+            cells += [g.get("acc"), r["bwt"], g.get("bwt"), source]
             out.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     events = [r for p, d in loaded if p.stem == "events" for r in d["table"]]
     if events:

@@ -550,7 +550,7 @@ class MetaGradCallback(Callback):
         self._tasks_started = int(state_dict["tasks_started"])
         self.detected_switches = [int(s) for s in state_dict["detected_switches"]]
         self._switch_pending = bool(state_dict["switch_pending"])
-        self._switch_onset = int(state_dict.get("switch_onset", 0))
+        self._switch_onset = int(state_dict["switch_onset"])
         self._restored_fit_done = bool(state_dict["fit_done"])
         self.engine.load_state_dict(state_dict["engine"])
         self._skips_reported = self.engine.skipped_steps

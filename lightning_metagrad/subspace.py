@@ -434,10 +434,9 @@ class SubspacePredictor(OldGradientPredictor):
         self._complement = set(state["complement"])
         self._k = {k: v.clone() for k, v in state["taylor_k"].items()}
         self._d = {k: v.clone() for k, v in state["taylor_d"].items()}
-        self._history_steps = int(state.get("history_steps", 0))
+        self._history_steps = int(state["history_steps"])
         self._recent = [
-            (int(step), {k: v.clone() for k, v in added.items()})
-            for step, added in state.get("recent", [])
+            (int(step), {k: v.clone() for k, v in added.items()}) for step, added in state["recent"]
         ]
 
 
