@@ -358,6 +358,9 @@ class MetaGradCallback(Callback):
         refuse_at_fit_start("MetaGradCallback", trainer, pl_module)
         self._bind(pl_module)
         self.predictor.attach(trainer, pl_module)
+        # Detection must know at once whether a step was finite (a host sync); without it the
+        # engine checks on the device where the predictor allows.
+        self.engine.sync_free = not (self.boundaries.uses_pairs or self.boundaries.uses_gradients)
         # A detected switch is declared some steps after it began: keep that much history.
         onset = self.boundaries.max_onset_steps
         self.predictor.keep_history(onset + 1 if onset else 0)
@@ -589,9 +592,6 @@ class MetaGradCallback(Callback):
         """One step through the engine, plus detection; returns whether it was finite."""
         pairs = (_flat(thetas), _flat(targets)) if self.boundaries.uses_pairs else None
         raw = [t.detach().clone() for t in targets] if self.boundaries.uses_gradients else None
-        # Detection must know at once whether a step was finite (a host sync); without it the
-        # engine checks on the device where the predictor allows.
-        self.engine.sync_free = pairs is None and raw is None
         logged = self.engine.step_(names, thetas, targets)
         if "finite" in logged:
             rank_zero_warn(

@@ -107,6 +107,8 @@ class Diagnostics:
         if (self._held_calls - 1) % self.check_every != 0:
             return
         share = float(value)
+        if not math.isfinite(share):  # a non-finite step, masked out by the engine
+            return
         ema = self.held_back_ema
         self.held_back_ema = share if ema is None else 0.7 * ema + 0.3 * share
         if self._held_calls > 2 * self.check_every and self.held_back_ema > self.held_back:

@@ -252,9 +252,8 @@ def _finite_flag(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def _all_finite(tensors: Sequence[Tensor]) -> bool:
-    # One reduction per tensor instead of an elementwise isfinite + all: a sum of squares is
-    # finite iff every entry is, unless it overflows (then the exact check decides).
-    norms = torch._foreach_norm([t.float() if t.dtype != torch.float32 else t for t in tensors])
-    if bool(torch.isfinite(torch.stack(norms)).all()):
+    """:func:`_finite_flag` read on the host; where a norm overflowed, the exact check over
+    the entries decides."""
+    if bool(_finite_flag(tensors)):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)

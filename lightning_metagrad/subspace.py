@@ -153,6 +153,7 @@ class SubspacePredictor(OldGradientPredictor):
         self._shapes: dict[str, tuple[int, int]] = {}  # (rows, cols) each basis was built for
         self._steps = 0
         self._warned: set[str] = set()
+        self._warned_history = False  # keep_history without sample_rows: said once
         # in_basis="sign": the old tasks' Taylor model in the basis, grad ~ theta K - D.
         self._k: dict[str, Tensor] = {}
         self._d: dict[str, Tensor] = {}
@@ -255,6 +256,13 @@ class SubspacePredictor(OldGradientPredictor):
     def keep_history(self, steps: int) -> None:
         """Keep the sampled rows of the observations of the last ``steps`` steps (without
         ``sample_rows`` whole gradients would be kept: nothing is kept then)."""
+        if steps and self.sample_rows is None and not self._warned_history:
+            self._warned_history = True
+            rank_zero_warn(
+                "SubspacePredictor(sample_rows=None) keeps no history of recent steps, so the "
+                "steps between a task switch and its detection are folded into the old task. "
+                "Set `sample_rows` (e.g. 32) to have them taken back."
+            )
         self._history_steps = steps if self.sample_rows is not None else 0
         if not self._history_steps:
             self._recent = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from conftest import TinyClassifier, loader, make_trainer
 from torch.utils.data import DataLoader
@@ -96,3 +97,13 @@ def test_a_detected_switch_hands_its_onset_to_the_boundary() -> None:
     assert auto.max_onset_steps > 0
     assert predictor.state_dict()["history_steps"] == auto.max_onset_steps + 1
     assert cb.state_dict()["switch_onset"] == 0  # nothing pending after the fit
+
+
+def test_history_without_sampled_rows_is_refused_with_a_warning() -> None:
+    pred = SubspacePredictor(sample_rows=None)
+    with pytest.warns(UserWarning, match="sample_rows"):
+        pred.keep_history(16)
+    feed_rows = gradients(0, 4)
+    pred.bind({"w": torch.zeros(12, 9)})
+    feed(pred, feed_rows)
+    assert not pred.forget_recent(2)  # nothing kept, nothing taken back

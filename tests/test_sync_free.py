@@ -124,3 +124,17 @@ def test_a_sync_free_run_reports_its_non_finite_step_and_keeps_the_basis_finite(
     for name in predictor.subspace_dims():
         assert torch.isfinite(predictor.basis(name)).all()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_masked_non_finite_step_does_not_blind_the_held_back_warning() -> None:
+    # In the sync-free mode a non-finite step still reaches the diagnostics with a NaN figure;
+    # it is left out, so the running share stays finite and can still warn.
+    from lightning_metagrad.diagnostics import Diagnostics
+
+    diag = Diagnostics(check_every=1)
+    diag.observe_rule({"metagrad/removed_energy": torch.tensor(float("nan"))})
+    assert diag.held_back_ema is None
+    with pytest.warns(UserWarning, match="holds back"):
+        for _ in range(3):
+            diag.observe_rule({"metagrad/removed_energy": torch.tensor(0.95)})
+    assert diag.held_back_ema == pytest.approx(0.95) and diag.holding_back
