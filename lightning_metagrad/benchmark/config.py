@@ -29,6 +29,7 @@ from lightning_metagrad.data import PermutedStream, RotatedStream, SplitStream
 STREAMS = {"permuted": PermutedStream, "split": SplitStream, "rotated": RotatedStream}
 DATASETS = ("digits", "mnist", "fashion_mnist")
 EVAL_SPLITS = ("test", "val")
+HEADS = ("shared", "task")
 
 
 def _option(help: str, flag: str | None = None, **argparse_kwargs: Any) -> dict[str, Any]:
@@ -118,6 +119,15 @@ class BenchmarkConfig:
     accelerator: str = field(
         default="cpu", metadata=_option("passed to the Trainer", metavar="NAME")
     )
+    heads: str = field(
+        default="shared",
+        metadata=_option(
+            "one output layer shared by every task (class-incremental on Split), or a head per "
+            "task: each task's logits restricted to its own classes, the task id given at "
+            "training and test time (task-incremental; Split only)",
+            choices=HEADS,
+        ),
+    )
     eval_split: str = field(
         default="test",
         metadata=_option(
@@ -147,6 +157,13 @@ class BenchmarkConfig:
             raise ValueError(f"`eval_split` must be 'test' or 'val', got {self.eval_split!r}")
         if not self.seeds:
             raise ValueError("`seeds` must name at least one seed")
+        if self.heads not in HEADS:
+            raise ValueError(f"`heads` must be 'shared' or 'task', got {self.heads!r}")
+        if self.heads == "task" and self.stream != "split":
+            raise ValueError(
+                f"`heads='task'` needs the Split stream (each task its own classes), got "
+                f"stream={self.stream!r}; its tasks share every class, so use heads='shared'"
+            )
 
 
 _FIG1 = BenchmarkConfig(

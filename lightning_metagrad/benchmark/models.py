@@ -20,10 +20,21 @@ class MLPClassifier(pl.LightningModule):
     Takes dict batches ``{"x", "y", ...}`` or ``(x, y)`` tuples. Knows nothing of continual
     learning: the callbacks add that.
 
+    ``task_classes`` (one sequence of class labels per task) gives it a head per task, the
+    task-incremental setting: in training and scoring, a batch's logits are restricted to the
+    classes of its ``batch["task_id"]`` (the other logits are set to ``-inf``), so each task
+    trains and is scored only on its own rows of the last layer. ``forward`` itself returns
+    every logit.
+
     Example:
         >>> model = MLPClassifier(input_dim=64, num_classes=10, hidden_sizes=(32,))
         >>> model(torch.zeros(2, 64)).shape
         torch.Size([2, 10])
+        >>> heads = MLPClassifier(input_dim=4, num_classes=4, hidden_sizes=(),
+        ...                       task_classes=[(0, 1), (2, 3)])
+        >>> batch = {"x": torch.zeros(2, 4), "y": torch.tensor([2, 3]), "task_id": torch.tensor([1, 1])}
+        >>> heads.task_logits(batch).isinf().tolist()
+        [[True, True, False, False], [True, True, False, False]]
     """
 
     def __init__(
@@ -33,6 +44,7 @@ class MLPClassifier(pl.LightningModule):
         hidden_sizes: Sequence[int] = (256, 256, 256),
         optimizer: str = "sgd",
         lr: float = 0.003,
+        task_classes: Sequence[Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -47,6 +59,20 @@ class MLPClassifier(pl.LightningModule):
             width = size
         layers.append(nn.Linear(width, num_classes))
         self.net = nn.Sequential(*layers)
+        # [tasks, classes]: True at each task's own classes (a head per task), or None.
+        self.task_mask: torch.Tensor | None
+        self.register_buffer("task_mask", None, persistent=False)
+        if task_classes is not None:
+            mask = torch.zeros(len(task_classes), num_classes, dtype=torch.bool)
+            for task, classes in enumerate(task_classes):
+                classes = [int(c) for c in classes]
+                if not classes or not all(0 <= c < num_classes for c in classes):
+                    raise ValueError(
+                        f"`task_classes[{task}]` must name classes in [0, {num_classes}), got "
+                        f"{list(classes)}"
+                    )
+                mask[task, classes] = True
+            self.task_mask = mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.flatten(1))
@@ -57,9 +83,23 @@ class MLPClassifier(pl.LightningModule):
             return batch["x"], batch["y"]
         return batch[0], batch[1]
 
+    def task_logits(self, batch: Any) -> torch.Tensor:
+        """The logits of a batch; with a head per task, restricted to each sample's task."""
+        x, _ = self.unpack(batch)
+        logits = self(x)
+        if self.task_mask is None:
+            return logits
+        if not isinstance(batch, dict) or "task_id" not in batch:
+            raise ValueError(
+                "MLPClassifier(task_classes=...) needs the task of every sample: give dict "
+                "batches with a 'task_id' entry (the task streams' batches have one)"
+            )
+        allowed = self.task_mask[batch["task_id"].to(self.task_mask.device)]
+        return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = self.unpack(batch)
-        loss = nn.functional.cross_entropy(self(x), y)
+        _, y = self.unpack(batch)
+        loss = nn.functional.cross_entropy(self.task_logits(batch), y)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(y))
         return loss
 
@@ -78,7 +118,11 @@ class MLPClassifier(pl.LightningModule):
         self.eval()
         for batch in loader:
             x, y = self.unpack(batch)
-            labels = self(x.to(self.device)).argmax(dim=-1).to(metric.device)
+            if isinstance(batch, dict):
+                batch = {**batch, "x": x.to(self.device)}
+            else:
+                batch = (x.to(self.device), y)
+            labels = self.task_logits(batch).argmax(dim=-1).to(metric.device)
             metric.update(labels, y.to(metric.device), trained_upto, eval_task)
         self.train(was_training)
 

@@ -70,12 +70,16 @@ def make_model(config: BenchmarkConfig, stream: Any) -> MLPClassifier:
           (2): Linear(in_features=8, out_features=10, bias=True)
         )
     """
+    task_classes = None
+    if config.heads == "task":  # one head per task: the task's own classes (Split)
+        task_classes = [stream.task_classes(t) for t in range(stream.num_tasks)]
     return MLPClassifier(
         input_dim=stream.input_dim,
         num_classes=stream.num_classes,
         hidden_sizes=tuple(config.hidden_sizes),
         optimizer=config.optimizer,
         lr=config.lr,
+        task_classes=task_classes,
     )
 
 
