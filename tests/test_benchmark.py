@@ -264,7 +264,9 @@ def test_with_a_head_per_task_each_task_trains_and_is_scored_on_its_own_classes(
 
 
 def test_a_head_per_task_refuses_batches_without_task_ids() -> None:
-    model = MLPClassifier(input_dim=4, num_classes=4, hidden_sizes=(), task_classes=[(0, 1), (2, 3)])
+    model = MLPClassifier(
+        input_dim=4, num_classes=4, hidden_sizes=(), task_classes=[(0, 1), (2, 3)]
+    )
     with pytest.raises(ValueError, match="'task_id'"):
         model.training_step((torch.zeros(2, 4), torch.tensor([0, 1])), 0)
     with pytest.raises(ValueError, match=r"`task_classes\[1\]` must name classes in \[0, 4\)"):
@@ -357,8 +359,30 @@ def test_runs_and_tables_use_the_metrics_definition_of_collapsed(tmp_path: Path)
     recovered = {**run, "acc_matrix": [[0.9, 0.1, 0.1], [0.8, 0.1, 0.1], [0.3, 0.2, 0.4]]}
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"config": {}, "methods": {"m": {"per_seed": [recovered]}}}))
-    (row,) = load_script("experiments/results_table.py").rows(path)
+    (row,) = load_script("experiments/results_table.py").rows([path])
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[0] == "m" and cells[4] == "1/1"
     assert cells[1] == f"{average_accuracy(recovered['acc_matrix']):.3f} ± 0.000"
     assert cells[2].startswith(f"{backward_transfer(recovered['acc_matrix']):+.3f}")
+
+
+def test_the_table_pools_one_methods_seeds_from_several_files(tmp_path: Path) -> None:
+    table = load_script("experiments/results_table.py")
+    paths = []
+    for seeds, acc in (((0,), 0.5), ((1, 2), 0.8)):
+        per_seed = [
+            {
+                "seed": s,
+                "acc_matrix": [[acc, 0.1], [acc, acc]],
+                "random_init": [0.1, 0.1],
+                "train_step_ms": 1.0,
+            }
+            for s in seeds
+        ]
+        paths.append(tmp_path / f"seeds{seeds[0]}.json")
+        paths[-1].write_text(json.dumps({"config": {}, "methods": {"m": {"per_seed": per_seed}}}))
+    assert len(table.rows(paths)) == 2  # one row per file without --pool
+    (row,) = table.rows(paths, pool=True)
+    assert "| 0.500 / 0.800 / 0.800 |" in row  # the three seeds, in seed order
+    with pytest.raises(SystemExit, match="seed"):
+        table.rows([paths[0], paths[0]], pool=True)

@@ -32,7 +32,8 @@ class MLPClassifier(pl.LightningModule):
         torch.Size([2, 10])
         >>> heads = MLPClassifier(input_dim=4, num_classes=4, hidden_sizes=(),
         ...                       task_classes=[(0, 1), (2, 3)])
-        >>> batch = {"x": torch.zeros(2, 4), "y": torch.tensor([2, 3]), "task_id": torch.tensor([1, 1])}
+        >>> batch = {"x": torch.zeros(2, 4), "y": torch.tensor([2, 3]),
+        ...          "task_id": torch.tensor([1, 1])}
         >>> heads.task_logits(batch).isinf().tolist()
         [[True, True, False, False], [True, True, False, False]]
     """
