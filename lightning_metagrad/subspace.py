@@ -4,9 +4,12 @@ of related parameters simultaneously").
 
 For every weight matrix ``W`` (out x fan-in; a conv kernel as out x in·kh·kw; its bias, when
 the module has one, as an extra column) the predictor accumulates, during a task, the
-second moment of the task's gradients on the input side, ``C = sum_t G_t^T G_t`` with
-``G = [dW, db]``, every ``every``-th optimizer step. No extra forward or backward pass, no
-stored data. With optimizers other than plain SGD, ``G`` is the optimizer's update vector.
+second moment of the task's gradients on the input side, ``C = sum_t G_t^T G_t / |G_t|^2``
+with ``G = [dW, db]``, every ``every``-th optimizer step. Each step enters with unit energy
+(``normalize_steps``), so the late, small gradients of a task, which still show the directions
+its loss depends on, count as much as its first, large ones. No extra forward or backward
+pass, no stored data. With optimizers other than plain SGD, ``G`` is the optimizer's update
+vector.
 
 At a task boundary ``C`` is folded into an orthonormal basis ``M`` of the old tasks'
 gradient subspace by the energy rule of Gradient Projection Memory (Saha et al., 2021),
@@ -33,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_metagrad._validation import (
+    check_bool,
     check_choice,
     check_fraction,
     check_int,
@@ -84,6 +88,9 @@ class SubspacePredictor(OldGradientPredictor):
         full_rank_warning: warn once for a layer whose basis holds this fraction of its
             fan-in: nothing much is left to learn with there.
         seed: seeds the row sampling (identical on every rank under DDP).
+        normalize_steps: scale each observed step's ``G`` to unit energy (per matrix) before it
+            enters the second moment; False: raw gradients, so the first, largest steps of a
+            task dominate its basis. Chosen on the validation splits (docs/science.md).
         in_basis: ``"project"`` removes the whole component in the protected subspace;
             ``"sign"`` applies eq. 5 in the basis instead, with a Taylor model of the mean
             old-task gradient there (each task's ``(W - W*_i) C_i / rows`` around its end
@@ -108,6 +115,8 @@ class SubspacePredictor(OldGradientPredictor):
 
     rule: ClassVar[Literal["elementwise", "projection"]] = "projection"
     masks_non_finite: ClassVar[bool] = True
+    # 2 adds "energy" (normalize_steps); a version-1 state (raw second moments) still loads.
+    _state_version: ClassVar[int] = 2
 
     def __init__(
         self,
@@ -119,8 +128,10 @@ class SubspacePredictor(OldGradientPredictor):
         full_rank_warning: float = 0.9,
         seed: int = 0,
         in_basis: Literal["project", "sign"] = "project",
+        normalize_steps: bool = True,
     ) -> None:
         self.in_basis = check_choice("in_basis", in_basis, ("project", "sign"))
+        self.normalize_steps = check_bool("normalize_steps", normalize_steps)
         self.threshold = check_fraction("threshold", threshold)
         self.input_threshold = check_fraction("input_threshold", input_threshold, optional=True)
         if layer_thresholds is not None and not isinstance(layer_thresholds, Mapping):
@@ -147,6 +158,9 @@ class SubspacePredictor(OldGradientPredictor):
         self._complement: set[str] = set()
         self._cov: dict[str, Tensor] = {}
         self._count: dict[str, int] = {}
+        # With normalize_steps: the summed raw energy of the observed steps (the sign mode's
+        # Taylor model needs the gradients' real scale).
+        self._energy: dict[str, Tensor] = {}
         # With keep_history(n): per observation step of the last n steps, the rows it added.
         self._history_steps = 0
         self._recent: list[tuple[int, dict[str, Tensor]]] = []
@@ -171,11 +185,11 @@ class SubspacePredictor(OldGradientPredictor):
                 # saw in this form, so it is free.
                 del self._basis[name]
                 self._complement.discard(name)
-                for store in (self._cov, self._k, self._d):
+                for store in (self._cov, self._k, self._d, self._energy):
                     store.pop(name, None)
                 self._count.pop(name, None)
         device = next(iter(params.values())).device if params else torch.device("cpu")
-        for store in (self._basis, self._cov, self._k, self._d):
+        for store in (self._basis, self._cov, self._k, self._d, self._energy):
             for name, value in store.items():
                 store[name] = value.to(device)
 
@@ -235,6 +249,13 @@ class SubspacePredictor(OldGradientPredictor):
             return {}
         added: dict[str, Tensor] = {}
         for group, g in self._matrix_views(names, targets):  # a missing bias grad counts as 0
+            if self.normalize_steps:  # unit energy; a non-finite step stays non-finite
+                energy = _sq_norm(g)
+                g = g * energy.clamp_min(1e-30).rsqrt()
+                if finite is not None:
+                    energy = torch.where(finite, energy, torch.zeros_like(energy))
+                total = self._energy.get(group.weight)
+                self._energy[group.weight] = energy if total is None else total + energy
             if self.sample_rows is not None and self.sample_rows < group.rows:
                 rows = torch.randint(group.rows, (self.sample_rows,), generator=self.generator)
                 g = g[_to_device(rows, g.device)]
@@ -308,8 +329,11 @@ class SubspacePredictor(OldGradientPredictor):
             self._basis[name] = grown.to(cov.dtype)
             self._shapes[name] = (rows, cov.shape[0])
             if self.in_basis == "sign" and name in ends:
-                self._fold_taylor(name, cov / (self._count[name] * max(rows, 1)), ends[name])
-        self._cov, self._count, self._recent = {}, {}, []
+                curvature = cov / (self._count[name] * max(rows, 1))
+                if name in self._energy:  # back to the raw scale: times the mean step energy
+                    curvature = curvature * (self._energy[name] / self._count[name])
+                self._fold_taylor(name, curvature, ends[name])
+        self._cov, self._count, self._recent, self._energy = {}, {}, [], {}
         self._old_tasks += 1
         self._warn_full_rank()
 
@@ -415,6 +439,7 @@ class SubspacePredictor(OldGradientPredictor):
             "basis": {k: v.detach().clone() for k, v in self._basis.items()},
             "cov": {k: v.detach().clone() for k, v in self._cov.items()},
             "count": dict(self._count),
+            "energy": {k: v.detach().clone() for k, v in self._energy.items()},
             "shapes": {k: list(v) for k, v in self._shapes.items()},
             "steps": self._steps,
             "generator": self.generator.get_state(),
@@ -430,11 +455,13 @@ class SubspacePredictor(OldGradientPredictor):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        check_state_version(type(self).__name__, state, self._state_version, unversioned=1)
+        check_state_version(type(self).__name__, state, (1, 2), unversioned=1)
         self._old_tasks = int(state["num_old_tasks"])
         self._basis = {k: v.clone() for k, v in state["basis"].items()}
         self._cov = {k: v.clone() for k, v in state["cov"].items()}
         self._count = {k: int(v) for k, v in state["count"].items()}
+        energy = state["energy"] if state.get("version", 1) >= 2 else {}
+        self._energy = {k: v.clone() for k, v in energy.items()}
         self._shapes = {k: (int(v[0]), int(v[1])) for k, v in state["shapes"].items()}
         self._steps = int(state["steps"])
         self.generator.set_state(state["generator"])

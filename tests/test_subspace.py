@@ -36,7 +36,7 @@ def _gradients_in(directions: Tensor, rows: int, steps: int, seed: int) -> list[
 
 
 def test_basis_explains_the_threshold_of_a_tasks_energy_and_no_more_than_needed() -> None:
-    pred = SubspacePredictor(threshold=0.9, input_threshold=None, every=1)
+    pred = SubspacePredictor(threshold=0.9, input_threshold=None, every=1, normalize_steps=False)
     w = torch.zeros(6, 5)
     pred.bind({"w": w})
     # Energy 100 along e0, 10 along e1, 1 along e2: 0.9 of it needs e0 only (100/111).
@@ -126,6 +126,24 @@ def test_sign_in_basis_keeps_components_that_also_help_the_old_task() -> None:
     restored = SubspacePredictor(in_basis="sign")  # (sign mode always stores the basis)
     restored.load_state_dict(pred.state_dict())
     assert torch.equal(restored.state_dict()["taylor_k"]["w"], pred.state_dict()["taylor_k"]["w"])
+
+
+def test_each_step_enters_the_second_moment_with_unit_energy() -> None:
+    # Task 1: 10 large early steps along e0, then 30 small late ones along e1.
+    steps = [torch.tensor([[100.0, 0.0, 0.0]])] * 10 + [torch.tensor([[0.0, 1.0, 0.0]])] * 30
+    dims = {}
+    for normalize in (True, False):
+        pred = SubspacePredictor(threshold=0.9, every=1, normalize_steps=normalize)
+        w = torch.zeros(1, 3)
+        pred.bind({"w": w})
+        for target in steps:
+            pred.observe(["w"], [w], [target.clone()])
+        pred.end_task(["w"], [w])
+        dims[normalize] = pred.basis("w").abs().round().T.tolist()
+    # Unit energy per step: 10 of 40 along e0, 30 along e1, so 0.9 needs both. Raw energy:
+    # e0 holds 100,000 of 100,030 and the late direction is left free.
+    assert dims[True] in ([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]], [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    assert dims[False] == [[1.0, 0.0, 0.0]]
 
 
 def test_sampled_rows_estimate_the_same_subspace() -> None:
@@ -413,3 +431,16 @@ def test_the_demo_transformer_trains_with_the_default() -> None:
     assert any("self_attn.in_proj_weight" in n for n in names)
     assert any("embedding" in n for n in names)
     _assert_updates_orthogonal_to_bases(cb, spy, atol=1e-4)
+
+
+def test_a_version_1_state_without_step_energies_still_loads() -> None:
+    pred = SubspacePredictor(every=1)
+    w = torch.zeros(3, 4)
+    pred.bind({"w": w})
+    pred.observe(["w"], [w], [torch.ones(3, 4)])
+    old = {k: v for k, v in pred.state_dict().items() if k != "energy"}
+    old["version"] = 1  # written before normalize_steps
+    restored = SubspacePredictor(every=1)
+    restored.load_state_dict(old)
+    assert torch.equal(restored.state_dict()["cov"]["w"], pred.state_dict()["cov"]["w"])
+    assert restored.state_dict()["version"] == 2 and restored.state_dict()["energy"] == {}
