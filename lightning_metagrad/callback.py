@@ -366,6 +366,7 @@ class MetaGradCallback(Callback):
         self.predictor.keep_history(onset + 1 if onset else 0)
         optimizer = trainer.optimizers[0]
         self._resolved_target = self._resolve_target(optimizer)
+        self.predictor.learn_from(self._resolved_target, optimizer)  # type: ignore[arg-type]
         if self._resolved_target == "update":
             self._hook_handle = optimizer.register_step_post_hook(self._after_optimizer_step)
         self._trainer = trainer

@@ -93,6 +93,13 @@ class OldGradientPredictor:
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Called at each fit start; predictors that evaluate the model keep it here."""
 
+    def learn_from(
+        self, target: Literal["gradient", "update"], optimizer: torch.optim.Optimizer | None
+    ) -> None:
+        """Called at each fit start with what the targets will be: the gradients, or the
+        ``optimizer``'s update vectors. A predictor whose statistic depends on it (the
+        subspace predictor's step weighting) chooses here; by default nothing changes."""
+
     def observe_batch(self, batch: Any) -> None:
         """Called with every training batch (on the device); only a memory needs it."""
 

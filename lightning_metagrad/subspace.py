@@ -9,7 +9,8 @@ with ``G = [dW, db]``, every ``every``-th optimizer step. Each step enters with 
 (``normalize_steps``), so the late, small gradients of a task, which still show the directions
 its loss depends on, count as much as its first, large ones. No extra forward or backward
 pass, no stored data. With optimizers other than plain SGD, ``G`` is the optimizer's update
-vector.
+vector; the update vectors of adaptive optimizers (Adam and the like, already scaled per
+coordinate) enter as they are by default.
 
 At a task boundary ``C`` is folded into an orthonormal basis ``M`` of the old tasks'
 gradient subspace by the energy rule of Gradient Projection Memory (Saha et al., 2021),
@@ -36,7 +37,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_metagrad._validation import (
-    check_bool,
     check_choice,
     check_fraction,
     check_int,
@@ -88,9 +88,13 @@ class SubspacePredictor(OldGradientPredictor):
         full_rank_warning: warn once for a layer whose basis holds this fraction of its
             fan-in: nothing much is left to learn with there.
         seed: seeds the row sampling (identical on every rank under DDP).
-        normalize_steps: scale each observed step's ``G`` to unit energy (per matrix) before it
-            enters the second moment; False: raw gradients, so the first, largest steps of a
-            task dominate its basis. Chosen on the validation splits (docs/science.md).
+        normalize_steps: True scales each observed step's ``G`` to unit energy (per matrix)
+            before it enters the second moment; False keeps the raw ``G``, so the first, largest
+            steps of a task dominate its basis. ``"auto"`` (default): True for gradients and for
+            the update vectors of ``torch.optim.SGD`` (with momentum), False for the update
+            vectors of other optimizers (Adam and the like). Chosen on the validation splits
+            (docs/science.md); without a Trainer (:meth:`learn_from` not called) "auto" is
+            True, as the core learns from gradients.
         in_basis: ``"project"`` removes the whole component in the protected subspace;
             ``"sign"`` applies eq. 5 in the basis instead, with a Taylor model of the mean
             old-task gradient there (each task's ``(W - W*_i) C_i / rows`` around its end
@@ -128,10 +132,15 @@ class SubspacePredictor(OldGradientPredictor):
         full_rank_warning: float = 0.9,
         seed: int = 0,
         in_basis: Literal["project", "sign"] = "project",
-        normalize_steps: bool = True,
+        normalize_steps: bool | Literal["auto"] = "auto",
     ) -> None:
         self.in_basis = check_choice("in_basis", in_basis, ("project", "sign"))
-        self.normalize_steps = check_bool("normalize_steps", normalize_steps)
+        if not isinstance(normalize_steps, bool) and normalize_steps != "auto":
+            raise ValueError(
+                f"`normalize_steps` must be True, False or 'auto', got {normalize_steps!r}"
+            )
+        self.normalize_steps: bool | Literal["auto"] = normalize_steps
+        self._normalize = normalize_steps is not False  # "auto" until learn_from says more
         self.threshold = check_fraction("threshold", threshold)
         self.input_threshold = check_fraction("input_threshold", input_threshold, optional=True)
         if layer_thresholds is not None and not isinstance(layer_thresholds, Mapping):
@@ -193,6 +202,21 @@ class SubspacePredictor(OldGradientPredictor):
             for name, value in store.items():
                 store[name] = value.to(device)
 
+    def learn_from(
+        self, target: Literal["gradient", "update"], optimizer: torch.optim.Optimizer | None
+    ) -> None:
+        """Resolve ``normalize_steps="auto"``: unit-energy steps except for the update vectors
+        of optimizers other than SGD (measured: Adam on digits, docs/science.md)."""
+        if self.normalize_steps == "auto":
+            adaptive = target == "update" and not isinstance(optimizer, torch.optim.SGD)
+            self._normalize = not adaptive
+
+    @property
+    def normalizes_steps(self) -> bool:
+        """Whether observed steps enter the second moment with unit energy (``"auto"``
+        resolved by the last :meth:`learn_from`)."""
+        return self._normalize
+
     def threshold_of(self, weight: str) -> float:
         """The energy threshold used for a weight matrix."""
         if weight in self.layer_thresholds:
@@ -249,7 +273,7 @@ class SubspacePredictor(OldGradientPredictor):
             return {}
         added: dict[str, Tensor] = {}
         for group, g in self._matrix_views(names, targets):  # a missing bias grad counts as 0
-            if self.normalize_steps:  # unit energy; a non-finite step stays non-finite
+            if self._normalize:  # unit energy; a non-finite step stays non-finite
                 energy = _sq_norm(g)
                 g = g * energy.clamp_min(1e-30).rsqrt()
                 if finite is not None:

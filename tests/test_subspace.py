@@ -299,6 +299,24 @@ def test_update_vector_mode_projects_the_optimizers_update(optimizer: str) -> No
     assert _assert_updates_orthogonal_to_bases(cb, spy) == 12
 
 
+@pytest.mark.parametrize(
+    ("optimizer", "setting", "normalizes"),
+    [
+        ("sgd", "auto", True),  # the gradient itself
+        ("momentum", "auto", True),  # SGD's update vector
+        ("adam", "auto", False),  # an adaptive optimizer's update vector: raw
+        ("adam", True, True),  # an explicit choice wins
+        ("sgd", False, False),
+    ],
+)
+def test_step_weighting_follows_what_the_predictor_learns_from(
+    optimizer: str, setting: Any, normalizes: bool
+) -> None:
+    cb = MetaGradCallback(predictor=SubspacePredictor(normalize_steps=setting))
+    make_trainer([cb], max_steps=4).fit(TinyClassifier(optimizer=optimizer, lr=0.01), loader(0))
+    assert cb.predictor.normalizes_steps is normalizes
+
+
 class ConvAttentionModel(pl.LightningModule):
     """Conv2d + BatchNorm + Embedding + nn.MultiheadAttention + LayerNorm + a tied head."""
 

@@ -61,6 +61,8 @@ CASES: list[tuple[Make, dict[str, Any], str]] = [
     (SubspacePredictor, {"full_rank_warning": -1}, "full_rank_warning"),
     (SubspacePredictor, {"seed": "0"}, "seed"),
     (SubspacePredictor, {"in_basis": "rotate"}, "in_basis"),
+    (SubspacePredictor, {"normalize_steps": "yes"}, "normalize_steps"),
+    (SubspacePredictor, {"normalize_steps": 1}, "normalize_steps"),
     (AnchoredPredictor, {"radius": 0}, "radius"),
     (AnchoredPredictor, {"radius": float("nan")}, "radius"),
     (MetaNetPredictor, {"distill_steps": -1}, "distill_steps"),
