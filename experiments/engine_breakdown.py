@@ -3,8 +3,9 @@
 Trains ``MetaGrad(SubspacePredictor())`` on random batches for one task (40 steps), folds it
 in, then times (thread CPU time, median of 200 calls) each part of a task-2 step on that
 step's gradients: the whole ``MetaGrad.step_``, the predictor's ``rewrite_`` (the
-projection), ``observe``, the device-side finiteness flag, and the projection's matrix
-products alone on the same shapes (its FLOP bound). docs/performance.md quotes the figures.
+projection), ``observe``, the device-side finiteness flag, the projection's matrix products
+alone on the same shapes (its FLOP bound), and one working ``observe`` with and without the
+unit-energy step weighting (``normalize_steps``). docs/performance.md quotes the figures.
 
     OMP_NUM_THREADS=1 python experiments/engine_breakdown.py
 """
@@ -67,16 +68,27 @@ def main() -> None:
             g - (g @ m) @ m.T
 
     gs: list = grads  # every parameter has a gradient here
+    # One working observation (every=1), with and without the unit-energy step weighting.
+    weighted = {}
+    for normalize in (True, False):
+        fresh = SubspacePredictor(every=1, normalize_steps=normalize)
+        fresh.bind(params)
+        weighted[normalize] = fresh
     rows = [
         ("backward (plain step's own)", timed(backward, 100)),
         ("MetaGrad.step_ (observe+rewrite)", timed(lambda: core.step_(names, thetas, gs))),
         ("  rewrite_ (the projection)", timed(lambda: predictor.rewrite_(names, thetas, gs))),
         ("  observe (works 1 step in 4)", timed(lambda: predictor.observe(names, thetas, gs))),
         ("  finiteness flag (on device)", timed(lambda: _finite_flag(gs))),
+        (
+            "observe, a working step, unit energy",
+            timed(lambda: weighted[True].observe(names, thetas, gs)),
+        ),
+        ("observe, a working step, raw", timed(lambda: weighted[False].observe(names, thetas, gs))),
         ("products alone (the FLOP bound)", timed(products)),
     ]
     for label, ms in rows:
-        print(f"{label:<34}{ms:7.3f} ms")
+        print(f"{label:<40}{ms:7.3f} ms")
     for name, m in state["basis"].items():
         side = "complement" if name in state["complement"] else "protected"
         print(f"  {name}: {tuple(state['shapes'][name])}, stored {side} basis {tuple(m.shape)}")
