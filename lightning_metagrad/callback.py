@@ -365,8 +365,8 @@ class MetaGradCallback(Callback):
         onset = self.boundaries.max_onset_steps
         self.predictor.keep_history(onset + 1 if onset else 0)
         optimizer = trainer.optimizers[0]
-        self._resolved_target = self._resolve_target(optimizer)
-        self.predictor.learn_from(self._resolved_target, optimizer)  # type: ignore[arg-type]
+        target = self._resolved_target = self._resolve_target(optimizer)
+        self.predictor.learn_from(target, optimizer)
         if self._resolved_target == "update":
             self._hook_handle = optimizer.register_step_post_hook(self._after_optimizer_step)
         self._trainer = trainer
@@ -578,8 +578,8 @@ class MetaGradCallback(Callback):
     def _bind(self, pl_module: torch.nn.Module) -> None:
         self.engine.bind(pl_module.named_parameters())
 
-    def _resolve_target(self, optimizer: torch.optim.Optimizer) -> str:
-        if self.target != "auto":
+    def _resolve_target(self, optimizer: torch.optim.Optimizer) -> Literal["gradient", "update"]:
+        if self.target == "gradient" or self.target == "update":
             return self.target
         plain_sgd = type(optimizer) is torch.optim.SGD and all(
             not group.get("momentum") and not group.get("weight_decay")

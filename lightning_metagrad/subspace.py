@@ -167,8 +167,8 @@ class SubspacePredictor(OldGradientPredictor):
         self._complement: set[str] = set()
         self._cov: dict[str, Tensor] = {}
         self._count: dict[str, int] = {}
-        # With normalize_steps: the summed raw energy of the observed steps (the sign mode's
-        # Taylor model needs the gradients' real scale).
+        # With normalize_steps and in_basis="sign": the summed raw energy of the observed
+        # steps (the Taylor model needs the gradients' real scale).
         self._energy: dict[str, Tensor] = {}
         # With keep_history(n): per observation step of the last n steps, the rows it added.
         self._history_steps = 0
@@ -276,10 +276,8 @@ class SubspacePredictor(OldGradientPredictor):
             if self._normalize:  # unit energy; a non-finite step stays non-finite
                 energy = _sq_norm(g)
                 g = g * energy.clamp_min(1e-30).rsqrt()
-                if finite is not None:
-                    energy = torch.where(finite, energy, torch.zeros_like(energy))
-                total = self._energy.get(group.weight)
-                self._energy[group.weight] = energy if total is None else total + energy
+                if self.in_basis == "sign":  # only its Taylor model needs the raw scale
+                    self._add_energy(group.weight, energy, finite)
             if self.sample_rows is not None and self.sample_rows < group.rows:
                 rows = torch.randint(group.rows, (self.sample_rows,), generator=self.generator)
                 g = g[_to_device(rows, g.device)]
@@ -297,6 +295,12 @@ class SubspacePredictor(OldGradientPredictor):
             while self._recent and self._recent[0][0] <= step - self._history_steps:
                 self._recent.pop(0)
         return {}
+
+    def _add_energy(self, name: str, energy: Tensor, finite: Tensor | None) -> None:
+        if finite is not None:  # a skipped step adds nothing
+            energy = torch.where(finite, energy, torch.zeros_like(energy))
+        total = self._energy.get(name)
+        self._energy[name] = energy if total is None else total + energy
 
     def keep_history(self, steps: int) -> None:
         """Keep the sampled rows of the observations of the last ``steps`` steps (without

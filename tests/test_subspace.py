@@ -146,6 +146,21 @@ def test_each_step_enters_the_second_moment_with_unit_energy() -> None:
     assert dims[False] == [[1.0, 0.0, 0.0]]
 
 
+def test_the_sign_modes_taylor_model_keeps_the_gradients_real_scale() -> None:
+    models = []
+    for normalize in (True, False):
+        pred = SubspacePredictor(every=1, in_basis="sign", normalize_steps=normalize)
+        w = torch.zeros(2, 3)
+        pred.bind({"w": w})
+        for target in _gradients_in(torch.eye(3)[:2] * 3.0, rows=2, steps=20, seed=0):
+            pred.observe(["w"], [w], [target])
+        pred.end_task(["w"], [w])
+        models.append(pred.state_dict()["taylor_k"]["w"])
+    # Unit-energy steps change the basis statistic, not the modelled old-task gradient's scale
+    # (equal here: every step of this task has the same distribution of energies).
+    torch.testing.assert_close(models[0].abs().sum(), models[1].abs().sum(), rtol=0.25, atol=0)
+
+
 def test_sampled_rows_estimate_the_same_subspace() -> None:
     eye = torch.eye(16)
     exact = SubspacePredictor(threshold=0.95, input_threshold=None, every=1)
