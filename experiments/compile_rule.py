@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lightning_metagrad.combination import sign_agreement_
+from lightning_metagrad.predictors.rules import sign_agreement_
 
 
 def eager(g: Tensor, theta: Tensor, b: Tensor, c: Tensor, sq: Tensor, thr: float) -> None:

@@ -1,15 +1,9 @@
-"""``MetaGradCallback``: the method wired into Lightning's hooks.
+"""``MetaGradCallback``: Lightning's hooks wired to the engine.
 
-The callback is a thin adapter: it reads the task boundaries, hands each optimizer step's
-gradients (or update vectors) to the plain-PyTorch core
-:class:`~lightning_metagrad.engine.MetaGrad`, refuses set-ups it cannot support, and logs.
-
-* a predictor (:mod:`~lightning_metagrad.subspace`, :mod:`~lightning_metagrad.predictors`)
-  learns each task's gradients and folds it in at a boundary (eqs. 6-7);
-* the engine rewrites ``.grad`` before ``optimizer.step()`` (eq. 5, in the learned subspace by
-  default);
-* :mod:`~lightning_metagrad.boundaries` decides where tasks start;
-* :class:`~lightning_metagrad.diagnostics.Diagnostics` watches prediction quality and drift.
+The method lives in :class:`~lightning_metagrad.engine.MetaGrad` (plain PyTorch). This adapter
+maps each hook to one engine call, fills the engine's
+:class:`~lightning_metagrad.runtime.Runtime` from the Trainer, refuses set-ups it cannot
+support, logs, and glues the engine's state into checkpoints.
 """
 
 from __future__ import annotations
@@ -28,6 +22,7 @@ from lightning_metagrad._lightning import generate_state_key, logs_this_step
 from lightning_metagrad._module_utils import (
     explain_lightning_refusal,
     loss_of,
+    quiet_eval,
     refuse_at_fit_start,
     refuse_unsupported,
 )
@@ -45,31 +40,25 @@ from lightning_metagrad.boundaries import (
     NewFitBoundaries,
     TaskBoundarySource,
 )
+from lightning_metagrad.boundaries.sources import ManualBoundaries
 from lightning_metagrad.diagnostics import Diagnostics
-from lightning_metagrad.engine import MetaGrad
-from lightning_metagrad.meta_network import CoordinateMLP
+from lightning_metagrad.engine import MetaGrad, StepReport
 from lightning_metagrad.predictors import (
-    AnchoredPredictor,
+    PREDICTORS,
     MetaNetPredictor,
     OldGradientPredictor,
-    ReplayPredictor,
+    PredictorName,
+    build_predictor,
 )
-from lightning_metagrad.subspace import SubspacePredictor
+from lightning_metagrad.predictors.paper.meta_network import CoordinateMLP
+from lightning_metagrad.runtime import Runtime
 
-_COMBINE = ("sign", "average")
-_TARGETS = ("auto", "gradient", "update")
+__all__ = ["PREDICTORS", "BoundaryName", "MetaGradCallback", "PredictorName", "build_predictor"]
+
 _BOUNDARIES = ("fit", "batch", "manual", "auto")
-_STATE_VERSION = 3
+_STATE_VERSION = 4
 #: The state version release 0.1.0 wrote (a paper-only callback without predictors).
 _V010_STATE_VERSION = 1
-PREDICTORS: dict[str, type[OldGradientPredictor]] = {
-    "subspace": SubspacePredictor,
-    "paper": MetaNetPredictor,
-    "anchored": AnchoredPredictor,
-    "replay": ReplayPredictor,
-}
-#: The predictors ``MetaGradCallback(predictor=...)`` builds by name.
-PredictorName = Literal["subspace", "paper", "anchored", "replay"]
 #: The boundary sources ``MetaGradCallback(task_boundaries=...)`` builds by name.
 BoundaryName = Literal["fit", "batch", "manual", "auto"]
 _RESUME_HINT = (
@@ -79,67 +68,41 @@ _RESUME_HINT = (
 )
 
 
-def build_predictor(spec: PredictorName | OldGradientPredictor) -> OldGradientPredictor:
-    """A predictor from its name (``"subspace"``, ``"paper"``, ``"anchored"``, ``"replay"``)
-    or an instance.
-
-    Example:
-        >>> type(build_predictor("subspace")).__name__
-        'SubspacePredictor'
-    """
-    if isinstance(spec, OldGradientPredictor):
-        return spec
-    if spec not in PREDICTORS:
-        raise ValueError(
-            f"`predictor` must be one of {sorted(PREDICTORS)} or an OldGradientPredictor, "
-            f"got {spec!r}"
-        )
-    return PREDICTORS[spec]()
-
-
-def _flat(tensors: Sequence[Tensor]) -> Tensor:
-    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
-
-
 class MetaGradCallback(Callback):
-    r"""Continual learning for any ``LightningModule`` with predicted old-task gradients.
+    r"""Continual learning for any ``LightningModule``, in one line.
 
-    During each task a predictor learns the task's gradient (or, for optimizers other than
-    plain SGD, its update vector) from per-coordinate pairs. From the second task on, the
-    predicted mean old-task gradient :math:`\bar\nabla` is combined with the current gradient
-    by the sign-agreement rule (eq. 5) and written into ``.grad`` before ``optimizer.step()``,
-    so clipping and the optimizer see the rewritten gradient. At each task boundary the
-    finished task is folded into the running mean (eqs. 6-7); memory is constant in the
-    number of tasks.
+    During each task a predictor learns the task's gradients (for optimizers other than plain
+    SGD, its update vectors) from each optimizer step; from the second task on the step is
+    rewritten before the parameters move, so the old tasks are protected; at each task
+    boundary the finished task is folded in (eqs. 6-7), so memory is constant in the number
+    of tasks. The work is :class:`~lightning_metagrad.engine.MetaGrad`'s; this callback calls
+    it from Lightning's hooks.
 
     Args:
-        predictor: ``"subspace"`` (default) -- per weight matrix, the old tasks' gradient
-            subspace, learned from the gradients and projected out of later ones
-            (:class:`~lightning_metagrad.subspace.SubspacePredictor`); ``"anchored"`` -- a
-            diagonal Taylor model around each old task's end point with a trust region
-            (:class:`~lightning_metagrad.predictors.AnchoredPredictor`); ``"paper"`` -- the
-            paper exactly: coordinate-wise meta-networks h(theta_j), distilled into g
-            (:class:`~lightning_metagrad.predictors.MetaNetPredictor`; how it fares on the
-            paper's own protocol is in docs/science.md);
-            ``"replay"`` -- the real old-task gradient from a small episodic memory of old
-            batches (:class:`~lightning_metagrad.predictors.ReplayPredictor`); or a configured
-            predictor instance.
+        predictor: ``"subspace"`` (default): per weight matrix, the old tasks' gradient
+            subspace, projected out of later steps
+            (:class:`~lightning_metagrad.predictors.subspace.SubspacePredictor`);
+            ``"anchored"``: a diagonal Taylor model around each old task's end point with
+            eq. 5's sign rule; ``"paper"``: the paper exactly (coordinate-wise meta-networks,
+            eq. 5; how it fares is in docs/science.md); ``"replay"``: the real old-task
+            gradient from a small episodic memory; or a configured predictor instance.
         combine: for the elementwise predictors, ``"sign"`` (eq. 5) or ``"average"`` (eq. 2
             with predicted old gradients); the subspace predictor always projects.
-        target: what the predictor learns: ``"gradient"`` (plain SGD), ``"update"`` (the
-            optimizer's update vector; the rule then applies to that update), or ``"auto"``:
-            gradient for ``torch.optim.SGD`` without momentum and weight decay, else update.
+        target: what the predictor learns and the rule rewrites: ``"gradient"``,
+            ``"update"`` (the optimizer's update vector), or ``"auto"``: the gradient for
+            plain SGD, else the update.
         task_boundaries: ``"fit"`` (each new ``trainer.fit`` starts a task), ``"batch"`` (a
-            change of the task id read from the batch), ``"auto"`` (switches detected from a
-            jump in the training loss, with a meta-network's reconstruction error as evidence,
-            section 5.1; ``AutoBoundaries(signal="error")`` uses the paper's signal alone),
-            ``"manual"`` (only :meth:`start_new_task`), a
-            :class:`~lightning_metagrad.boundaries.TaskBoundarySource`, or a list of these
-            (a new task starts when any of them says so, e.g. ``["fit", "auto"]``).
+            change of the task id read from the batch), ``"auto"`` (switches detected from
+            the gradients' novelty against the current task's subspace, section 5.1; see
+            :class:`~lightning_metagrad.boundaries.auto.AutoBoundaries`), ``"manual"`` (only
+            :meth:`start_new_task`), a
+            :class:`~lightning_metagrad.boundaries.sources.TaskBoundarySource`, or a list of
+            these (a new task starts when any of them says so, e.g. ``["fit", "auto"]``).
         task_id_key: dict-batch key holding the task id, for ``task_boundaries="batch"``.
         task_id_fn: a function ``batch -> task id``, for ``task_boundaries="batch"``.
-        diagnostics: warn (once, rank zero) when the prediction carries no information or
-            the weights run away; the figures are logged either way.
+        diagnostics: warn (once, rank zero) when the prediction carries no information, the
+            rule holds back most of each step, or the weights run away; the figures are
+            logged either way.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -163,75 +126,68 @@ class MetaGradCallback(Callback):
         diagnostics: bool = True,
     ) -> None:
         super().__init__()
-        check_choice("combine", combine, _COMBINE)
-        check_choice("target", target, _TARGETS)
+        check_choice("combine", combine, ("sign", "average"))
+        check_choice("target", target, ("auto", "gradient", "update"))
         check_bool("diagnostics", diagnostics)
-        if isinstance(task_boundaries, (str, TaskBoundarySource)):
-            names: list[Any] = [task_boundaries]
-        elif isinstance(task_boundaries, (list, tuple)):
-            names = list(task_boundaries)
-        else:
-            raise ValueError(
-                f"`task_boundaries` must be one of {_BOUNDARIES}, a TaskBoundarySource or a list "
-                f"of them, got {task_boundaries!r}"
-            )
-        if not names:
-            raise ValueError("`task_boundaries` must name at least one source")
-        sources = [self._boundary_source(n, task_id_key, task_id_fn) for n in names]
-        self.boundaries = sources[0] if len(sources) == 1 else CombinedBoundaries(sources)
-        if task_id_fn is not None and "batch" not in names:
-            raise ValueError("`task_id_fn` is only used with `task_boundaries='batch'`")
-        if task_id_key != "task_id" and "batch" not in names:
-            raise ValueError("`task_id_key` is only used with `task_boundaries='batch'`")
-        self.predictor = build_predictor(predictor)
-        self.engine = MetaGrad(self.predictor, combine=combine)
+        self.boundaries = self.build_boundaries(task_boundaries, task_id_key, task_id_fn)
+        self.engine = MetaGrad(
+            build_predictor(predictor),
+            combine=combine,
+            target=target,
+            boundaries=self.boundaries,
+            runtime=Runtime(warn=rank_zero_warn),
+        )
+        self.engine.on_step = self._on_step
+        self.predictor = self.engine.predictor
         self.predictor_name = predictor if isinstance(predictor, str) else type(predictor).__name__
         self.combine = combine
         self.target = target
-        self.diagnostics = Diagnostics(warn=diagnostics)
-
-        # Task bookkeeping (checkpointed).
-        self.task_index = 0
-        self._tasks_started = 1  # distinct tasks so far (task_index may return to an old one)
-        self.detected_switches: list[int] = []  # global steps of automatically detected switches
-        self._switch_pending = False
-        self._switch_onset = 0  # steps before the pending detection its task began
-        self._global_step = 0
+        self.diagnostics = Diagnostics(warn=diagnostics, emit=rank_zero_warn)
+        #: Global steps at which automatic detection declared a task switch.
+        self.detected_switches: list[int] = []
         # Inside trainer.test/validate/predict: a checkpoint they load must not roll back what
         # the callback learned (only `fit` resumes the continual-learning state).
         self._evaluating = False
         self._trainer: pl.Trainer | None = None
         self._restored_fit_done = False  # the loaded state was saved when its fit had ended
-
-        # Per-fit run-time state (rebuilt in on_fit_start).
-        self._resolved_target: str | None = None
-        self._hook_handle: Any = None
-        self._before: list[Tensor] | None = None  # update mode: parameters before the step
-        self._step_names: list[str] = []
         self._stepped = False
         self._to_log: dict[str, Tensor | float] = {}
         self._skips_reported = 0  # non-finite steps already warned about
 
+    # ------------------------------------------------------------------ policy (override)
+
     @staticmethod
-    def _boundary_source(
-        spec: str | TaskBoundarySource, key: str, fn: Callable[[Any], Hashable] | None
+    def build_boundaries(
+        spec: BoundaryName | TaskBoundarySource | Sequence[BoundaryName | TaskBoundarySource],
+        task_id_key: str = "task_id",
+        task_id_fn: Callable[[Any], Hashable] | None = None,
     ) -> TaskBoundarySource:
-        if isinstance(spec, TaskBoundarySource):
-            return spec
-        if spec == "fit":
-            return NewFitBoundaries()
-        if spec == "auto":
-            return AutoBoundaries()
-        if spec == "manual":
-            return TaskBoundarySource()
-        if spec == "batch":
-            check_str("task_id_key", key)
-            check_callable("task_id_fn", fn, "a callable `batch -> task id`", optional=True)
-            return BatchTaskIdBoundaries(key=key, fn=fn)
-        raise ValueError(
-            f"`task_boundaries` must be one of {_BOUNDARIES}, a TaskBoundarySource or a list of "
-            f"them, got {spec!r}"
-        )
+        """The boundary source for ``task_boundaries`` (names, a source, or a list)."""
+        if isinstance(spec, (str, TaskBoundarySource)):
+            names: list[Any] = [spec]
+        elif isinstance(spec, (list, tuple)):
+            names = list(spec)
+        else:
+            raise ValueError(
+                f"`task_boundaries` must be one of {_BOUNDARIES}, a TaskBoundarySource or a list "
+                f"of them, got {spec!r}"
+            )
+        if not names:
+            raise ValueError("`task_boundaries` must name at least one source")
+        if task_id_fn is not None and "batch" not in names:
+            raise ValueError("`task_id_fn` is only used with `task_boundaries='batch'`")
+        if task_id_key != "task_id" and "batch" not in names:
+            raise ValueError("`task_id_key` is only used with `task_boundaries='batch'`")
+        sources = [_boundary_source(n, task_id_key, task_id_fn) for n in names]
+        return sources[0] if len(sources) == 1 else CombinedBoundaries(sources)
+
+    def on_task_start(self, task_index: int) -> None:
+        """Called when a task starts or is returned to (after the previous one was folded
+        in). Override to react, e.g. to reset a learning-rate schedule."""
+
+    def on_switch_detected(self, global_step: int) -> None:
+        """Called when automatic detection declares a task switch (the new task starts at
+        the next batch). Override to react; the steps are in :attr:`detected_switches`."""
 
     # ------------------------------------------------------------------ public API
 
@@ -242,21 +198,23 @@ class MetaGradCallback(Callback):
         )
 
     @property
+    def task_index(self) -> int:
+        """The current task (0-based; may return to an earlier one with task ids)."""
+        return self.engine.task_index
+
+    @property
     def num_old_tasks(self) -> int:
-        """Tasks folded into the running mean of old-task gradients (``t`` in eqs. 6-7)."""
-        return self.predictor.num_old_tasks
+        """Tasks folded into the predictor (``t`` in eqs. 6-7)."""
+        return self.engine.num_old_tasks
 
     @property
     def meta_network(self) -> CoordinateMLP:
-        """The current task's meta-network h: with ``predictor="paper"`` only (a shortcut for
-        ``callback.predictor.h``); AttributeError with any other predictor. Every predictor's
-        own state is on :attr:`predictor`."""
+        """With ``predictor="paper"`` only: the current task's meta-network h."""
         return self._meta_predictor().h
 
     @property
     def predictor_network(self) -> CoordinateMLP | None:
-        """The distilled predictor g of the mean old-task gradient (None before task 2): with
-        ``predictor="paper"`` only (``callback.predictor.g``); AttributeError otherwise."""
+        """With ``predictor="paper"`` only: the distilled g (None before task 2)."""
         return self._meta_predictor().g
 
     def predict_old_gradient(self, theta: Tensor) -> Tensor:
@@ -276,72 +234,19 @@ class MetaGradCallback(Callback):
         out = torch.zeros_like(theta, dtype=torch.float32)
         if self.num_old_tasks == 0:
             return out
-        predictions = self.predictor.predict(list(params), thetas)
-        for piece, prediction in zip(out.split(sizes), predictions):
+        for piece, prediction in zip(out.split(sizes), self.predictor.predict(list(params), thetas)):
             if prediction is not None:
                 piece.copy_(prediction[0].reshape(-1))
         return out
 
     def start_new_task(self, pl_module: pl.LightningModule | None = None) -> None:
-        """End the current task and start the next: fold it into the predictor (eq. 7).
-
-        Call it by hand between tasks (e.g. with ``task_boundaries="manual"``); ``pl_module``
-        is needed only outside a running ``fit``.
-        """
+        """End the current task and start the next: fold it in (eq. 7). Call it between
+        tasks (e.g. with ``task_boundaries="manual"``); ``pl_module`` is needed only before
+        the first ``fit``."""
         if not self.engine.params and pl_module is not None:
-            self._bind(pl_module)
-        if not self.engine.params:
-            raise RuntimeError(
-                "start_new_task() needs the model's parameters: call it during fit, or pass "
-                "`pl_module=`."
-            )
-        self._start_new_task()
-
-    def _start_new_task(self, forget_steps: int = 0) -> None:
-        """:meth:`start_new_task`; a switch detected late leaves out its last steps."""
-        self._end_task(forget_steps)
-        self.task_index = self._tasks_started
-        self._tasks_started += 1
-        self.engine.learning = True
-        self.boundaries.on_task_start()
-        self.on_task_start(self.task_index)
-
-    def _end_task(self, forget_steps: int = 0) -> None:
-        """Fold the current task in, unless it is a revisited one (folded in already)."""
-        if not self.engine.learning:
-            return
-        try:
-            folded = self.engine.end_task(forget_steps)
-        except RuntimeError as err:
-            raise RuntimeError(f"MetaGrad, task {self.task_index}: {err}") from None
-        if not folded:
-            rank_zero_warn(
-                f"MetaGrad: task {self.task_index} ended before any optimizer step; it is not "
-                "added to the old-task predictor."
-            )
-        else:
-            self._to_log.update(
-                {f"metagrad/subspace_dim/{n}": float(k) for n, k in self._subspace_dims().items()}
-            )
-
-    def _return_to_task(self, index: int) -> None:
-        """The stream returns to task ``index`` (``task_boundaries="batch"``, a known id): the
-        task that ends is folded in if new; the revisited one trains with the rule acting
-        (it protects every folded task, this one included) and is not folded in again."""
-        self._end_task()
-        self.task_index = index
-        self.engine.learning = False
-        self.boundaries.on_task_start()
-        self.on_task_start(index)
-
-    def on_task_start(self, task_index: int) -> None:
-        """Called when a new task starts (after the previous one was folded in). Override to
-        react, e.g. to reset a learning-rate schedule."""
-
-    def on_switch_detected(self, global_step: int) -> None:
-        """Called when automatic detection declares a task switch (before the new task
-        starts, at the next batch). Override to react; the steps are in
-        :attr:`detected_switches`."""
+            self.engine.bind(pl_module)
+        self.engine.start_task()
+        self._task_started()
 
     # ------------------------------------------------------------------ hooks
 
@@ -349,35 +254,25 @@ class MetaGradCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # (Lightning skips teardown after an exception: reset here too, not only there.)
         self._evaluating = stage != "fit"
-        if stage != "fit":
-            return
-        refuse_unsupported("MetaGradCallback", trainer, pl_module, edit="rewrites gradients")
+        if stage == "fit":
+            refuse_unsupported("MetaGradCallback", trainer, pl_module, edit="rewrites gradients")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         refuse_at_fit_start("MetaGradCallback", trainer, pl_module)
-        self._bind(pl_module)
-        self.predictor.attach(trainer, pl_module)
-        # Detection must know at once whether a step was finite (a host sync); without it the
-        # engine checks on the device where the predictor allows.
-        self.engine.sync_free = not (self.boundaries.uses_pairs or self.boundaries.uses_gradients)
-        # A detected switch is declared some steps after it began: keep that much history.
-        onset = self.boundaries.max_onset_steps
-        self.predictor.keep_history(onset + 1 if onset else 0)
-        optimizer = trainer.optimizers[0]
-        target = self._resolved_target = self._resolve_target(optimizer)
-        self.predictor.learn_from(target, optimizer)
-        if self._resolved_target == "update":
-            self._hook_handle = optimizer.register_step_post_hook(self._after_optimizer_step)
         self._trainer = trainer
+        self.engine.runtime.batch_loss = _batch_loss(pl_module)
+        self.engine.runtime.mean_over_ranks = (
+            (lambda t: trainer.strategy.reduce(t, reduce_op="mean"))
+            if trainer.world_size > 1
+            else None
+        )
         if isinstance(self.boundaries, NewFitBoundaries) and self.boundaries.in_fit:
             if trainer.ckpt_path is None:
                 # State taken inside an earlier fit (a ModelCheckpoint file loaded by hand, or
                 # a fit that crashed) and this fit does not resume it: that fit is over.
                 self.boundaries.on_fit_end()
             elif self._restored_fit_done:
-                # `fit(next task, ckpt_path=last.ckpt)` of a finished task: the usual way to
-                # "continue on the next task". The checkpointed fit was over; this is a new one.
                 rank_zero_info(
                     f"MetaGrad: the checkpoint was saved when task {self.task_index}'s fit had "
                     "finished, so this fit starts the next task. To continue that task instead "
@@ -385,33 +280,20 @@ class MetaGradCallback(Callback):
                 )
                 self.boundaries.on_fit_end()
         self._restored_fit_done = False
-        if self.boundaries.on_fit_start():
-            self.start_new_task()
+        if self.engine.begin_fit(pl_module):
+            self._task_started()
+        self.engine.use_optimizer(trainer.optimizers[0])
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._warn_skipped_steps()
+        self.engine.end_fit()
+        self._release()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             self._evaluating = False
-
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._warn_skipped_steps()
-        self.boundaries.on_fit_end()
-        self._release()
-
-    def _warn_skipped_steps(self) -> None:
-        """Without a host sync per step the engine counts non-finite steps on the device;
-        they are reported here, every ``diagnostics.check_every`` steps and at the fit end."""
-        if not self.engine.sync_free:
-            return
-        skipped = self.engine.skipped_steps
-        if skipped > self._skips_reported:
-            rank_zero_warn(
-                f"MetaGrad: {skipped - self._skips_reported} step(s) with a non-finite "
-                "gradient/update; they reach the optimizer non-finite, as without the callback, "
-                "and are not used to train the predictor."
-            )
-        self._skips_reported = skipped
 
     @override
     def on_exception(
@@ -425,40 +307,18 @@ class MetaGradCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        switch = self.boundaries.on_train_batch(batch, batch_idx)
-        onset = 0
-        if self._switch_pending:
-            self._switch_pending = False
-            switch = True
-            onset, self._switch_onset = self._switch_onset, 0
-        if switch:
-            revisited = self.boundaries.returning_to()
-            if revisited is None:
-                self._start_new_task(forget_steps=onset)
-            else:
-                self._return_to_task(revisited)
-        if self.engine.learning:  # a revisited task's batches are not stored again
-            self.predictor.observe_batch(batch)
+        if self.engine.observe_batch(batch, batch_idx):
+            self._task_started()
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        # Fires once per real optimizer step, after unscaling (AMP) and the whole accumulation
-        # window, before clipping: the right place to read and rewrite the gradient.
-        params = self.engine.params
-        names = [n for n, p in params.items() if p.requires_grad and p.grad is not None]
-        self._step_names = names
+        # Once per real optimizer step, after unscaling (AMP) and the whole accumulation
+        # window, before clipping: the engine learns from and rewrites the gradient here (in
+        # update mode it snapshots, and its optimizer hook finishes the step).
         self._stepped = False
-        if not names:
-            return
-        thetas = [params[n].detach() for n in names]
-        if self._resolved_target == "update":
-            self._before = [t.clone() for t in thetas]  # finished in _after_optimizer_step
-            return
-        grads: list[Tensor] = [params[n].grad for n in names]  # type: ignore[misc]
-        self._step(names, thetas, grads)
-        self._stepped = True
+        self.engine.before_optimizer_step()
 
     @override
     def on_train_batch_end(
@@ -472,24 +332,16 @@ class MetaGradCallback(Callback):
         if self.boundaries.uses_loss:
             loss = loss_of(outputs)
             if loss is not None:
-                loss = loss.detach().float()
-                if trainer.world_size > 1:  # every rank must take the same decision
-                    loss = trainer.strategy.reduce(loss, reduce_op="mean")
-                self.boundaries.on_loss(loss)
+                self.engine.observe_loss(self.engine.runtime.mean(loss.detach().float()))
         if not self._stepped:
             return
         self._stepped = False
-        self._global_step = trainer.global_step
-        if self._global_step % self.diagnostics.check_every == 0:
+        if trainer.global_step % self.diagnostics.check_every == 0:
             self._warn_skipped_steps()
-        self._to_log.update(
-            self.diagnostics.step(
-                [p for p in self.engine.params.values() if p.requires_grad], self.task_index
-            )
-        )
-        # Like Lightning's LearningRateMonitor: only on steps whose logs are written
-        # (`log_every_n_steps`), each figure's latest value; a `self.log` call costs about as
-        # much as a small model's whole step.
+        trainable = [p for p in self.engine.params.values() if p.requires_grad]
+        self._to_log.update(self.diagnostics.step(trainable, self.task_index))
+        # Like Lightning's LearningRateMonitor: only on steps whose logs are written, each
+        # figure's latest value (a `self.log` call costs about a small model's whole step).
         if logs_this_step(trainer):
             self._to_log["metagrad/task"] = float(self.task_index)
             for name, value in self._to_log.items():
@@ -502,15 +354,10 @@ class MetaGradCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": _STATE_VERSION,
-            "task_index": self.task_index,
-            "tasks_started": self._tasks_started,
             "detected_switches": list(self.detected_switches),
-            "switch_pending": self._switch_pending,
-            "switch_onset": self._switch_onset,
             # Saved at the end of its fit (its max_steps / max_epochs reached)?
             "fit_done": bool(self._trainer is not None and self._trainer.fit_loop.done),
             "engine": self.engine.state_dict(),
-            "boundaries": self.boundaries.state_dict(),
             "diagnostics": self.diagnostics.state_dict(),
         }
 
@@ -538,7 +385,7 @@ class MetaGradCallback(Callback):
                     "resume: 0.1.0 had only the paper's meta-network predictor, in a layout "
                     "today's predictors do not read. " + _RESUME_HINT
                 )
-            if version != _STATE_VERSION:
+            if version not in (_STATE_VERSION, 3):
                 check_state_version("MetaGradCallback", state, _STATE_VERSION, _RESUME_HINT)
 
     @override
@@ -549,19 +396,54 @@ class MetaGradCallback(Callback):
                 "continual-learning state is kept as it is (only `fit` resumes it)."
             )
             return
+        if state_dict.get("version") == 3:
+            state_dict = _from_version_3(state_dict)
         check_state_version("MetaGradCallback", state_dict, _STATE_VERSION, _RESUME_HINT)
-        self.task_index = int(state_dict["task_index"])
-        self._tasks_started = int(state_dict["tasks_started"])
         self.detected_switches = [int(s) for s in state_dict["detected_switches"]]
-        self._switch_pending = bool(state_dict["switch_pending"])
-        self._switch_onset = int(state_dict["switch_onset"])
         self._restored_fit_done = bool(state_dict["fit_done"])
         self.engine.load_state_dict(state_dict["engine"])
         self._skips_reported = self.engine.skipped_steps
-        self.boundaries.load_state_dict(state_dict["boundaries"])
         self.diagnostics.load_state_dict(state_dict["diagnostics"])
 
     # ------------------------------------------------------------------ internals
+
+    def _on_step(self, report: StepReport) -> None:
+        """The engine's report of each optimizer step: warn, diagnose, log, record switches."""
+        self._stepped = True
+        if report.finite is False:  # checked on the host: nothing was learned or rewritten
+            rank_zero_warn(
+                "MetaGrad: non-finite gradient/update at this step; it is passed on unchanged "
+                "and its pairs are not used to train the predictor."
+            )
+            return
+        self._to_log.update(report.figures)
+        self.diagnostics.observe(report)
+        if report.switch_detected:
+            step = self._trainer.global_step if self._trainer is not None else 0
+            self.detected_switches.append(step)
+            self._to_log["metagrad/switch_detected"] = 1.0
+            rank_zero_info(
+                f"MetaGrad: task switch detected at global step {step}; task "
+                f"{self.engine.num_tasks} starts with the next batch."
+            )
+            self.on_switch_detected(step)
+
+    def _task_started(self) -> None:
+        self._to_log.update(self.engine.task_figures)
+        self.engine.task_figures = {}
+        self.on_task_start(self.task_index)
+
+    def _warn_skipped_steps(self) -> None:
+        """Non-finite steps counted on the device (no host sync per step) are reported every
+        ``diagnostics.check_every`` steps and at the fit end."""
+        skipped = self.engine.skipped_steps
+        if skipped > self._skips_reported and self.engine.sync_free:
+            rank_zero_warn(
+                f"MetaGrad: {skipped - self._skips_reported} step(s) with a non-finite "
+                "gradient/update; they reach the optimizer non-finite, as without the callback, "
+                "and are not used to train the predictor."
+            )
+        self._skips_reported = skipped
 
     def _meta_predictor(self) -> MetaNetPredictor:
         if not isinstance(self.predictor, MetaNetPredictor):
@@ -570,79 +452,58 @@ class MetaGradCallback(Callback):
             )
         return self.predictor
 
-    def _subspace_dims(self) -> dict[str, int]:
-        if isinstance(self.predictor, SubspacePredictor):
-            return self.predictor.subspace_dims()
-        return {}
-
-    def _bind(self, pl_module: torch.nn.Module) -> None:
-        self.engine.bind(pl_module.named_parameters())
-
-    def _resolve_target(self, optimizer: torch.optim.Optimizer) -> Literal["gradient", "update"]:
-        if self.target == "gradient" or self.target == "update":
-            return self.target
-        plain_sgd = type(optimizer) is torch.optim.SGD and all(
-            not group.get("momentum") and not group.get("weight_decay")
-            for group in optimizer.param_groups
-        )
-        return "gradient" if plain_sgd else "update"
-
-    def _step(
-        self, names: Sequence[str], thetas: Sequence[Tensor], targets: Sequence[Tensor]
-    ) -> bool:
-        """One step through the engine, plus detection; returns whether it was finite."""
-        pairs = (_flat(thetas), _flat(targets)) if self.boundaries.uses_pairs else None
-        raw = [t.detach().clone() for t in targets] if self.boundaries.uses_gradients else None
-        logged = self.engine.step_(names, thetas, targets)
-        if "finite" in logged:
-            rank_zero_warn(
-                "MetaGrad: non-finite gradient/update at this step; it is passed on unchanged "
-                "and its pairs are not used to train the predictor.",
-            )
-            return False
-        self._to_log.update(logged)
-        self.diagnostics.observe_prediction_quality(logged)
-        self.diagnostics.observe_rule(logged)
-        switch = pairs is not None and self.boundaries.on_pairs(*pairs)
-        if raw is not None:  # the step's own gradients, before the rule rewrote them
-            switch = self.boundaries.on_gradients(names, thetas, raw) or switch
-        if switch:
-            self._switch_pending = True
-            self._switch_onset = self.boundaries.onset_steps()
-            self.detected_switches.append(self._global_step)
-            self._to_log["metagrad/switch_detected"] = 1.0
-            rank_zero_info(
-                f"MetaGrad: task switch detected at global step {self._global_step}; "
-                f"task {self.task_index + 1} starts with the next batch."
-            )
-            self.on_switch_detected(self._global_step)
-        return True
-
-    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
-        """Update-vector mode: learn from the update, and apply the rule to the update."""
-        if self._before is None:
-            return
-        before, self._before = self._before, None
-        names = self._step_names
-        params = [self.engine.params[n] for n in names]
-        with torch.no_grad():
-            after = [p.detach() for p in params]
-            update = torch._foreach_sub(before, after)  # gradient-like: theta' = theta - update
-            finite = self._step(names, before, update)
-            rewritten = self.engine.protected(names, update) if finite else []
-            if rewritten:
-                # A zeroed coordinate of the update keeps its old value exactly (before - 0).
-                torch._foreach_copy_(
-                    [after[i] for i in rewritten],
-                    torch._foreach_sub(
-                        [before[i] for i in rewritten], [update[i] for i in rewritten]
-                    ),
-                )
-        self._stepped = True
-
     def _release(self) -> None:
         self._trainer = None
-        if self._hook_handle is not None:
-            self._hook_handle.remove()
-            self._hook_handle = None
-        self._before = None
+        self.engine.release_optimizer()
+
+
+def _boundary_source(
+    spec: str | TaskBoundarySource, key: str, fn: Callable[[Any], Hashable] | None
+) -> TaskBoundarySource:
+    if isinstance(spec, TaskBoundarySource):
+        return spec
+    if spec == "fit":
+        return NewFitBoundaries()
+    if spec == "auto":
+        return AutoBoundaries()
+    if spec == "manual":
+        return ManualBoundaries()
+    if spec == "batch":
+        check_str("task_id_key", key)
+        check_callable("task_id_fn", fn, "a callable `batch -> task id`", optional=True)
+        return BatchTaskIdBoundaries(key=key, fn=fn)
+    raise ValueError(
+        f"`task_boundaries` must be one of {_BOUNDARIES}, a TaskBoundarySource or a list of "
+        f"them, got {spec!r}"
+    )
+
+
+def _batch_loss(pl_module: pl.LightningModule) -> Callable[[Any], Tensor | None]:
+    """The module's own ``training_step`` loss on a stored batch: eval mode, logging
+    silenced, RNG isolated (what replay predictors differentiate)."""
+
+    def loss(batch: Any) -> Tensor | None:
+        with quiet_eval(pl_module):
+            return loss_of(pl_module.training_step(batch, 0))
+
+    return loss
+
+
+def _from_version_3(state: dict[str, Any]) -> dict[str, Any]:
+    """The state layout before the engine owned the task lifecycle (version 3)."""
+    engine = dict(state["engine"])
+    engine.update(
+        version=2,
+        task_index=state["task_index"],
+        num_tasks=state["tasks_started"],
+        switch_pending=state["switch_pending"],
+        switch_onset=state["switch_onset"],
+        boundaries=state["boundaries"],
+    )
+    return {
+        "version": _STATE_VERSION,
+        "detected_switches": state["detected_switches"],
+        "fit_done": state["fit_done"],
+        "engine": engine,
+        "diagnostics": state["diagnostics"],
+    }

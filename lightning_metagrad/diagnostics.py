@@ -9,10 +9,10 @@ ends in NaN (``docs/science.md`` measures when). These checks cost a few reducti
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_metagrad._validation import (
@@ -22,6 +22,10 @@ from lightning_metagrad._validation import (
     check_int,
     check_state_version,
 )
+from lightning_metagrad.runtime import warn_once_per_call
+
+if TYPE_CHECKING:
+    from lightning_metagrad.engine import StepReport
 
 _STATE_VERSION = 1
 
@@ -41,7 +45,7 @@ class Diagnostics:
     Example:
         >>> d = Diagnostics(warmup=2)
         >>> for _ in range(3):
-        ...     d.observe_prediction_quality({"metagrad/meta_rel_error": torch.tensor(0.999)})
+        ...     d.observe_prediction_error(torch.tensor(0.999))
         >>> d.uninformative
         True
     """
@@ -54,8 +58,11 @@ class Diagnostics:
         runaway_growth: float = 3.0,
         check_every: int = 50,
         held_back: float = 0.8,
+        emit: Callable[[str], None] = warn_once_per_call,
     ) -> None:
         self.warn = check_bool("warn", warn)
+        #: Called with each warning's message (the callback passes ``rank_zero_warn``).
+        self.emit = emit
         self.warmup = check_int("warmup", warmup, minimum=1)
         self.uninformative_error = check_float(
             "uninformative_error", uninformative_error, minimum=0, low_open=True
@@ -76,8 +83,13 @@ class Diagnostics:
         self._task = 0
         self._rule_acting = False  # a step with old tasks was seen (the norm baseline's task)
 
-    def observe_prediction_quality(self, logged: dict[str, Tensor]) -> None:
-        value = logged.get("metagrad/meta_rel_error")
+    def observe(self, report: StepReport) -> None:
+        """One optimizer step's report from the engine."""
+        self.observe_prediction_error(report.prediction_error)
+        self.observe_held_back(report.held_back)
+
+    def observe_prediction_error(self, value: Tensor | float | None) -> None:
+        """The predictor's held-out relative error (1 minus the explained fraction)."""
         if value is None:
             return
         error = float(value)
@@ -87,7 +99,7 @@ class Diagnostics:
         self.error_count += 1
         if self.error_count >= self.warmup and self.error_ema >= self.uninformative_error:
             if not self.uninformative and self.warn:
-                rank_zero_warn(
+                self.emit(
                     f"MetaGrad: the meta-network explains {100 * (1 - self.error_ema):.1f} % of "
                     "the gradient's variance on held-out coordinates: its prediction carries no "
                     "information, and eq. 5 then acts as a random one-way filter. Consider "
@@ -95,12 +107,11 @@ class Diagnostics:
                 )
             self.uninformative = True
 
-    def observe_rule(self, logged: dict[str, Tensor]) -> None:
+    def observe_held_back(self, value: Tensor | float | None) -> None:
         """Track the share of the gradient / update the rule holds back (zeroed coordinates
         of eq. 5, or the energy a projection removed); warn once when it stays above
         ``held_back``: new tasks then have little left to learn with. Reads the figure every
         ``check_every`` calls only (a host sync)."""
-        value = logged.get("metagrad/zeroed_fraction", logged.get("metagrad/removed_energy"))
         if value is None:
             return
         self._held_calls += 1
@@ -113,7 +124,7 @@ class Diagnostics:
         self.held_back_ema = share if ema is None else 0.7 * ema + 0.3 * share
         if self._held_calls > 2 * self.check_every and self.held_back_ema > self.held_back:
             if not self.holding_back and self.warn:
-                rank_zero_warn(
+                self.emit(
                     f"MetaGrad: the rule holds back {100 * self.held_back_ema:.0f} % of the "
                     "gradient/update: the current task has little left to learn with. With "
                     "optimizers other than plain SGD the rule acts on the update vector; "
@@ -144,7 +155,7 @@ class Diagnostics:
         # Only once the rule acts: growth in the first task is plain training's own.
         if self._rule_acting and not growth <= self.runaway_growth:  # also catches NaN
             if not self.runaway and self.warn:
-                rank_zero_warn(
+                self.emit(
                     f"MetaGrad: the parameter norm grew {growth:.1f}x since the rule started "
                     "acting (the first task with old tasks): the weights are running away (the "
                     "one-way filter of eq. 5 turns gradient noise into drift when the "

@@ -1,79 +1,165 @@
-"""The method's per-step work in plain PyTorch, on the model's named parameter tensors.
+"""The whole method in plain PyTorch: :class:`MetaGrad`, usable in any training loop.
 
 :class:`MetaGrad` is to :class:`~lightning_metagrad.callback.MetaGradCallback` what
-``torch_ema``'s ``ExponentialMovingAverage`` is to an EMA callback: usable in any training
-loop, with no Trainer. It binds the trainable parameters by name, and on each optimizer step
-feeds the predictor the step's targets (gradients, or update vectors) and rewrites them in
-place from the second task on; :meth:`MetaGrad.end_task` folds the finished task in
-(eqs. 6-7). A parameter with no gradient on a step is left out of that step; one the old tasks
-never trained (a new head, a layer unfrozen later, a tensor that changed shape) is left free.
+``torch_ema``'s ``ExponentialMovingAverage`` is to an EMA callback. Data flows one way:
+
+* :meth:`MetaGrad.bind` adopts the model's parameters by name, folding a finished task in
+  first at the binding it was trained with;
+* :meth:`MetaGrad.use_optimizer` decides what the predictor learns from (the gradient, or for
+  optimizers other than plain SGD the update vector) and, in update mode, hooks the
+  optimizer's step;
+* per batch, :meth:`MetaGrad.observe_batch` and :meth:`MetaGrad.observe_loss` feed the task
+  boundary source (a switch starts the next task here);
+* per optimizer step, :meth:`MetaGrad.before_optimizer_step` (between ``backward()`` and
+  ``optimizer.step()``) lets the predictor learn from the step and, from the second task on,
+  rewrites the gradient in place (eq. 5 in the learned subspace by default); in update mode it
+  snapshots the parameters, and the optimizer's step post-hook learns from and rewrites the
+  update the optimizer applied. Each returns a :class:`StepReport`;
+* :meth:`MetaGrad.start_task`, :meth:`MetaGrad.return_to_task` and :meth:`MetaGrad.end_task`
+  are the task lifecycle: a finished task is folded in (eqs. 6-7), so memory is constant in
+  the number of tasks.
+
+Importing this module does not import Lightning.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from lightning_metagrad._tensors import all_finite, finite_flag
 from lightning_metagrad._validation import check_choice, check_state_version
-from lightning_metagrad.combination import joint_average_, sign_agreement_
-from lightning_metagrad.predictors import OldGradientPredictor
+from lightning_metagrad.boundaries.sources import TaskBoundarySource
+from lightning_metagrad.predictors import PredictorName, build_predictor
+from lightning_metagrad.predictors.base import OldGradientPredictor
+from lightning_metagrad.predictors.rules import joint_average_, sign_agreement_
+from lightning_metagrad.runtime import Runtime
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
+Target = Literal["gradient", "update"]
+_TARGETS = ("auto", "gradient", "update")
+
+
+@dataclass
+class StepReport:
+    """What one optimizer step did.
+
+    Attributes:
+        names: the bound parameters that took part (trainable, with a gradient).
+        finite: whether the step's targets were finite: a bool, or a 0-dim bool device tensor
+            when the engine checked without a host sync.
+        learned: the predictor learned from the step (False on a task folded in already).
+        rewritten: names of the tensors the rule rewrote (those the old tasks trained).
+        held_back: the share of the step the rule removed (eq. 5's zeroed coordinates, or the
+            energy a projection removed), a 0-dim tensor; None where the rule did not act.
+        prediction_error: the predictor's held-out relative error, where it measures one.
+        switch_detected: the boundary source detected a task switch at this step; the next
+            task starts with the next batch (or the next step).
+        figures: everything to log, by name.
+    """
+
+    names: list[str] = field(default_factory=list)
+    finite: bool | Tensor = True
+    learned: bool = False
+    rewritten: list[str] = field(default_factory=list)
+    held_back: Tensor | None = None
+    prediction_error: Tensor | None = None
+    switch_detected: bool = False
+    figures: dict[str, Tensor] = field(default_factory=dict)
 
 
 class MetaGrad:
-    """The plain-PyTorch core: bind, step (observe + rewrite), end a task, state.
+    """Continual learning in any training loop: bind, step, task boundaries, state.
 
     Args:
-        predictor: an :class:`~lightning_metagrad.predictors.OldGradientPredictor`.
+        predictor: ``"subspace"`` (default), ``"anchored"``, ``"paper"``, ``"replay"`` or an
+            :class:`~lightning_metagrad.predictors.base.OldGradientPredictor`.
         combine: for elementwise predictors, ``"sign"`` (eq. 5) or ``"average"`` (eq. 2);
             projection predictors rewrite by their own rule.
+        target: what the predictor learns and the rule rewrites: ``"gradient"``,
+            ``"update"`` (the optimizer's update vector), or ``"auto"``: the gradient for plain
+            ``torch.optim.SGD`` (no momentum, no weight decay), else the update, so that
+            the step the optimizer applies is protected. Decided in :meth:`use_optimizer`.
+        boundaries: where tasks start besides :meth:`start_task` (a
+            :class:`~lightning_metagrad.boundaries.sources.TaskBoundarySource`; None: only by
+            hand).
+        runtime: the loop's services (warnings, a loss on a stored batch for replay, a mean
+            over processes); see :class:`~lightning_metagrad.runtime.Runtime`.
 
-    Example (a training loop without Lightning):
-        >>> from lightning_metagrad import SubspacePredictor
+    Example (a plain loop with Adam: the update the optimizer applies is protected):
         >>> model = torch.nn.Linear(4, 2)
-        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        >>> core = MetaGrad(SubspacePredictor(every=1))
-        >>> core.bind(model.named_parameters())
+        >>> opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        >>> core = MetaGrad()
+        >>> core.bind(model)
+        >>> core.use_optimizer(opt)
+        'update'
         >>> for task in range(2):
-        ...     for _ in range(3):
+        ...     if task:
+        ...         _ = core.start_task()
+        ...     for _ in range(4):
         ...         opt.zero_grad()
         ...         model(torch.randn(8, 4)).pow(2).mean().backward()
-        ...         _ = core.step()  # reads and rewrites the bound parameters' .grad
-        ...         opt.step()
-        ...     _ = core.end_task()
-        >>> core.num_old_tasks
-        2
+        ...         _ = core.before_optimizer_step()
+        ...         opt.step()  # the engine's hook learns from and rewrites the update
+        >>> core.task_index, core.num_old_tasks
+        (1, 1)
     """
 
     def __init__(
-        self, predictor: OldGradientPredictor, combine: Literal["sign", "average"] = "sign"
+        self,
+        predictor: PredictorName | OldGradientPredictor = "subspace",
+        *,
+        combine: Literal["sign", "average"] = "sign",
+        target: Literal["auto", "gradient", "update"] = "auto",
+        boundaries: TaskBoundarySource | None = None,
+        runtime: Runtime | None = None,
     ) -> None:
-        if not isinstance(predictor, OldGradientPredictor):
+        self.predictor = build_predictor(predictor)
+        self.combine = check_choice("combine", combine, ("sign", "average"))
+        self.target = check_choice("target", target, _TARGETS)
+        if boundaries is not None and not isinstance(boundaries, TaskBoundarySource):
             raise ValueError(
-                f"`predictor` must be an OldGradientPredictor, got {type(predictor).__name__}"
+                f"`boundaries` must be a TaskBoundarySource or None, got {type(boundaries).__name__}"
             )
-        check_choice("combine", combine, ("sign", "average"))
-        self.predictor = predictor
-        self.combine = combine
+        self.boundaries = boundaries if boundaries is not None else TaskBoundarySource()
+        if runtime is not None and not isinstance(runtime, Runtime):
+            raise ValueError(f"`runtime` must be a Runtime, got {type(runtime).__name__}")
+        self.runtime = runtime if runtime is not None else Runtime()
+        self.predictor.connect(self.runtime)
         self.params: dict[str, Tensor] = {}
+        # Task bookkeeping (in the state).
+        self.task_index = 0
+        self.num_tasks = 1  # distinct tasks so far (task_index may return to an old one)
         self.steps_in_task = 0
-        # Non-finite steps not learned from: an int, or a device tensor while steps are
-        # checked without a host sync (see ``sync_free``); read it with ``skipped_steps``.
-        self._skipped: int | Tensor = 0
-        #: Check finiteness on the device, without a host sync per step, where the predictor
-        #: can mask a non-finite step out of what it learns (``masks_non_finite``); set it to
-        #: False when the caller must know at once whether a step was finite.
-        self.sync_free = True
-        #: Whether steps are learned from (False while training on a task already folded in,
-        #: e.g. a revisited task id: it is not folded in twice; the rule still acts).
-        self.learning = True
-        # Parameters (name -> shape) the old tasks trained; only these are rewritten.
-        self._old_shapes: dict[str, tuple[int, ...]] = {}
+        self.learning = True  # False on a task folded in already (a revisited task id)
+        self._skipped: int | Tensor = 0  # non-finite steps: an int, or a device tensor
+        self._old_shapes: dict[str, tuple[int, ...]] = {}  # what the old tasks trained
         self._trained: set[str] = set()  # had a target in the current task
+        self._switch_pending = False
+        self._switch_onset = 0  # steps before the detection the new task began
+        # Per optimizer (run-time only).
+        self.resolved_target: Target = "gradient"
+        self._hook: Any = None
+        self._before: list[Tensor] | None = None  # update mode: parameters before the step
+        self._step_names: list[str] = []
+        self._sync_free = True
+        self.last_report: StepReport | None = None
+        #: The predictor's figures after the latest task was folded in.
+        self.task_figures: dict[str, float] = {}
+        #: Called with each :class:`StepReport` of a step (after the rule acted); the
+        #: callback logs and diagnoses through it.
+        self.on_step: Callable[[StepReport], None] | None = None
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def num_old_tasks(self) -> int:
+        """Tasks folded into the predictor (``t`` in eqs. 6-7)."""
+        return self.predictor.num_old_tasks
 
     @property
     def skipped_steps(self) -> int:
@@ -81,105 +167,242 @@ class MetaGrad:
         return int(self._skipped)
 
     @property
-    def num_old_tasks(self) -> int:
-        """Tasks folded into the predictor (``t`` in eqs. 6-7)."""
-        return self.predictor.num_old_tasks
+    def sync_free(self) -> bool:
+        """Whether steps are checked for finiteness on the device, without a host sync (the
+        predictor masks non-finite steps and no detection needs to know at once)."""
+        return self._sync_free
 
-    def bind(self, named_parameters: Iterable[tuple[str, Tensor]]) -> None:
-        """Adopt the model's parameters, by name.
+    @property
+    def switch_pending(self) -> bool:
+        """A detected switch whose new task starts with the next batch or step."""
+        return self._switch_pending
+
+    # ------------------------------------------------------------------ binding
+
+    def bind(self, model: nn.Module | Iterable[tuple[str, Tensor]]) -> None:
+        """Adopt the model's parameters by name (an ``nn.Module`` or ``named_parameters()``).
 
         Frozen ones are bound too (a layer frozen for one task keeps what the old tasks
-        learned about it, and is protected again once unfrozen); only parameters that require
-        a gradient and have one take part in a step.
+        learned about it); only parameters that require a gradient and have one take part in
+        a step. A parameter the old tasks trained in another shape, or never trained, is free.
         """
-        self.params = dict(named_parameters)
-        if not any(p.requires_grad for p in self.params.values()):
+        named = model.named_parameters() if isinstance(model, nn.Module) else model
+        params = dict(named)
+        if not any(p.requires_grad for p in params.values()):
             raise ValueError(
                 "no trainable parameters to bind (all have requires_grad=False): unfreeze "
                 "the parameters to train"
             )
+        self.params = params
         self.predictor.bind(self.params)
+        self._decide_sync()
 
-    def step(self) -> dict[str, Tensor]:
-        """Gradient mode: observe and rewrite the bound parameters' ``.grad`` in place.
+    def begin_fit(self, model: nn.Module | Iterable[tuple[str, Tensor]]) -> bool:
+        """A new training run (a Lightning ``fit``) starts on ``model``: ask the boundary
+        source whether it starts a new task; if so, fold the finished task in at the binding
+        it was trained with, then bind ``model`` and start the task. Returns whether a new
+        task started."""
+        new_task = self.boundaries.on_fit_start()
+        if new_task and self.params:
+            self._end_task()  # at the old binding: names and shapes the task trained
+        self.bind(model)
+        if new_task:
+            if not self.params_folded:
+                self._end_task()  # resumed without a binding: the model is the task's end
+            self._begin_task()
+        return new_task
 
-        Call between ``backward()`` and ``optimizer.step()``. Returns figures to log.
-        """
+    def end_fit(self) -> None:
+        """The training run ends (tasks may go on in the next one)."""
+        self.boundaries.on_fit_end()
+
+    # ------------------------------------------------------------------ optimizer
+
+    def use_optimizer(self, optimizer: torch.optim.Optimizer) -> Target:
+        """Decide what the predictor learns from (``target``), tell the predictor, and in
+        update mode register a step post-hook on ``optimizer`` that learns from and rewrites
+        the update it applied (a step the grad scaler skips applies none, and is not seen).
+        Returns ``"gradient"`` or ``"update"``."""
+        self.release_optimizer()
+        if self.target == "auto":
+            plain_sgd = type(optimizer) is torch.optim.SGD and all(
+                not g.get("momentum") and not g.get("weight_decay") for g in optimizer.param_groups
+            )
+            self.resolved_target = "gradient" if plain_sgd else "update"
+        else:
+            self.resolved_target = self.target  # type: ignore[assignment]
+        self.predictor.learn_from(self.resolved_target, optimizer)
+        if self.resolved_target == "update":
+            self._hook = optimizer.register_step_post_hook(self._after_step_hook)
+        return self.resolved_target
+
+    def release_optimizer(self) -> None:
+        """Remove the optimizer hook (update mode) and any pending snapshot."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._before = None
+
+    # ------------------------------------------------------------------ per batch
+
+    def observe_batch(self, batch: Any, batch_idx: int = 0) -> bool:
+        """Before a training batch: feed the boundary source, start the next task (or return
+        to an earlier one) where it says so, and hand the batch to the predictor (a memory
+        keeps some). Returns whether the task changed."""
+        switch = self.boundaries.on_train_batch(batch, batch_idx)
+        changed = self._apply_switch(switch)
+        if self.learning:  # a revisited task's batches are not stored again
+            self.predictor.observe_batch(batch)
+        return changed
+
+    def observe_loss(self, loss: Tensor) -> None:
+        """After a training batch, its detached loss (the mean over processes), for
+        boundary sources that read it (:attr:`TaskBoundarySource.uses_loss`)."""
+        if self.boundaries.uses_loss:
+            self.boundaries.on_loss(loss)
+
+    # ------------------------------------------------------------------ per optimizer step
+
+    def before_optimizer_step(self) -> StepReport | None:
+        """Between ``backward()`` (after unscaling and the whole accumulation window) and
+        ``optimizer.step()``. Gradient mode: learn from the bound parameters' ``.grad`` and
+        rewrite it in place; returns the report. Update mode: snapshot the parameters (the
+        optimizer's step post-hook finishes the step); returns None."""
+        self._apply_switch(False)
         names = [n for n, p in self.params.items() if p.requires_grad and p.grad is not None]
+        self._step_names = names
+        self._before = None
+        if not names:
+            return None
         thetas = [self.params[n].detach() for n in names]
+        if self.resolved_target == "update":
+            self._before = [t.clone() for t in thetas]
+            return None
         grads: list[Tensor] = [self.params[n].grad for n in names]  # type: ignore[misc]
-        return self.step_(names, thetas, grads)
+        return self._step(names, thetas, grads)
+
+    def step(self) -> StepReport | None:
+        """:meth:`before_optimizer_step` in gradient mode (whatever ``target`` says): learn
+        from and rewrite the bound parameters' ``.grad``."""
+        target, self.resolved_target = self.resolved_target, "gradient"
+        try:
+            return self.before_optimizer_step()
+        finally:
+            self.resolved_target = target
+
+    def after_optimizer_step(self) -> StepReport | None:
+        """Update mode, after ``optimizer.step()``: learn from the update it applied and
+        rewrite that update in place in the parameters. Called by the hook
+        :meth:`use_optimizer` registers; call it by hand only without that hook."""
+        if self._before is None:
+            return None
+        before, self._before = self._before, None
+        names = self._step_names
+        with torch.no_grad():
+            after = [self.params[n].detach() for n in names]
+            update = torch._foreach_sub(before, after)  # gradient-like: theta' = theta - update
+            report = self._step(names, before, update)
+            if report.rewritten:
+                index = [names.index(n) for n in report.rewritten]
+                # A zeroed coordinate of the update keeps its old value exactly (before - 0).
+                torch._foreach_copy_(
+                    [after[i] for i in index],
+                    torch._foreach_sub([before[i] for i in index], [update[i] for i in index]),
+                )
+        return report
+
+    def _after_step_hook(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
+        self.after_optimizer_step()
 
     @torch.no_grad()
-    def step_(
+    def _step(
         self, names: Sequence[str], thetas: Sequence[Tensor], targets: Sequence[Tensor]
-    ) -> dict[str, Tensor]:
-        """Observe one step's ``(theta, target)`` pairs, then rewrite ``targets`` in place.
+    ) -> StepReport:
+        """Observe one step's ``(theta, target)`` pairs, feed detection, rewrite ``targets``.
 
-        A step with a non-finite target is not learned from. Checked on the host (one sync),
-        it is not rewritten either, and ``finite`` (0) is in the returned figures: a NaN is
-        passed on to the optimizer or grad scaler as is. Checked on the device (``sync_free``
-        and a predictor that ``masks_non_finite``), the predictor masks it out of what it
-        learns and the rule still runs: the non-finite entries spread along the rows the
-        projection touches, and the step still reaches the optimizer or grad scaler as
-        non-finite.
+        A non-finite step is not learned from. Checked on the host (one sync), it is not
+        rewritten either: a NaN reaches the optimizer or grad scaler as it is. Checked on the
+        device (the predictor masks non-finite steps and no detection needs to know at
+        once), the predictor leaves it out of what it learns and the rule still runs.
         """
-        if not names:
-            return {}
-        if self.sync_free and self.predictor.masks_non_finite:
-            finite = _finite_flag(targets)  # a device tensor: no host sync
-            self._skipped = (~finite).to(torch.int64) + self._skipped
-            return self._learn_and_rewrite(names, thetas, targets, finite)
-        if not _all_finite(targets):
-            self._skipped = int(self._skipped) + 1
-            return {"finite": torch.zeros(())}
-        return self._learn_and_rewrite(names, thetas, targets, None)
+        report = StepReport(names=list(names))
+        if self._sync_free:
+            finite: Tensor | None = finite_flag(targets)
+            self._skipped = (~finite).to(torch.int64) + self._skipped  # type: ignore[operator]
+            report.finite = finite  # type: ignore[assignment]
+        else:
+            finite = None
+            if not all_finite(targets):
+                self._skipped = int(self._skipped) + 1
+                report.finite = False
+                self._report(report)
+                return report
+        raw = None
+        if self.boundaries.uses_gradients or self.boundaries.uses_pairs:
+            raw = [t.detach().clone() for t in targets]  # before the rule rewrites them
+        if self.learning:
+            report.figures.update(self.predictor.observe(names, thetas, targets, finite=finite))
+            report.prediction_error = self.predictor.prediction_error()
+            report.learned = True
+            self.steps_in_task += 1
+            self._trained.update(names)
+        self._rewrite(names, thetas, targets, report)
+        if raw is not None:
+            report.switch_detected = self._detect(names, thetas, raw)
+        self._report(report)
+        return report
 
-    def _learn_and_rewrite(
+    def _report(self, report: StepReport) -> None:
+        self.last_report = report
+        if self.on_step is not None:
+            self.on_step(report)
+
+    def _detect(self, names: Sequence[str], thetas: Sequence[Tensor], raw: list[Tensor]) -> bool:
+        switch = False
+        if self.boundaries.uses_pairs:
+            flat_theta = torch.cat([t.reshape(-1).float() for t in thetas])
+            switch = self.boundaries.on_pairs(flat_theta, torch.cat([t.reshape(-1).float() for t in raw]))
+        if self.boundaries.uses_gradients:
+            switch = self.boundaries.on_gradients(names, thetas, raw) or switch
+        if switch:
+            self._switch_pending = True
+            self._switch_onset = self.boundaries.onset_steps()
+        return switch
+
+    def _rewrite(
         self,
         names: Sequence[str],
         thetas: Sequence[Tensor],
         targets: Sequence[Tensor],
-        finite: Tensor | None,
-    ) -> dict[str, Tensor]:
-        logs: dict[str, Tensor] = {}
-        if self.learning:
-            if finite is None:
-                logs.update(self.predictor.observe(names, thetas, targets))
-            else:
-                # masks_non_finite: the predictor takes ``finite=`` (SubspacePredictor)
-                observe = self.predictor.observe
-                logs.update(observe(names, thetas, targets, finite=finite))  # type: ignore[call-arg]
-            self.steps_in_task += 1
-            self._trained.update(names)
-        logs.update(self.rewrite_(names, thetas, targets))
-        return logs
-
-    @torch.no_grad()
-    def rewrite_(
-        self, names: Sequence[str], thetas: Sequence[Tensor], targets: Sequence[Tensor]
-    ) -> dict[str, Tensor]:
-        """Rewrite finite ``targets`` in place by the predictor's rule (from task 2 on)."""
-        if self.predictor.num_old_tasks == 0:
-            return {}
+        report: StepReport,
+    ) -> None:
+        """The rule (from task 2 on), on the tensors the old tasks trained in this shape."""
         chosen = self.protected(names, targets)
         if not chosen:
-            return {}
+            return
         names = [names[i] for i in chosen]
         thetas = [thetas[i] for i in chosen]
         targets = [targets[i] for i in chosen]
+        report.rewritten = list(names)
         if self.predictor.rule == "projection":
-            return self.predictor.rewrite_(names, thetas, targets)
+            held = self.predictor.rewrite_(names, thetas, targets)
+            if held is not None:
+                report.held_back = held
+                report.figures["metagrad/removed_energy"] = held
+            return
         predictions = self.predictor.predict(names, thetas)
         pairs = [(t, p) for t, p in zip(targets, predictions) if p is not None]
         if not pairs:
-            return {}
+            report.rewritten = []
+            return
         currents, given = [t for t, _ in pairs], [p for _, p in pairs]
         if self.combine == "average":
             joint_average_(currents, given, self.predictor.num_old_tasks)
-            return {}
+            return
         kept, total = sign_agreement_(currents, given)
-        return {"metagrad/zeroed_fraction": 1.0 - kept / max(total, 1)}
+        held = 1.0 - kept / max(total, 1)
+        report.held_back = held
+        report.figures["metagrad/zeroed_fraction"] = held
 
     def protected(self, names: Sequence[str], tensors: Sequence[Tensor]) -> list[int]:
         """Indices of the tensors the rule may rewrite: those the old tasks trained, in the
@@ -190,27 +413,46 @@ class MetaGrad:
             i for i, n in enumerate(names) if self._old_shapes.get(n) == tuple(tensors[i].shape)
         ]
 
-    @torch.no_grad()
-    def end_task(self, forget_steps: int = 0) -> bool:
-        """Fold the finished task into the predictor (eqs. 6-7) at the bound parameters.
+    # ------------------------------------------------------------------ task lifecycle
 
-        ``forget_steps``: the last steps belonged to the next task already (a switch detected
-        that many steps late); what they taught the predictor is taken back first, where it
-        keeps that history (:meth:`OldGradientPredictor.keep_history`).
+    def start_task(self, forget_steps: int = 0) -> int:
+        """End the current task (fold it in, eqs. 6-7) and start the next; returns its index.
 
-        Returns False (and changes nothing) if the task had no optimizer step. Raises if the
-        parameters are non-finite: such a task is never folded in.
+        ``forget_steps``: the last steps belonged to the new task already (a switch detected
+        that many steps late); what they taught the predictor is taken back first.
         """
-        if self.steps_in_task == 0:
+        if not self.params:
+            raise RuntimeError(
+                "MetaGrad.start_task() needs the model's parameters: call bind(model) first"
+            )
+        self._end_task(forget_steps)
+        self._begin_task()
+        return self.task_index
+
+    def return_to_task(self, index: int) -> None:
+        """Go back to an earlier task (a task id seen before): the current task is folded
+        in; the earlier one, folded in already, is trained without being learned again."""
+        if not 0 <= index < self.num_tasks:
+            raise ValueError(f"`index` must name a task seen so far (0..{self.num_tasks - 1})")
+        self._end_task()
+        self.task_index = index
+        self.learning = False
+        self.boundaries.on_task_start()
+
+    def end_task(self, forget_steps: int = 0) -> bool:
+        """Fold the current task in now (without starting another); False if it had no step
+        to learn from (nothing changes then). Raises if the parameters are non-finite: such
+        a task is never folded in."""
+        if not self.learning or self.steps_in_task == 0:
             return False
         names = [n for n in self.params if n in self._trained]
         thetas = [self.params[n].detach() for n in names]
-        if not _all_finite(thetas):
+        if not all_finite(thetas):
             raise RuntimeError(
-                "the model's parameters are non-finite at the end of the task; it cannot be "
-                "folded into the old-task predictor, which was left unchanged. Resume from the "
-                "last good checkpoint and keep the loss finite (lower learning rate, gradient "
-                "clipping, or skip such steps)."
+                f"MetaGrad, task {self.task_index}: the model's parameters are non-finite at "
+                "the end of the task; it cannot be folded into the old-task predictor, which "
+                "was left unchanged. Resume from the last good checkpoint and keep the loss "
+                "finite (lower learning rate, gradient clipping, or skip such steps)."
             )
         if forget_steps > 0:
             self.predictor.forget_recent(forget_steps)
@@ -221,39 +463,82 @@ class MetaGrad:
         self._trained = set()
         return True
 
+    @property
+    def params_folded(self) -> bool:
+        """Whether the current task has nothing left to fold in."""
+        return not self.learning or self.steps_in_task == 0
+
+    def _end_task(self, forget_steps: int = 0) -> None:
+        if not self.learning:
+            return
+        if self.steps_in_task == 0:
+            self.runtime.warn(
+                f"MetaGrad: task {self.task_index} ended before any optimizer step; it is "
+                "not added to the old-task predictor."
+            )
+            return
+        if self.end_task(forget_steps):
+            self.task_figures = self.predictor.task_figures()
+
+    def _begin_task(self) -> None:
+        self.task_index = self.num_tasks
+        self.num_tasks += 1
+        self.learning = True
+        self.boundaries.on_task_start()
+
+    def _apply_switch(self, switch: bool) -> bool:
+        onset = 0
+        if self._switch_pending:
+            self._switch_pending = False
+            switch = True
+            onset, self._switch_onset = self._switch_onset, 0
+        if not switch:
+            return False
+        revisited = self.boundaries.returning_to()
+        if revisited is None:
+            self.start_task(forget_steps=onset)
+        else:
+            self.return_to_task(revisited)
+        return True
+
+    def _decide_sync(self) -> None:
+        # Detection must know at once whether a step was finite (a host sync); otherwise the
+        # engine checks on the device where the predictor masks non-finite steps.
+        needs = self.boundaries.uses_pairs or self.boundaries.uses_gradients
+        self._sync_free = self.predictor.masks_non_finite and not needs
+        # A detected switch is declared some steps after it began: keep that much history.
+        onset = self.boundaries.max_onset_steps
+        self.predictor.keep_history(onset + 1 if onset else 0)
+
+    # ------------------------------------------------------------------ state
+
     def state_dict(self) -> dict[str, Any]:
         """Plain values and tensors; does not change the object."""
         return {
             "version": _STATE_VERSION,
+            "task_index": self.task_index,
+            "num_tasks": self.num_tasks,
             "steps_in_task": self.steps_in_task,
             "skipped_steps": self.skipped_steps,  # a host sync, at checkpoints only
             "learning": self.learning,
             "old_shapes": {n: list(s) for n, s in self._old_shapes.items()},
             "trained": sorted(self._trained),
+            "switch_pending": self._switch_pending,
+            "switch_onset": self._switch_onset,
             "predictor": self.predictor.state_dict(),
+            "boundaries": self.boundaries.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_state_version("MetaGrad engine", state, _STATE_VERSION)
+        self.task_index = int(state["task_index"])
+        self.num_tasks = int(state["num_tasks"])
         self.steps_in_task = int(state["steps_in_task"])
         self._skipped = int(state["skipped_steps"])
         self.learning = bool(state["learning"])
         self._old_shapes = {n: tuple(int(x) for x in s) for n, s in state["old_shapes"].items()}
         self._trained = set(state["trained"])
+        self._switch_pending = bool(state["switch_pending"])
+        self._switch_onset = int(state["switch_onset"])
         self.predictor.load_state_dict(state["predictor"])
-
-
-def _finite_flag(tensors: Sequence[Tensor]) -> Tensor:
-    """Whether every entry is finite, as a 0-dim bool tensor on the tensors' device."""
-    norms = torch._foreach_norm([t.float() if t.dtype != torch.float32 else t for t in tensors])
-    # One reduction per tensor; a norm that overflows float32 (entries near 1e19 and above)
-    # counts as non-finite too: such a step is not learned from either.
-    return torch.isfinite(torch.stack(norms)).all()
-
-
-def _all_finite(tensors: Sequence[Tensor]) -> bool:
-    """:func:`_finite_flag` read on the host; where a norm overflowed, the exact check over
-    the entries decides."""
-    if bool(_finite_flag(tensors)):
-        return True
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+        self.boundaries.load_state_dict(state["boundaries"])

@@ -14,7 +14,7 @@ from lightning_metagrad import MetaGradCallback
 from lightning_metagrad.benchmark import MLPClassifier
 from lightning_metagrad.boundaries import AutoBoundaries, CombinedBoundaries, NewFitBoundaries
 from lightning_metagrad.data import PermutedStream
-from lightning_metagrad.detection import ChangePointDetector
+from lightning_metagrad.boundaries.changepoint import ChangePointDetector
 
 STEPS_PER_TASK = 600
 

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_metagrad import MetaGradCallback, MetaNetPredictor
-from lightning_metagrad.combination import sign_agreement
+from lightning_metagrad.predictors.rules import sign_agreement
 
 
 class StepSpy(Callback):

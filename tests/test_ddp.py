@@ -35,8 +35,8 @@ from lightning_metagrad import (
     ReplayPredictor,
     SubspacePredictor,
 )
-from lightning_metagrad.detection import ChangePointDetector
-from lightning_metagrad.novelty import SubspaceNovelty
+from lightning_metagrad.boundaries.changepoint import ChangePointDetector
+from lightning_metagrad.boundaries.novelty import SubspaceNovelty
 
 GLOBAL_BATCH = 16
 # name -> (tasks, optimizer steps per task, accumulate_grad_batches)

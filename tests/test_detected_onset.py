@@ -17,7 +17,7 @@ from conftest import TinyClassifier, loader, make_trainer
 from torch.utils.data import DataLoader
 
 from lightning_metagrad import AutoBoundaries, MetaGradCallback, SubspacePredictor
-from lightning_metagrad.detection import ChangePointDetector
+from lightning_metagrad.boundaries.changepoint import ChangePointDetector
 
 
 def gradients(seed: int, count: int, rows: int = 12, cols: int = 9, rank: int = 2) -> list:

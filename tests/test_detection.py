@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_metagrad.detection import ChangePointDetector, simulate_detection
+from lightning_metagrad.boundaries.changepoint import ChangePointDetector, simulate_detection
 
 BASE = 0.3  # a typical relative error of a meta-network that has learned its task
 NOISE = 0.15  # std of the log error from one observation to the next

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lightning_metagrad.boundaries import AutoBoundaries
-from lightning_metagrad.novelty import SubspaceNovelty
+from lightning_metagrad.boundaries.novelty import SubspaceNovelty
 
 ROWS, FAN_IN, RANK = 32, 40, 4
 

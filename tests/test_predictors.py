@@ -226,7 +226,7 @@ def test_replay_frees_small_old_gradients_above_zero_when_asked() -> None:
 @pytest.mark.parametrize("name", ["anchored", "replay", "paper"])
 def test_per_tensor_rule_equals_the_flat_reference_rule(name: str) -> None:
     from lightning_metagrad import ReplayPredictor
-    from lightning_metagrad.combination import sign_agreement
+    from lightning_metagrad.predictors.rules import sign_agreement
 
     predictor = {
         "anchored": AnchoredPredictor(radius=1e-3),

@@ -37,14 +37,14 @@ def test_the_top_level_holds_what_a_user_imports() -> None:
 @pytest.mark.parametrize(
     ("name", "module"),
     [
-        ("CoordinateMLP", "lightning_metagrad.meta_network"),
-        ("MetaNetwork", "lightning_metagrad.meta_network"),
-        ("RunningMeanDistiller", "lightning_metagrad.distillation"),
-        ("TabulatedFunction", "lightning_metagrad.tabulation"),
-        ("ChangePointDetector", "lightning_metagrad.detection"),
+        ("CoordinateMLP", "lightning_metagrad.predictors.paper.meta_network"),
+        ("MetaNetwork", "lightning_metagrad.predictors.paper.meta_network"),
+        ("RunningMeanDistiller", "lightning_metagrad.predictors.paper.distillation"),
+        ("TabulatedFunction", "lightning_metagrad.predictors.paper.tabulation"),
+        ("ChangePointDetector", "lightning_metagrad.boundaries.changepoint"),
         ("Diagnostics", "lightning_metagrad.diagnostics"),
-        ("sign_agreement", "lightning_metagrad.combination"),
-        ("joint_average", "lightning_metagrad.combination"),
+        ("sign_agreement", "lightning_metagrad.predictors.rules"),
+        ("joint_average", "lightning_metagrad.predictors.rules"),
     ],
 )
 def test_internals_left_the_top_level_for_their_modules(name: str, module: str) -> None:

@@ -46,7 +46,7 @@ from lightning_metagrad import (
     ReplayPredictor,
     SubspacePredictor,
 )
-from lightning_metagrad.combination import sign_agreement
+from lightning_metagrad.predictors.rules import sign_agreement
 
 LR = 0.1  # TinyClassifier's plain-SGD learning rate
 

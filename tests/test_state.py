@@ -36,9 +36,9 @@ from lightning_metagrad.baselines import (
     OnlineEWCCallback,
     SICallback,
 )
-from lightning_metagrad.detection import ChangePointDetector
+from lightning_metagrad.boundaries.changepoint import ChangePointDetector
 from lightning_metagrad.diagnostics import Diagnostics
-from lightning_metagrad.novelty import SubspaceNovelty
+from lightning_metagrad.boundaries.novelty import SubspaceNovelty
 
 V010_CHECKPOINT = Path(__file__).parent / "data" / "metagrad-0.1.0.ckpt"
 

@@ -31,12 +31,12 @@ from lightning_metagrad.baselines import (
     SICallback,
 )
 from lightning_metagrad.data import PermutedStream, RotatedStream, SplitStream
-from lightning_metagrad.detection import ChangePointDetector
+from lightning_metagrad.boundaries.changepoint import ChangePointDetector
 from lightning_metagrad.diagnostics import Diagnostics
-from lightning_metagrad.distillation import RunningMeanDistiller
-from lightning_metagrad.meta_network import CoordinateMLP, MetaNetwork
-from lightning_metagrad.novelty import SubspaceNovelty
-from lightning_metagrad.tabulation import TabulatedFunction
+from lightning_metagrad.predictors.paper.distillation import RunningMeanDistiller
+from lightning_metagrad.predictors.paper.meta_network import CoordinateMLP, MetaNetwork
+from lightning_metagrad.boundaries.novelty import SubspaceNovelty
+from lightning_metagrad.predictors.paper.tabulation import TabulatedFunction
 
 Make = Callable[..., Any]
 

@@ -8,7 +8,7 @@ e.g.   python experiments/prototypes/mean_direction.py fig1 split val runs/meand
 import sys, json, dataclasses, torch
 from torch import nn
 from lightning_metagrad import MetaGradCallback, SubspacePredictor
-from lightning_metagrad.projection import complement_of
+from lightning_metagrad.predictors.basis import complement_of
 from lightning_metagrad.benchmark.config import PRESETS
 from lightning_metagrad.benchmark.runner import run_method, summarise
 

@@ -9,7 +9,7 @@ e.g.   python experiments/prototypes/scaled_projection.py digits val runs/sgp.js
 """
 import sys, json, dataclasses, torch
 from lightning_metagrad import MetaGradCallback, SubspacePredictor
-from lightning_metagrad.projection import grow_basis
+from lightning_metagrad.predictors.basis import grow_basis
 from lightning_metagrad.benchmark.config import PRESETS
 from lightning_metagrad.benchmark.runner import run_method, summarise
 

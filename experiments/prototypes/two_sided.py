@@ -9,7 +9,7 @@ e.g.   python experiments/prototypes/two_sided.py digits val runs/two-sided.json
 """
 import sys, json, torch
 from lightning_metagrad import MetaGradCallback, SubspacePredictor
-from lightning_metagrad.projection import grow_basis
+from lightning_metagrad.predictors.basis import grow_basis
 from lightning_metagrad.benchmark.config import BenchmarkConfig, PRESETS
 from lightning_metagrad.benchmark.runner import run_method, summarise
 

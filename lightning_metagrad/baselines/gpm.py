@@ -22,7 +22,7 @@ from lightning_metagrad.baselines._base import (
     extra_pass_context,
     training_batches,
 )
-from lightning_metagrad.projection import grow_basis
+from lightning_metagrad.predictors.basis import grow_basis
 
 #: The layer types whose weights GPM protects.
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)

@@ -1,5 +1,5 @@
 """The energy rule of Gradient Projection Memory (Saha et al., ICLR 2021), shared by the
-default predictor (:mod:`~lightning_metagrad.subspace`, on gradient second moments) and the
+default predictor (:mod:`~lightning_metagrad.predictors.subspace`, on gradient second moments) and the
 GPM baseline (:mod:`~lightning_metagrad.baselines.gpm`, on layer-input second moments).
 Plain PyTorch."""
 

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_metagrad._validation import (
@@ -42,8 +41,8 @@ from lightning_metagrad._validation import (
     check_int,
     check_state_version,
 )
-from lightning_metagrad.predictors import OldGradientPredictor, Prediction
-from lightning_metagrad.projection import complement_of, grow_basis
+from lightning_metagrad.predictors.base import OldGradientPredictor, Prediction
+from lightning_metagrad.predictors.basis import complement_of, grow_basis
 
 
 @dataclass(frozen=True)
@@ -229,6 +228,9 @@ class SubspacePredictor(OldGradientPredictor):
         """Directions protected per weight matrix."""
         return {name: self._dim(name) for name in self._basis}
 
+    def task_figures(self) -> dict[str, float]:
+        return {f"metagrad/subspace_dim/{n}": float(k) for n, k in self.subspace_dims().items()}
+
     def _dim(self, name: str) -> int:
         cols, stored = self._basis[name].shape
         return cols - stored if name in self._complement else stored
@@ -307,7 +309,7 @@ class SubspacePredictor(OldGradientPredictor):
         ``sample_rows`` whole gradients would be kept: nothing is kept then)."""
         if steps and self.sample_rows is None and not self._warned_history:
             self._warned_history = True
-            rank_zero_warn(
+            self.runtime.warn(
                 "SubspacePredictor(sample_rows=None) keeps no history of recent steps, so the "
                 "steps between a task switch and its detection are folded into the old task. "
                 "Set `sample_rows` (e.g. 32) to have them taken back."
@@ -398,7 +400,7 @@ class SubspacePredictor(OldGradientPredictor):
             cols, k = m.shape[0], self._dim(name)
             if k >= self.full_rank_warning * cols and name not in self._warned:
                 self._warned.add(name)
-                rank_zero_warn(
+                self.runtime.warn(
                     f"MetaGrad: the protected subspace of {name!r} holds {k} of its {cols} input "
                     "directions, so new tasks have little left to learn with there. Lower its "
                     f"energy threshold, e.g. SubspacePredictor(layer_thresholds={{{name!r}: "
@@ -413,7 +415,7 @@ class SubspacePredictor(OldGradientPredictor):
     @torch.no_grad()
     def rewrite_(
         self, names: Sequence[str], thetas: Sequence[Tensor], targets: Sequence[Tensor]
-    ) -> dict[str, Tensor]:
+    ) -> Tensor | None:
         removed: list[Tensor] = []
         total: list[Tensor] = []
         anchors = (
@@ -454,9 +456,8 @@ class SubspacePredictor(OldGradientPredictor):
             else:
                 w.copy_(wf - gm @ mw.T)
         if not removed:
-            return {}
-        fraction = torch.stack(removed).sum() / torch.stack(total).sum().clamp_min(1e-30)
-        return {"metagrad/removed_energy": fraction}
+            return None
+        return torch.stack(removed).sum() / torch.stack(total).sum().clamp_min(1e-30)
 
     # ------------------------------------------------------------------ state
 

@@ -3,7 +3,7 @@ gradient subspace (the paper's section 5.1 premise, "different tasks must have d
 gradient patterns", tested directly).
 
 Per weight matrix ``W`` (out x fan-in, a conv kernel as out x in·kh·kw, its bias as an extra
-column, as in :mod:`~lightning_metagrad.subspace`) :class:`SubspaceNovelty` keeps a running
+column, as in :mod:`~lightning_metagrad.predictors.subspace`) :class:`SubspaceNovelty` keeps a running
 input-side second moment of the current task's gradients ``G = [dW, db]``, each step counted
 with unit energy, ``G^T G / |G|^2`` (so a learning-rate change, a warm-up or a loss spike
 cannot tilt it), and its top-energy basis ``U`` (GPM's energy rule: the fewest leading
@@ -49,7 +49,7 @@ from lightning_metagrad._validation import (
     check_int,
     check_state_version,
 )
-from lightning_metagrad.subspace import _Group, _matrix_groups
+from lightning_metagrad.predictors.subspace import _Group, _matrix_groups
 
 __all__ = ["SubspaceNovelty"]
 

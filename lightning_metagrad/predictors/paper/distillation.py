@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_metagrad._validation import check_float, check_int
-from lightning_metagrad.meta_network import CoordinateMLP
+from lightning_metagrad.predictors.paper.meta_network import CoordinateMLP
 
 
 class RunningMeanDistiller:
