@@ -1,9 +1,11 @@
 """Tensor checks shared by the engine and the baselines (private): finiteness without a host
-sync, and detached copies of batches."""
+sync, the "free by shape" rule, and copies of batches."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import copy
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -35,14 +37,50 @@ def first_non_finite(named: Mapping[str, Tensor]) -> str | None:
     return next(n for n, t in named.items() if not bool(torch.isfinite(t).all()))
 
 
-def detached_copy(batch: Any) -> Any:
-    """``batch`` with every tensor detached and cloned (lists, tuples, dicts kept)."""
+def same_shape(stored: Tensor | Sequence[int] | None, live: Tensor) -> bool:
+    """Whether ``live`` has the shape stored for it by the old tasks (a tensor, or its shape);
+    False when nothing is stored.
+
+    The one "free by shape" rule: a parameter that fails it (new, or re-created in another
+    shape since) owes the old tasks nothing, and its gradient is left alone.
+
+    Example:
+        >>> same_shape((2, 3), torch.zeros(2, 3)), same_shape(torch.zeros(3), torch.zeros(2))
+        (True, False)
+        >>> same_shape(None, torch.zeros(2))
+        False
+    """
+    if stored is None:
+        return False
+    shape = stored.shape if isinstance(stored, Tensor) else stored
+    return tuple(shape) == tuple(live.shape)
+
+
+def map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``batch`` with ``fn`` applied to every tensor in it; dicts, lists, tuples, namedtuples
+    and dataclass instances are rebuilt around the results, anything else is kept as it is.
+
+    Example:
+        >>> map_tensors({"x": torch.ones(2), "ids": [torch.zeros(1), "a"]}, lambda t: t + 1)
+        {'x': tensor([2., 2.]), 'ids': [tensor([1.]), 'a']}
+    """
     if isinstance(batch, Tensor):
-        return batch.detach().clone()
+        return fn(batch)
     if isinstance(batch, Mapping):
-        return type(batch)({k: detached_copy(v) for k, v in batch.items()})  # type: ignore[call-arg]
+        return type(batch)({k: map_tensors(v, fn) for k, v in batch.items()})  # type: ignore[call-arg]
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
-        return type(batch)(*(detached_copy(v) for v in batch))
+        return type(batch)(*(map_tensors(v, fn) for v in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(detached_copy(v) for v in batch)
+        return type(batch)(map_tensors(v, fn) for v in batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        out = copy.copy(batch)
+        for field in dataclasses.fields(batch):
+            # object.__setattr__: frozen dataclasses too.
+            object.__setattr__(out, field.name, map_tensors(getattr(batch, field.name), fn))
+        return out
     return batch
+
+
+def detached_copy(batch: Any) -> Any:
+    """``batch`` with every tensor detached and cloned (see :func:`map_tensors`)."""
+    return map_tensors(batch, lambda t: t.detach().clone())

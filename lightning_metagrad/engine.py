@@ -34,8 +34,9 @@ from torch import Tensor, nn
 from lightning_metagrad._tensors import all_finite, finite_flag
 from lightning_metagrad._validation import check_choice, check_state_version
 from lightning_metagrad.boundaries.sources import TaskBoundarySource
+from lightning_metagrad.matrices import MatrixGroup, matrix_groups
 from lightning_metagrad.predictors import PredictorName, build_predictor
-from lightning_metagrad.predictors.base import OldGradientPredictor
+from lightning_metagrad.predictors.base import NothingToFold, OldGradientPredictor, rename_keys
 from lightning_metagrad.predictors.rules import joint_average_, sign_agreement_
 from lightning_metagrad.runtime import Runtime
 
@@ -131,6 +132,7 @@ class MetaGrad:
         self.runtime = runtime if runtime is not None else Runtime()
         self.predictor.connect(self.runtime)
         self.params: dict[str, Tensor] = {}
+        self.groups: list[MatrixGroup] = []  # the weight matrices, by owner module
         # Task bookkeeping (in the state).
         self.task_index = 0
         self.num_tasks = 1  # distinct tasks so far (task_index may return to an old one)
@@ -172,6 +174,11 @@ class MetaGrad:
         predictor masks non-finite steps and no detection needs to know at once)."""
         return self._sync_free
 
+    @sync_free.setter
+    def sync_free(self, value: bool) -> None:
+        # False forces a host check of every step (a test of the host-checked path).
+        self._sync_free = bool(value) and self.predictor.masks_non_finite
+
     @property
     def switch_pending(self) -> bool:
         """A detected switch whose new task starts with the next batch or step."""
@@ -180,22 +187,64 @@ class MetaGrad:
     # ------------------------------------------------------------------ binding
 
     def bind(self, model: nn.Module | Iterable[tuple[str, Tensor]]) -> None:
-        """Adopt the model's parameters by name (an ``nn.Module`` or ``named_parameters()``).
+        """Adopt the model's parameters by name (an ``nn.Module``, or ``named_parameters()``;
+        the module lets weight matrices be grouped by the module that owns them, see
+        :mod:`~lightning_metagrad.matrices`).
 
         Frozen ones are bound too (a layer frozen for one task keeps what the old tasks
         learned about it); only parameters that require a gradient and have one take part in
-        a step. A parameter the old tasks trained in another shape, or never trained, is free.
+        a step. A parameter the old tasks trained in another shape, or never trained, is
+        free. A parameter bound before under another name (a layer inserted in front of it,
+        pruning's ``weight`` -> ``weight_orig``) keeps its protection under the new name;
+        names the old tasks trained that are gone, or new ones, are warned about.
         """
-        named = model.named_parameters() if isinstance(model, nn.Module) else model
-        params = dict(named)
+        if isinstance(model, nn.Module):
+            params, modules = dict(model.named_parameters()), dict(model.named_modules())
+            _refuse_sparse_gradients(modules)
+        else:
+            params, modules = dict(model), None
         if not any(p.requires_grad for p in params.values()):
             raise ValueError(
                 "no trainable parameters to bind (all have requires_grad=False): unfreeze "
                 "the parameters to train"
             )
+        renamed = self._renamed(params)
+        if renamed:
+            self._old_shapes = rename_keys(self._old_shapes, renamed)
+            self._trained = set(rename_keys(dict.fromkeys(self._trained), renamed))
+            self.predictor.rename(renamed)
+        self._warn_changed_names(params)
         self.params = params
-        self.predictor.bind(self.params)
+        self.groups = matrix_groups(params, modules)
+        self.predictor.bind(self.params, groups=self.groups)
         self._decide_sync()
+
+    def _renamed(self, params: dict[str, Tensor]) -> dict[str, str]:
+        """Old name -> new name of the parameters bound before under another name (the same
+        tensor object)."""
+        old = {id(p): n for n, p in self.params.items()}
+        return {
+            old[id(p)]: n
+            for n, p in params.items()
+            if id(p) in old and old[id(p)] != n
+        }
+
+    def _warn_changed_names(self, params: dict[str, Tensor]) -> None:
+        if not self._old_shapes:
+            return
+        gone = sorted(set(self._old_shapes) - set(params))
+        new = sorted(n for n, p in params.items() if p.requires_grad and n not in self._old_shapes)
+        if gone:
+            self.runtime.warn(
+                f"MetaGrad: parameters the old tasks trained are no longer in the model: {gone}; "
+                "their protection is dropped. If a layer was replaced or renamed, keep its name "
+                "(or its parameter object) between tasks to keep it protected."
+            )
+        if new and self.num_old_tasks:
+            self.runtime.warn(
+                f"MetaGrad: parameters new since the old tasks: {new}; the old tasks never "
+                "trained them, so they are free."
+            )
 
     def begin_fit(self, model: nn.Module | Iterable[tuple[str, Tensor]]) -> bool:
         """A new training run (a Lightning ``fit``) starts on ``model``: ask the boundary
@@ -341,12 +390,16 @@ class MetaGrad:
         if self.boundaries.uses_gradients or self.boundaries.uses_pairs:
             raw = [t.detach().clone() for t in targets]  # before the rule rewrites them
         if self.learning:
-            report.figures.update(self.predictor.observe(names, thetas, targets, finite=finite))
+            if finite is None:
+                figures = self.predictor.observe(names, thetas, targets)
+            else:  # only predictors that declare masks_non_finite are checked on the device
+                figures = self.predictor.observe(names, thetas, targets, finite=finite)
+            report.figures.update(figures)
             report.prediction_error = self.predictor.prediction_error()
             report.learned = True
             self.steps_in_task += 1
             self._trained.update(names)
-        self._rewrite(names, thetas, targets, report)
+        self.rewrite_(names, thetas, targets, report)
         if raw is not None:
             report.switch_detected = self._detect(names, thetas, raw)
         self._report(report)
@@ -369,17 +422,20 @@ class MetaGrad:
             self._switch_onset = self.boundaries.onset_steps()
         return switch
 
-    def _rewrite(
+    @torch.no_grad()
+    def rewrite_(
         self,
         names: Sequence[str],
         thetas: Sequence[Tensor],
         targets: Sequence[Tensor],
-        report: StepReport,
-    ) -> None:
-        """The rule (from task 2 on), on the tensors the old tasks trained in this shape."""
+        report: StepReport | None = None,
+    ) -> StepReport:
+        """Apply the rule (from task 2 on) to ``targets`` in place, on the tensors the old
+        tasks trained in this shape; the rest is free. Returns (or fills) the report."""
+        report = report if report is not None else StepReport(names=list(names))
         chosen = self.protected(names, targets)
         if not chosen:
-            return
+            return report
         names = [names[i] for i in chosen]
         thetas = [thetas[i] for i in chosen]
         targets = [targets[i] for i in chosen]
@@ -389,20 +445,21 @@ class MetaGrad:
             if held is not None:
                 report.held_back = held
                 report.figures["metagrad/removed_energy"] = held
-            return
+            return report
         predictions = self.predictor.predict(names, thetas)
         pairs = [(t, p) for t, p in zip(targets, predictions) if p is not None]
         if not pairs:
             report.rewritten = []
-            return
+            return report
         currents, given = [t for t, _ in pairs], [p for _, p in pairs]
         if self.combine == "average":
             joint_average_(currents, given, self.predictor.num_old_tasks)
-            return
+            return report
         kept, total = sign_agreement_(currents, given)
         held = 1.0 - kept / max(total, 1)
         report.held_back = held
         report.figures["metagrad/zeroed_fraction"] = held
+        return report
 
     def protected(self, names: Sequence[str], tensors: Sequence[Tensor]) -> list[int]:
         """Indices of the tensors the rule may rewrite: those the old tasks trained, in the
@@ -456,7 +513,16 @@ class MetaGrad:
             )
         if forget_steps > 0:
             self.predictor.forget_recent(forget_steps)
-        self.predictor.end_task(names, thetas)
+        try:
+            self.predictor.end_task(names, thetas)
+        except NothingToFold as err:  # a short task: skipped, and the run goes on
+            self.runtime.warn(
+                f"MetaGrad: task {self.task_index} is not added to the old-task predictor "
+                f"({err}); its {self.steps_in_task} step(s) were too few. Train it longer, or "
+                "give the predictor more observations (e.g. SubspacePredictor(every=1))."
+            )
+            self.steps_in_task, self._trained = 0, set()
+            return False
         for n, t in zip(names, thetas):
             self._old_shapes[n] = tuple(t.shape)
         self.steps_in_task = 0
@@ -542,3 +608,16 @@ class MetaGrad:
         self._switch_onset = int(state["switch_onset"])
         self.predictor.load_state_dict(state["predictor"])
         self.boundaries.load_state_dict(state["boundaries"])
+
+
+def _refuse_sparse_gradients(modules: dict[str, nn.Module]) -> None:
+    """Sparse gradients (``nn.Embedding(sparse=True)``) cannot be read or rewritten in place."""
+    for name, module in modules.items():
+        sparse = isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse
+        if sparse and module.weight.requires_grad:
+            raise ValueError(
+                f"the {type(module).__name__} {name!r} has sparse=True: its gradients are "
+                "sparse tensors, which MetaGrad cannot learn from or rewrite. Build it with "
+                "sparse=False (the default); the default predictor projects the dense "
+                "gradient of the rows a batch uses."
+            )

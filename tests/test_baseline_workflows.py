@@ -390,3 +390,63 @@ def test_a_parameter_without_a_gradient_on_a_step_is_left_untouched_on_it(cls: t
                     assert torch.equal(before, after)
             assert all(bool(torch.isfinite(a).all()) for _, a, _ in step.values())
     assert cb.num_tasks == 2
+
+
+@pytest.mark.parametrize("cls", [AGEMCallback, ERCallback])
+def test_a_layer_recreated_in_another_shape_is_free_for_the_replay_baselines(cls: type) -> None:
+    cb, model = make(cls), TinyClassifier()
+    make_trainer([cb], max_steps=8).fit(model, loader(0))
+    model.net[2] = nn.Linear(16, 4)  # same names, another shape: the old tasks never trained it
+    spy = AppliedUpdates()
+    make_trainer([spy, cb], max_steps=6).fit(model, loader(1))
+    assert cb.num_tasks == 2 and len(spy.steps) == 6
+    edited = False
+    for step in spy.steps:
+        for name, (before, after, grad) in step.items():
+            assert grad is not None
+            plain = before - LR * grad
+            if name.startswith("net.2."):  # free: exactly the received gradient
+                torch.testing.assert_close(after, plain, rtol=0, atol=1e-6)
+            else:
+                edited |= float((after - plain).abs().max()) > 1e-6
+    assert edited or cls is AGEMCallback  # A-GEM edits only conflicting steps
+
+
+@pytest.mark.parametrize("cls", QUADRATIC)
+def test_a_parameter_recreated_in_another_shape_is_refused_by_the_penalties(cls: type) -> None:
+    cb, model = make(cls), TinyClassifier()
+    make_trainer([cb], max_steps=4).fit(model, loader(0))
+    model.net[2] = nn.Linear(16, 4)
+    with pytest.raises(MisconfigurationException, match=r"'net.2.weight' has shape \(4, 16\)"):
+        make_trainer([cb], max_steps=2).fit(model, loader(1))
+    assert cb.num_tasks == 1
+
+
+# ---------------------------------------------------------------------------- checkpoint layout
+
+LAYOUTS = {
+    EWCCallback: {"terms"},
+    OnlineEWCCallback: {"terms"},
+    MASCallback: {"terms"},
+    SICallback: {"terms", "omega", "start"},
+    GPMCallback: {"bases"},
+    AGEMCallback: {"memory", "old_shapes", "trained", "num_projections"},
+    ERCallback: {"memory", "old_shapes", "trained"},
+}
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_checkpoint_layouts_stay_those_of_version_1(cls: type) -> None:
+    cb = make(cls)
+    make_trainer([cb], max_steps=4).fit(TinyClassifier(), loader(0))
+    state = cb.state_dict()
+    assert state["version"] == 1
+    assert set(state) == {"version", "num_tasks", "steps_in_task"} | LAYOUTS[cls]
+    if "memory" in state:
+        memory = state["memory"]
+        assert memory["version"] == 1
+        keys = {"version", "tasks", "task_ids", "current", "seen", "tasks_ended", "generator"}
+        assert set(memory) == keys
+    restored = make(cls)
+    restored.load_state_dict(state)
+    _assert_same(restored.state_dict(), state)

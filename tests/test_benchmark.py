@@ -7,6 +7,8 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import re
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +29,12 @@ from lightning_metagrad.benchmark import (
     runner,
 )
 from lightning_metagrad.benchmark.cli import build_parser, format_table, main
-from lightning_metagrad.benchmark.config import config_flag, config_from_args, parse_config
+from lightning_metagrad.benchmark.config import (
+    config_argv,
+    config_flag,
+    config_from_args,
+    parse_config,
+)
 from lightning_metagrad.benchmark.models import MLPClassifier
 from lightning_metagrad.benchmark.quiet import quiet_trainer_kwargs
 from lightning_metagrad.benchmark.runner import summarise
@@ -386,3 +393,168 @@ def test_the_table_pools_one_methods_seeds_from_several_files(tmp_path: Path) ->
     assert "| 0.500 / 0.800 / 0.800 |" in row  # the three seeds, in seed order
     with pytest.raises(SystemExit, match="seed"):
         table.rows([paths[0], paths[0]], pool=True)
+
+
+# ------------------------------------------------------------------ GPM's protocol (issue 23)
+
+GPM_THRESHOLDS = {"net.0": 0.95, "net.2": 0.99, "net.4": 0.99}
+
+
+def documented_gpm_command() -> list[str]:
+    """docs/benchmark.md's GPM protocol spelled out (the command after ``metagrad-benchmark
+    --dataset mnist``, with its continuation lines), as argv."""
+    page = (REPO / "docs" / "benchmark.md").read_text()
+    found = re.search(r"metagrad-benchmark (--dataset mnist (?:.*\\\n)*.*)", page)
+    assert found, "docs/benchmark.md lacks the spelled-out GPM protocol"
+    return shlex.split(found.group(1).replace("\\\n", " "))
+
+
+def parsed(argv: list[str]) -> BenchmarkConfig:
+    return config_from_args(build_parser().parse_args(argv))
+
+
+def test_the_gpm_pmnist_preset_is_gpms_protocol() -> None:
+    gpm = PRESETS["gpm-pmnist"]
+    assert (gpm.stream, gpm.dataset, gpm.tasks, gpm.heads) == ("permuted", "mnist", 10, "shared")
+    assert (gpm.epochs, gpm.batch_size, gpm.optimizer, gpm.lr) == (5, 10, "sgd", 0.01)
+    assert (gpm.hidden_sizes, gpm.bias, gpm.standardize) == ((100, 100), False, True)
+    assert gpm.method_kwargs == {"gpm": {"threshold": GPM_THRESHOLDS}}
+    assert "gpm" in gpm.methods and gpm.seeds == (0, 1, 2)
+    assert parsed(documented_gpm_command()) == gpm
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_is_reachable_from_flags_alone(name: str) -> None:
+    argv = config_argv(PRESETS[name])
+    assert "--preset" not in argv
+    assert parsed(argv) == PRESETS[name]  # from the default preset (digits)
+
+
+def test_steps_come_from_epochs_of_the_tasks_training_data() -> None:
+    steps: list[int] = []
+
+    class CountSteps(pl.Callback):
+        def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            steps.append(trainer.global_step)
+
+    config = BenchmarkConfig(tasks=2, epochs=2, batch_size=500, hidden_sizes=(8,), eval_every=3)
+    run = run_method(config, "naive", seed=0, probes=lambda *a: [CountSteps()])
+    assert steps == [6, 6]  # 1077 training digits: 3 batches of 500, twice
+    assert sorted({r["iteration"] for r in run["curves"]}) == [3, 6, 9, 12]  # offset: 6 a task
+    joint = run_method(config, "joint", seed=0, probes=lambda *a: [CountSteps()])
+    assert steps[2:] == [6, 6] and len(joint["acc_matrix"]) == 2  # joint: as many as the task
+
+
+def test_iters_alone_counts_steps_and_both_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (parsed(["--preset", "gpm-pmnist", "--iters", "50"]).epochs, 50) == (0, 50)
+    assert parsed(["--preset", "gpm-pmnist", "--epochs", "1"]).epochs == 1
+    with pytest.raises(SystemExit):
+        parse_config(build_parser(), ["--iters", "50", "--epochs", "2"])
+    assert "give either --iters" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="`epochs` must be >= 0"):
+        BenchmarkConfig(epochs=-1)
+
+
+def test_no_bias_builds_linear_layers_without_bias() -> None:
+    config = parsed(["--no-bias", "--hidden", "16", "8"])
+    linears = [m for m in runner.make_model(config, runner.make_stream(config, 0)).modules()]
+    linears = [m for m in linears if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 3 and all(m.bias is None for m in linears)
+    default = runner.make_model(parsed([]), runner.make_stream(parsed([]), 0))
+    assert all(m.bias is not None for m in default.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_standardize_reaches_the_stream_with_train_mean_0_and_std_1() -> None:
+    config = parsed(["--standardize", "--tasks", "3"])
+    stream = runner.make_stream(config, seed=0)
+    for task in (0, 2):
+        x = torch.cat([b["x"] for b in stream.task_dataloader(task, split="train")])
+        assert abs(float(x.mean())) < 1e-5 and abs(float(x.std(unbiased=False)) - 1) < 1e-5
+    assert runner.make_stream(parsed([]), seed=0).input_stats is None
+
+
+def test_method_kwargs_reach_the_callback() -> None:
+    from lightning_metagrad.baselines import GPMCallback
+
+    argv = ["--tasks", "2", "--iters", "3", "--hidden", "8", "--methods", "gpm"]
+    argv += ["--method-kwargs", 'gpm={"threshold": {"net.0": 0.95, "net.2": 0.9}}']
+    argv += ["--method-kwargs", "gpm={'samples': 40}"]  # a Python literal; merged per method
+    argv += ["--method-kwargs", 'ewc={"fisher_batches": 4}', "--strength", "ewc=7"]
+    config = parsed(argv)
+    assert config.method_kwargs == {
+        "gpm": {"threshold": {"net.0": 0.95, "net.2": 0.9}, "samples": 40},
+        "ewc": {"fisher_batches": 4},
+    }
+    seen: list[pl.Callback] = []
+    run_method(config, "gpm", seed=0, probes=lambda s, m, callbacks: seen.extend(callbacks) or [])
+    (gpm,) = seen
+    assert isinstance(gpm, GPMCallback) and gpm.num_tasks == 2
+    assert (gpm.threshold, gpm.samples) == ({"net.0": 0.95, "net.2": 0.9}, 40)
+    (ewc,) = methods.make_callbacks("ewc", 7.0, config.method_kwargs["ewc"])
+    assert (ewc.strength, ewc.fisher_batches) == (7.0, 4)
+    # A preset's arguments are merged with the ones given.
+    merged = parsed(["--preset", "gpm-pmnist", "--method-kwargs", 'gpm={"samples": 100}'])
+    assert merged.method_kwargs["gpm"] == {"threshold": GPM_THRESHOLDS, "samples": 100}
+    assert PRESETS["gpm-pmnist"].method_kwargs["gpm"] == {"threshold": GPM_THRESHOLDS}
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ('gmp={"threshold": 0.9}', r"argument --method-kwargs: unknown method 'gmp'; choose"),
+        ("gpm", r"--method-kwargs: expected METHOD=JSON.*gpm='\{\"threshold\": 0.97\}'"),
+        ("gpm={threshold: 0.9}", r"--method-kwargs: the arguments of 'gpm' are not a JSON object"),
+        ("gpm=[0.95, 0.99]", r"--method-kwargs: .*must be a JSON object"),
+        ('gpm={"thresholds": [0.95]}', r"--method-kwargs.*'thresholds'.*it takes threshold, "),
+        ('gpm={"threshold": 1.5}', r"--method-kwargs.*GPMCallback.*`threshold`"),
+        ('naive={"lr": 0.1}', r"--method-kwargs.*'naive' has no callback"),
+    ],
+)
+def test_bad_method_kwargs_exit_naming_the_option_and_the_fix(
+    value: str, match: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_config(build_parser(), ["--method-kwargs", value])
+    assert re.search(match, capsys.readouterr().err), match
+
+
+def test_a_strength_is_given_once(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parsed(["--method-kwargs", 'ewc={"strength": 5}']).method_kwargs["ewc"]["strength"] == 5
+    with pytest.raises(SystemExit):
+        parse_config(
+            build_parser(), ["--method-kwargs", 'ewc={"strength": 5}', "--strength", "ewc=3"]
+        )
+    assert "given twice, by --strength and by --method-kwargs" in capsys.readouterr().err
+
+
+def test_method_kwargs_are_checked_in_python_too() -> None:
+    with pytest.raises(ValueError, match="unknown method 'gmp'"):
+        BenchmarkConfig(method_kwargs={"gmp": {}})
+    with pytest.raises(ValueError, match="must be JSON values"):
+        BenchmarkConfig(method_kwargs={"metagrad": {"predictor": object()}})
+    config = BenchmarkConfig(tasks=2, iters=2, methods=("gpm",), method_kwargs={"gpm": {"x": 1}})
+    with pytest.raises(ValueError, match=r"'x'.*it takes threshold"):
+        runner.run_benchmark(config)  # before any training
+
+
+def test_gpm_warns_about_layers_its_thresholds_leave_unprotected() -> None:
+    config = preset(
+        "gpm-pmnist", dataset="digits", tasks=2, epochs=0, iters=2, hidden_sizes=(8,) * 3
+    )
+    with pytest.warns(UserWarning, match=r"layers \['net.6'\] stay unprotected"):
+        run_method(config, "gpm", seed=0)  # the preset's thresholds name net.0, net.2, net.4
+
+
+def test_the_gpm_protocol_runs_on_digits_from_the_cli(tmp_path: Path) -> None:
+    argv = ["--preset", "gpm-pmnist", "--dataset", "digits", "--tasks", "2", "--epochs", "1"]
+    argv += ["--batch-size", "100", "--hidden", "32", "32", "--seeds", "0", "--eval-every", "4"]
+    argv += ["--eval-samples", "100"]
+    assert main([*argv, "--methods", "naive", "gpm", "--output-dir", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    config = results["config"]
+    assert config["method_kwargs"] == {"gpm": {"threshold": GPM_THRESHOLDS}}
+    assert (config["bias"], config["standardize"], config["epochs"]) == (False, True, 1)
+    for entry in results["methods"].values():
+        assert len(entry["acc_matrix"]) == 2
+        iterations = sorted({r["iteration"] for r in entry["per_seed"][0]["curves"]})
+        assert iterations == [4, 8, 15, 19]  # 11 steps a task: 1077 digits in batches of 100

@@ -112,7 +112,7 @@ def test_update_vector_mode_with_adam_applies_the_rule_to_the_update() -> None:
     train_tasks(model, [cb], tasks=1)
     spy = StepSpy()
     make_trainer([spy, cb], max_steps=4).fit(model, loader(1))
-    assert cb._resolved_target == "update"
+    assert cb.engine.resolved_target == "update"
     for rec in spy.records:
         theta, after = _flat(rec["theta"]), _flat(rec["after"])
         predicted = cb.predict_old_gradient(theta)
@@ -130,13 +130,13 @@ def test_update_vector_mode_with_adam_applies_the_rule_to_the_update() -> None:
 def test_target_is_chosen_from_the_optimizer(optimizer: str, expected: str) -> None:
     cb = MetaGradCallback(**small_callback_kwargs())
     make_trainer([cb], max_steps=1).fit(TinyClassifier(optimizer=optimizer), loader(0))
-    assert cb._resolved_target == expected
+    assert cb.engine.resolved_target == expected
 
 
 def test_explicit_target_overrides_the_choice() -> None:
     cb = MetaGradCallback(target="gradient", **small_callback_kwargs())
     make_trainer([cb], max_steps=1).fit(TinyClassifier(optimizer="adam"), loader(0))
-    assert cb._resolved_target == "gradient"
+    assert cb.engine.resolved_target == "gradient"
 
 
 def test_meta_network_trains_during_the_task_and_logs() -> None:

@@ -96,7 +96,7 @@ def test_a_detected_switch_hands_its_onset_to_the_boundary() -> None:
     assert isinstance(predictor, SubspacePredictor)
     assert auto.max_onset_steps > 0
     assert predictor.state_dict()["history_steps"] == auto.max_onset_steps + 1
-    assert cb.state_dict()["switch_onset"] == 0  # nothing pending after the fit
+    assert cb.state_dict()["engine"]["switch_onset"] == 0  # nothing pending after the fit
 
 
 def test_history_without_sampled_rows_is_refused_with_a_warning() -> None:

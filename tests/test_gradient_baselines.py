@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_metagrad import replay_memory as replay_memory_mod
 from lightning_metagrad.baselines import (
     AGEMCallback,
     EpisodicMemory,
@@ -456,7 +457,7 @@ def test_benchmark_knows_the_new_methods() -> None:
     assert names == {"gpm": "GPMCallback", "agem": "AGEMCallback", "er": "ERCallback"}
 
 
-@pytest.mark.parametrize("module", [gpm_mod, agem_mod, er_mod, memory_mod])
+@pytest.mark.parametrize("module", [gpm_mod, agem_mod, er_mod, memory_mod, replay_memory_mod])
 def test_docstring_examples_run(module: Any) -> None:
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -108,14 +108,14 @@ def test_diagnostics_warn_once_when_the_prediction_is_uninformative() -> None:
     d = Diagnostics(warmup=5)
     with pytest.warns(UserWarning, match="no information"):
         for _ in range(10):
-            d.observe_prediction_quality({"metagrad/meta_rel_error": torch.tensor(1.0)})
+            d.observe_prediction_error(torch.tensor(1.0))
     assert d.uninformative
 
 
 def test_diagnostics_stay_quiet_for_an_informative_prediction() -> None:
     d = Diagnostics(warmup=5)
     for _ in range(20):
-        d.observe_prediction_quality({"metagrad/meta_rel_error": torch.tensor(0.3)})
+        d.observe_prediction_error(torch.tensor(0.3))
     assert not d.uninformative
 
 
@@ -237,7 +237,6 @@ def test_per_tensor_rule_equals_the_flat_reference_rule(name: str) -> None:
     model = TinyClassifier()
     for task in range(2):
         make_trainer([cb], max_steps=8).fit(model, loader(task))
-    cb.predictor.attach(make_trainer([cb]), model)  # the replay memory reads the module
     names = list(cb.engine.params)
     thetas = [p.detach() for p in cb.engine.params.values()]
     grads = [torch.randn_like(t) for t in thetas]
@@ -257,9 +256,9 @@ def test_per_tensor_rule_equals_the_flat_reference_rule(name: str) -> None:
 def test_diagnostics_warn_once_when_the_rule_holds_back_most_of_the_update() -> None:
     d = Diagnostics(check_every=1)
     for _ in range(3):
-        d.observe_rule({"metagrad/zeroed_fraction": torch.tensor(0.5)})
+        d.observe_held_back(torch.tensor(0.5))
     assert not d.holding_back
     with pytest.warns(UserWarning, match="holds back [89][0-9] % of the gradient/update"):
         for _ in range(10):
-            d.observe_rule({"metagrad/removed_energy": torch.tensor(0.95)})
+            d.observe_held_back(torch.tensor(0.95))
     assert d.holding_back

@@ -12,7 +12,7 @@ from lightning_metagrad.baselines import __all__ as baseline_names
 
 
 def test_the_top_level_holds_what_a_user_imports() -> None:
-    callbacks = {"MetaGradCallback", "MetaGrad"}
+    callbacks = {"MetaGradCallback", "MetaGrad", "StepReport", "Runtime"}
     predictors = {
         "OldGradientPredictor",
         "SubspacePredictor",
@@ -26,6 +26,7 @@ def test_the_top_level_holds_what_a_user_imports() -> None:
         "BatchTaskIdBoundaries",
         "AutoBoundaries",
         "CombinedBoundaries",
+        "ManualBoundaries",
     }
     baselines = {name for name in baseline_names if name.endswith("Callback")}
     namespaces = {"baselines", "data", "metrics"}
@@ -95,3 +96,21 @@ def test_properties_of_the_paper_predictor_say_what_to_use_elsewhere() -> None:
     assert paper.predictor_network is None  # before task 2
     with pytest.raises(AttributeError, match="predictor='paper'"):
         _ = lm.MetaGradCallback().meta_network
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("lightning_metagrad.subspace", "lightning_metagrad.predictors.subspace"),
+        ("lightning_metagrad.detection", "lightning_metagrad.boundaries.changepoint"),
+        ("lightning_metagrad.novelty", "lightning_metagrad.boundaries.novelty"),
+        ("lightning_metagrad.meta_network", "lightning_metagrad.predictors.paper.meta_network"),
+    ],
+)
+def test_a_moved_module_still_imports_with_a_deprecation_warning(old: str, new: str) -> None:
+    import sys
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=new.replace(".", r"\.")):
+        module = importlib.import_module(old)
+    assert module is importlib.import_module(new)

@@ -242,6 +242,48 @@ def test_missing_files_give_a_clear_error(tmp_path: Path) -> None:
         SplitStream(dataset="fashion_mnist", root=tmp_path / "nowhere")
 
 
+# -------------------------------------------------------------------------- standardisation
+def all_x(stream: TaskStream, task: int, split: str) -> torch.Tensor:
+    return torch.cat([b["x"] for b in stream.task_dataloader(task, split=split)])
+
+
+@pytest.mark.parametrize("cls", [PermutedStream, RotatedStream, SplitStream])
+def test_standardize_gives_the_first_tasks_training_data_mean_0_std_1(
+    cls: type[TaskStream],
+) -> None:
+    stream = cls(num_tasks=5, standardize=True, batch_size=256)
+    raw = cls(num_tasks=5, batch_size=256)
+    x = all_x(stream, 0, "train")
+    assert abs(float(x.mean())) < 1e-5 and abs(float(x.std(unbiased=False)) - 1) < 1e-5
+    # One scalar pair from task 0's training images, applied to every task and split.
+    mean, std = stream.input_stats  # type: ignore[misc]
+    assert (mean, std) == pytest.approx(datasets_mod.scalar_stats(all_x(raw, 0, "train")))
+    for task, split in [(0, "test"), (3, "train"), (4, "val")]:
+        assert torch.allclose(all_x(stream, task, split), (all_x(raw, task, split) - mean) / std)
+    test = all_x(stream, 0, "test")  # not fitted on the test split: close, not exact
+    assert abs(float(test.mean())) < 0.1 and float(test.mean()) != 0.0
+
+
+def test_standardize_follows_the_task_transform_and_joint_batches() -> None:
+    stream = RotatedStream(num_tasks=2, angles=[0, 90], standardize=True)
+    mean, std = stream.input_stats  # type: ignore[misc]
+    rotated = stream.task_dataset(1, "test").fetch(torch.arange(4))["x"].reshape(4, 8, 8)
+    raw = (
+        RotatedStream(num_tasks=2, angles=[0, 90])
+        .task_dataset(1, "test")
+        .fetch(torch.arange(4))["x"]
+    )
+    assert torch.allclose(rotated.flatten(1), (raw - mean) / std)  # a blank corner stays blank
+    joint = next(iter(stream.joint_train_dataloader(1)))["x"]
+    assert abs(float(joint.mean())) < 0.2  # both tasks' samples standardised
+    assert PermutedStream(num_tasks=2).input_stats is None
+
+
+def test_standardize_refuses_constant_images() -> None:
+    with pytest.raises(ValueError, match="std 0"):
+        datasets_mod.scalar_stats(torch.ones(4, 1, 2, 2))
+
+
 # ------------------------------------------------------------------------------ Lightning
 class _Probe(pl.LightningModule):
     def __init__(self) -> None:

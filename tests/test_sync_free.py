@@ -132,9 +132,9 @@ def test_a_masked_non_finite_step_does_not_blind_the_held_back_warning() -> None
     from lightning_metagrad.diagnostics import Diagnostics
 
     diag = Diagnostics(check_every=1)
-    diag.observe_rule({"metagrad/removed_energy": torch.tensor(float("nan"))})
+    diag.observe_held_back(torch.tensor(float("nan")))
     assert diag.held_back_ema is None
     with pytest.warns(UserWarning, match="holds back"):
         for _ in range(3):
-            diag.observe_rule({"metagrad/removed_energy": torch.tensor(0.95)})
+            diag.observe_held_back(torch.tensor(0.95))
     assert diag.held_back_ema == pytest.approx(0.95) and diag.holding_back

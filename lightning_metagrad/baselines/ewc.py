@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,10 +11,8 @@ from typing_extensions import override
 
 from lightning_metagrad._module_utils import loss_of
 from lightning_metagrad._validation import check_fraction, check_int
-from lightning_metagrad.baselines._base import (
-    TensorDict,
-    _QuadraticPenaltyCallback,
-)
+from lightning_metagrad.baselines._base import Params, TaskData, TensorDict
+from lightning_metagrad.baselines._penalty import _QuadraticPenaltyCallback
 
 
 class _FisherMixin(_QuadraticPenaltyCallback):
@@ -23,11 +20,7 @@ class _FisherMixin(_QuadraticPenaltyCallback):
 
     @override
     def _task_importance(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        params: dict[str, torch.nn.Parameter],
-        dataloader: Iterable[Any] | None,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: Params, data: TaskData
     ) -> TensorDict:
         # Batch-level empirical Fisher: F = mean over batches b of (∂L_b/∂θ)², L_b the module's
         # own training loss on batch b (true labels, not sampled ones). It is about
@@ -36,7 +29,7 @@ class _FisherMixin(_QuadraticPenaltyCallback):
             return loss_of(pl_module.training_step(batch, batch_idx))
 
         return self._data_importance(
-            trainer, pl_module, params, dataloader, self.fisher_batches, loss, absolute=False
+            trainer, pl_module, params, data, self.fisher_batches, loss, absolute=False
         )
 
 

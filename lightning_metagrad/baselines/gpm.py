@@ -14,12 +14,14 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_metagrad._module_utils import quiet_eval
+from lightning_metagrad._tensors import all_finite
 from lightning_metagrad._validation import check_float, check_fraction, check_int
 from lightning_metagrad.baselines._base import (
+    TaskData,
     TensorDict,
     _TaskCallback,
-    all_finite,
     extra_pass_context,
+    mean_over_ranks,
     training_batches,
 )
 from lightning_metagrad.predictors.basis import grow_basis
@@ -205,8 +207,6 @@ class GPMCallback(_TaskCallback):
         self._bases: TensorDict = {}
         self._full: set[str] = set()  # layers already warned about
         self._layers: list[_Protected] = []
-        self._trainable: list[Tensor] = []
-        self._owner: pl.LightningModule | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -248,19 +248,14 @@ class GPMCallback(_TaskCallback):
 
     @override
     def _end_task(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        dataloader: Iterable[Any] | None,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataloader: TaskData
     ) -> None:
         layers = self._candidates(pl_module)
         covariances, rows = self._collect(trainer, pl_module, layers, dataloader)
         if trainer.world_size > 1:  # identical bases on every rank
             names = list(layers)
-            flat = torch.cat([covariances[n].reshape(-1) for n in names])
-            flat = trainer.strategy.reduce(flat, reduce_op="mean")
-            pieces = flat.split([covariances[n].numel() for n in names])
-            covariances = {n: p.view_as(covariances[n]) for n, p in zip(names, pieces)}
+            means = mean_over_ranks(trainer, [covariances[n] for n in names])
+            covariances = dict(zip(names, means))
         if not any(rows.values()):
             rank_zero_warn(
                 "GPMCallback: no protected layer saw an input at the end of this task; no "
@@ -286,7 +281,6 @@ class GPMCallback(_TaskCallback):
                     "input features: its weights cannot change any more (nothing left to "
                     "learn). Lower `threshold`."
                 )
-        self._owner = None  # rebuilt lazily for the next step
 
     def _collect(
         self,
@@ -348,9 +342,14 @@ class GPMCallback(_TaskCallback):
 
     # ------------------------------------------------------------------ projection
 
-    def _build(self, pl_module: pl.LightningModule) -> None:
+    @override
+    def _bind(self, pl_module: pl.LightningModule, check: bool) -> None:
+        """The protected layers with a stored basis, aligned with the live modules; ``check``
+        (the fit start): a ``threshold`` dict naming no layer fails now, not at the task end."""
+        if check:
+            self._candidates(pl_module)
+        super()._bind(pl_module, check)
         modules = dict(pl_module.named_modules())
-        self._trainable = [p for p in pl_module.parameters() if p.requires_grad]
         shared: dict[int, list[tuple[str, nn.Module, Tensor]]] = {}  # by weight tensor
         missing = []
         for name, basis in self._bases.items():
@@ -373,23 +372,11 @@ class GPMCallback(_TaskCallback):
                 "GPMCallback: stored bases name layers the model does not have (or that are "
                 f"not Linear/Conv); they are not protected: {sorted(missing)[:5]}"
             )
-        self._owner = pl_module
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        self._candidates(pl_module)  # a `threshold` dict naming no layer fails now, not later
-        self._build(pl_module)
-
-    @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    def _edit_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str]
     ) -> None:
-        if self._owner is not pl_module:
-            self._build(pl_module)
-        if not any(p.grad is not None for p in self._trainable):
-            return
-        self._steps_in_task += 1
         layers = [layer for layer in self._layers if layer.weight.grad is not None]
         if not layers:
             return
@@ -436,10 +423,8 @@ class GPMCallback(_TaskCallback):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._bases = dict(state["bases"])
         self._full = {n for n, b in self._bases.items() if b.shape[1] >= b.shape[0]}
-        self._owner = None
 
     @override
     def _release(self) -> None:
+        super()._release()
         self._layers = []
-        self._trainable = []
-        self._owner = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,11 +13,8 @@ from typing_extensions import override
 
 from lightning_metagrad._module_utils import quiet_eval
 from lightning_metagrad._validation import check_int
-from lightning_metagrad.baselines._base import (
-    TensorDict,
-    _QuadraticPenaltyCallback,
-    extra_pass_context,
-)
+from lightning_metagrad.baselines._base import Params, TaskData, TensorDict, extra_pass_context
+from lightning_metagrad.baselines._penalty import _QuadraticPenaltyCallback
 
 _OVERRIDE = (
     "subclass MASCallback and override `forward_batch(self, pl_module, batch)` to return the "
@@ -130,11 +127,7 @@ class MASCallback(_QuadraticPenaltyCallback):
 
     @override
     def _task_importance(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        params: dict[str, torch.nn.Parameter],
-        dataloader: Iterable[Any] | None,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: Params, data: TaskData
     ) -> TensorDict:
         def squared_norm(batch: Any, batch_idx: int) -> Tensor:
             out = self.forward_batch(pl_module, batch)
@@ -151,7 +144,7 @@ class MASCallback(_QuadraticPenaltyCallback):
             trainer,
             pl_module,
             params,
-            dataloader,
+            data,
             self.importance_batches,
             squared_norm,
             absolute=True,

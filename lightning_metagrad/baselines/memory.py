@@ -1,144 +1,31 @@
-"""The episodic memory of A-GEM and ER, and the replayed-gradient machinery they share."""
+"""The replay memory of A-GEM and ER (:class:`EpisodicMemory`, the package's one
+:class:`~lightning_metagrad.replay_memory.ReplayMemory`), and the replayed-gradient machinery
+they share."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_metagrad._module_utils import loss_of, quiet_eval
-from lightning_metagrad._validation import check_int, check_state_version
+from lightning_metagrad._tensors import all_finite, same_shape
+from lightning_metagrad._validation import check_int
 from lightning_metagrad.baselines._base import (
+    TaskData,
     _TaskCallback,
-    all_finite,
     extra_pass_context,
+    mean_over_ranks,
 )
+from lightning_metagrad.replay_memory import ReplayMemory
 
-_STATE_VERSION = 1
-
-
-def _detached(batch: Any) -> Any:
-    return apply_to_collection(batch, Tensor, lambda t: t.detach().clone())
-
-
-class EpisodicMemory:
-    """A constant-size memory of training batches, shared evenly by the old tasks.
-
-    During a task, :meth:`observe` keeps ``capacity`` of its batches by reservoir sampling
-    (every batch of the task has the same chance to be kept; kept batches are detached clones).
-    At :meth:`end_task` they join the memory, and the old tasks share ``capacity`` batches in
-    total: ``capacity // T`` each, the remainder going to the most recent tasks (a task keeps a
-    random subset of its batches). With more old tasks than ``capacity``, each stored task
-    holds one batch and the tasks themselves are reservoir-sampled, so every old task has the
-    same chance ``capacity / T`` of being represented. All randomness comes from one seeded
-    ``torch.Generator``, whose state is part of :meth:`state_dict`.
-
-    Batches are stored as they came (e.g. on the training device); put only tensors, numbers,
-    strings and lists/tuples/dicts of them in batches that must survive a checkpoint
-    (``weights_only`` loading).
-
-    Example:
-        >>> memory = EpisodicMemory(capacity=4, seed=0)
-        >>> for task in range(3):
-        ...     for i in range(10):
-        ...         memory.observe({"x": torch.full((2,), float(i)), "task": task})
-        ...     memory.end_task()
-        True
-        True
-        True
-        >>> memory.num_batches, [len(batches) for batches in memory.tasks]
-        (4, [1, 1, 2])
-    """
-
-    def __init__(self, capacity: int, seed: int = 0) -> None:
-        self.capacity = check_int("capacity", capacity, minimum=1)
-        self.generator = torch.Generator().manual_seed(check_int("seed", seed))
-        #: The stored batches of each represented old task.
-        self.tasks: list[list[Any]] = []
-        #: Which task (0-based, in order of :meth:`end_task`) each entry of :attr:`tasks` is.
-        self.task_ids: list[int] = []
-        #: The current task's reservoir.
-        self.current: list[Any] = []
-        self.seen = 0  # batches of the current task observed
-        self.tasks_ended = 0
-
-    @property
-    def num_batches(self) -> int:
-        """Batches stored for the old tasks."""
-        return sum(len(batches) for batches in self.tasks)
-
-    def _randint(self, high: int) -> int:
-        return int(torch.randint(high, (1,), generator=self.generator))
-
-    def observe(self, batch: Any) -> None:
-        """Offer one batch of the current task to the reservoir."""
-        self.seen += 1
-        if len(self.current) < self.capacity:
-            self.current.append(_detached(batch))
-            return
-        slot = self._randint(self.seen)
-        if slot < self.capacity:
-            self.current[slot] = _detached(batch)
-
-    def end_task(self) -> bool:
-        """The current task's batches join the memory; False (nothing stored) if it had none."""
-        if not self.current:
-            return False
-        order = torch.randperm(len(self.current), generator=self.generator).tolist()
-        batches = [self.current[i] for i in order]  # any prefix is now a uniform subset
-        task_id = self.tasks_ended
-        self.tasks_ended += 1
-        self.current, self.seen = [], 0
-        if len(self.tasks) < self.capacity:
-            self.tasks.append(batches)
-            self.task_ids.append(task_id)
-            count = len(self.tasks)
-            base, extra = divmod(self.capacity, count)
-            # The last `extra` tasks keep one batch more; quotas only shrink as tasks come.
-            self.tasks = [b[: base + (i >= count - extra)] for i, b in enumerate(self.tasks)]
-        else:  # one batch per stored task: reservoir sampling over the tasks
-            slot = self._randint(self.tasks_ended)
-            if slot < self.capacity:
-                self.tasks[slot] = batches[:1]
-                self.task_ids[slot] = task_id
-        return True
-
-    def sample(self, device: torch.device | None = None) -> tuple[Any, int] | None:
-        """One stored batch drawn uniformly (on ``device``) and its index; None if empty."""
-        flat = [batch for batches in self.tasks for batch in batches]
-        if not flat:
-            return None
-        index = self._randint(len(flat))
-        batch = flat[index]
-        if device is not None:
-            batch = apply_to_collection(batch, Tensor, lambda t: t.to(device))
-        return batch, index
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "version": _STATE_VERSION,
-            "tasks": [list(batches) for batches in self.tasks],
-            "task_ids": list(self.task_ids),
-            "current": list(self.current),
-            "seen": self.seen,
-            "tasks_ended": self.tasks_ended,
-            "generator": self.generator.get_state(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_state_version("EpisodicMemory", state, _STATE_VERSION, unversioned=1)
-        self.tasks = [list(batches) for batches in state["tasks"]]
-        self.task_ids = [int(i) for i in state["task_ids"]]
-        self.current = list(state["current"])
-        self.seen = int(state["seen"])
-        self.tasks_ended = int(state["tasks_ended"])
-        self.generator.set_state(state["generator"].cpu())
+#: The memory of A-GEM and ER: :class:`~lightning_metagrad.replay_memory.ReplayMemory` (the
+#: memory of ``ReplayPredictor`` too), under the name it has had here.
+EpisodicMemory = ReplayMemory
 
 
 class _ReplayCallback(_TaskCallback):
@@ -163,14 +50,12 @@ class _ReplayCallback(_TaskCallback):
         super().__init__()
         self.memory_batches = check_int("memory_batches", memory_batches, minimum=1)
         self.seed = check_int("seed", seed)
-        #: The stored batches (see :class:`EpisodicMemory`).
-        self.memory = EpisodicMemory(self.memory_batches, self.seed)
+        #: The stored batches (see :class:`~lightning_metagrad.replay_memory.ReplayMemory`).
+        self.memory = ReplayMemory(self.memory_batches, self.seed)
         # Parameters (name -> shape) the old tasks trained, and those the current task trained
         # so far: only the former are edited.
         self._old_shapes: dict[str, tuple[int, ...]] = {}
         self._trained: dict[str, tuple[int, ...]] = {}
-        self._params: dict[str, Tensor] = {}
-        self._owner: pl.LightningModule | None = None
         self._warned_reference = False
 
     def _combine(self, grads: list[Tensor], reference: list[Tensor]) -> None:
@@ -183,10 +68,7 @@ class _ReplayCallback(_TaskCallback):
 
     @override
     def _end_task(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        dataloader: Iterable[Any] | None,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataloader: TaskData
     ) -> None:
         if not self.memory.end_task():
             rank_zero_warn(
@@ -208,21 +90,14 @@ class _ReplayCallback(_TaskCallback):
         self.memory.observe(batch)
 
     @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    def _edit_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str]
     ) -> None:
-        if self._owner is not pl_module:
-            self._params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
-            self._owner = pl_module
-        named = [(n, p) for n, p in self._params.items() if p.grad is not None]
-        if not named:
-            return
-        self._steps_in_task += 1
-        for n, p in named:
-            if n not in self._trained:
-                self._trained[n] = tuple(p.shape)
+        live = [self._params[n] for n in names]
+        for n, p in zip(names, live):
+            self._trained.setdefault(n, tuple(p.shape))
         # A parameter the old tasks never trained (in this shape) is free: left out.
-        params = [p for n, p in named if self._old_shapes.get(n) == tuple(p.shape)]
+        params = [p for n, p in zip(names, live) if same_shape(self._old_shapes.get(n), p)]
         if not params:
             return  # first task (nothing to replay), or only new parameters on this step
         drawn = self.memory.sample(pl_module.device)
@@ -261,14 +136,12 @@ class _ReplayCallback(_TaskCallback):
         if trainer.world_size > 1:
             # One all-reduce: the gradients and how many ranks had a loss (a rank without one
             # contributes zeros and is left out of the mean).
-            flat = torch.cat([r.reshape(-1).float() for r in reference])
-            flag = torch.tensor([float(valid)], device=flat.device)
-            flat = trainer.strategy.reduce(torch.cat([flat, flag]), reduce_op="mean")
-            share = float(flat[-1])
+            flag = torch.tensor([float(valid)], device=reference[0].device)
+            *means, share_of = mean_over_ranks(trainer, [*(r.float() for r in reference), flag])
+            share = float(share_of)
             valid = share > 0
             if valid:
-                pieces = (flat[:-1] / share).split([r.numel() for r in reference])
-                reference = [x.view_as(r).to(r.dtype) for x, r in zip(pieces, reference)]
+                reference = [(m / share).to(r.dtype) for m, r in zip(means, reference)]
         if not valid:
             return None
         if not all_finite(reference):
@@ -295,14 +168,14 @@ class _ReplayCallback(_TaskCallback):
         self._old_shapes = {n: tuple(int(x) for x in s) for n, s in state["old_shapes"].items()}
         self._trained = {n: tuple(int(x) for x in s) for n, s in state["trained"].items()}
 
-    @override
-    def _release(self) -> None:
-        self._params = {}
-        self._owner = None
-
 
 def flat_dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    """``Σ_i <a_i, b_i>`` over two tensor lists, in float32 (a 0-d tensor)."""
+    """``Σ_i <a_i, b_i>`` over two tensor lists, in float32 (a 0-d tensor).
+
+    Example:
+        >>> flat_dot([torch.ones(2), torch.ones(2, 2)], [torch.full((2,), 2.0), torch.eye(2)])
+        tensor(6.)
+    """
     return torch.stack(
         [torch.dot(x.reshape(-1).float(), y.reshape(-1).float()) for x, y in zip(a, b)]
     ).sum()

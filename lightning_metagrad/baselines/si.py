@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,10 +11,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_metagrad._validation import check_float
-from lightning_metagrad.baselines._base import (
-    TensorDict,
-    _QuadraticPenaltyCallback,
-)
+from lightning_metagrad.baselines._base import Params, TaskData, TensorDict
+from lightning_metagrad.baselines._penalty import _QuadraticPenaltyCallback
 
 
 class SICallback(_QuadraticPenaltyCallback):
@@ -122,11 +119,7 @@ class SICallback(_QuadraticPenaltyCallback):
 
     @override
     def _task_importance(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        params: dict[str, torch.nn.Parameter],
-        dataloader: Iterable[Any] | None,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: Params, data: TaskData
     ) -> TensorDict:
         if self._start is None:
             rank_zero_warn(
@@ -153,6 +146,7 @@ class SICallback(_QuadraticPenaltyCallback):
     @override
     def _extra_state(self) -> dict[str, Any]:
         return {
+            **super()._extra_state(),
             # A copy: the path integral grows in place, a state taken now must not.
             "omega": {n: t.clone() for n, t in self._omega.items()},
             "start": None if self._start is None else dict(self._start),
@@ -160,6 +154,7 @@ class SICallback(_QuadraticPenaltyCallback):
 
     @override
     def _load_extra_state(self, state: dict[str, Any]) -> None:
+        super()._load_extra_state(state)
         self._omega = dict(state["omega"])
         self._start = None if state["start"] is None else dict(state["start"])
         self._pending = None

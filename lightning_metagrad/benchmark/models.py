@@ -20,6 +20,8 @@ class MLPClassifier(pl.LightningModule):
     Takes dict batches ``{"x", "y", ...}`` or ``(x, y)`` tuples. Knows nothing of continual
     learning: the callbacks add that.
 
+    ``bias=False`` builds every ``nn.Linear`` without a bias (GPM's PMNIST network).
+
     ``task_classes`` (one sequence of class labels per task) gives it a head per task, the
     task-incremental setting: in training and scoring, a batch's logits are restricted to the
     classes of its ``batch["task_id"]`` (the other logits are set to ``-inf``), so each task
@@ -30,6 +32,8 @@ class MLPClassifier(pl.LightningModule):
         >>> model = MLPClassifier(input_dim=64, num_classes=10, hidden_sizes=(32,))
         >>> model(torch.zeros(2, 64)).shape
         torch.Size([2, 10])
+        >>> MLPClassifier(input_dim=64, hidden_sizes=(32,), bias=False).net[0]
+        Linear(in_features=64, out_features=32, bias=False)
         >>> heads = MLPClassifier(input_dim=4, num_classes=4, hidden_sizes=(),
         ...                       task_classes=[(0, 1), (2, 3)])
         >>> batch = {"x": torch.zeros(2, 4), "y": torch.tensor([2, 3]),
@@ -46,6 +50,7 @@ class MLPClassifier(pl.LightningModule):
         optimizer: str = "sgd",
         lr: float = 0.003,
         task_classes: Sequence[Sequence[int]] | None = None,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -56,9 +61,9 @@ class MLPClassifier(pl.LightningModule):
         layers: list[nn.Module] = []
         width = input_dim
         for size in hidden_sizes:
-            layers += [nn.Linear(width, size), nn.ReLU()]
+            layers += [nn.Linear(width, size, bias=bias), nn.ReLU()]
             width = size
-        layers.append(nn.Linear(width, num_classes))
+        layers.append(nn.Linear(width, num_classes, bias=bias))
         self.net = nn.Sequential(*layers)
         # [tasks, classes]: True at each task's own classes (a head per task), or None.
         self.task_mask: torch.Tensor | None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,7 +14,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_metagrad import metrics
-from lightning_metagrad.benchmark.config import STREAMS, BenchmarkConfig, config_dict
+from lightning_metagrad.benchmark.config import (
+    STREAMS,
+    BenchmarkConfig,
+    config_dict,
+    steps_per_task,
+)
 from lightning_metagrad.benchmark.methods import make_callbacks
 from lightning_metagrad.benchmark.models import MLPClassifier
 from lightning_metagrad.benchmark.quiet import quiet_trainer_kwargs
@@ -32,6 +38,7 @@ __all__ = [
     "run_benchmark",
     "run_method",
     "summarise",
+    "task_steps",
 ]
 
 CallbackFactory = Callable[[], list[Callback]]
@@ -54,12 +61,27 @@ def make_stream(config: BenchmarkConfig, seed: int) -> Any:
         download=config.download,
         batch_size=config.batch_size,
         seed=seed,
+        standardize=config.standardize,
     )
 
 
+def task_steps(config: BenchmarkConfig, stream: Any, task: int) -> int:
+    """Optimizer steps on ``task`` of ``stream``: ``config.iters``, or ``config.epochs`` passes
+    over the task's training split (the ``joint`` reference takes as many).
+
+    Example:
+        >>> config = BenchmarkConfig(epochs=2, batch_size=100)
+        >>> task_steps(config, make_stream(config, seed=0), task=0)  # 1077 digits: 11 batches
+        22
+    """
+    if not config.epochs:
+        return int(config.iters)
+    return steps_per_task(config, len(stream.task_dataset(task, split="train")))
+
+
 def make_model(config: BenchmarkConfig, stream: Any) -> MLPClassifier:
-    """The benchmark's MLP for ``stream``, with the widths, optimizer and learning rate of
-    ``config``.
+    """The benchmark's MLP for ``stream``, with the widths, biases, optimizer and learning rate
+    of ``config``.
 
     Example:
         >>> config = BenchmarkConfig(hidden_sizes=(8,))
@@ -80,7 +102,27 @@ def make_model(config: BenchmarkConfig, stream: Any) -> MLPClassifier:
         optimizer=config.optimizer,
         lr=config.lr,
         task_classes=task_classes,
+        bias=config.bias,
     )
+
+
+def _warn_unprotected_layers(method: str, callbacks: list[Callback], model: Any) -> None:
+    """GPM with a per-layer ``threshold`` leaves the layers it does not name unprotected: say
+    so when that is one of the MLP's layers (e.g. a preset's thresholds with other --hidden)."""
+    from lightning_metagrad.baselines import GPMCallback
+
+    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for callback in callbacks:
+        named = getattr(callback, "threshold", None)
+        if isinstance(callback, GPMCallback) and isinstance(named, dict):
+            missing = [n for n in layers if n not in named]
+            if missing:
+                warnings.warn(
+                    f"{method}: GPM's per-layer `threshold` names {sorted(named)}, so the "
+                    f"MLP's layers {missing} stay unprotected; name every layer of {layers} "
+                    f"(--method-kwargs {method}=JSON) or give one float",
+                    stacklevel=3,
+                )
 
 
 def first_batches(stream: Any, task: int, samples: int, split: str = "test") -> list[Any]:
@@ -186,6 +228,7 @@ def run_method(
     ``callbacks()`` makes the method's callbacks (called once, before the first task); without
     it they come from the registry by ``method``'s name, at ``config.strengths[method]``.
     ``method`` names the run either way; ``"joint"`` trains each task on all tasks so far.
+    A task takes :func:`task_steps` steps (``iters``, or ``epochs`` passes over its data).
     ``probes(stream, model, method_callbacks)`` may add diagnostic callbacks (placed last).
 
     Example:
@@ -209,21 +252,27 @@ def run_method(
     ]
     random_init = [model.accuracy(loader) for loader in test_loaders]
     if callbacks is None:
-        method_callbacks = make_callbacks(method, config.strengths.get(method))
+        method_callbacks = make_callbacks(
+            method, config.strengths.get(method), config.method_kwargs.get(method)
+        )
     else:
         method_callbacks = list(callbacks())
+    _warn_unprotected_layers(method, method_callbacks, model)
     extra = probes(stream, model, method_callbacks) if probes is not None else []
     accuracy = AccuracyMatrix(num_tasks=config.tasks)
     accuracy.set_dtype(torch.float64)
     curve = TaskAccuracyCurve()
     diverged: int | None = None
     step_times: list[float] = []
+    offset = 0  # steps of the earlier tasks
     for task in range(config.tasks):
         stream.set_task(task)
+        steps = task_steps(config, stream, task)
         timer = StepTimer()
-        evaluator = PeriodicEvaluator(curve_loaders, config.eval_every, task * config.iters, curve)
+        evaluator = PeriodicEvaluator(curve_loaders, config.eval_every, offset, curve)
+        offset += steps
         trainer = pl.Trainer(
-            max_steps=config.iters,
+            max_steps=steps,
             accelerator=config.accelerator,
             devices=1,
             callbacks=[timer, *method_callbacks, evaluator, *extra],
@@ -329,6 +378,7 @@ def run_benchmark(
         >>> sorted(results["methods"]["ewc"])[:4]
         ['acc', 'acc_matrix', 'acc_std', 'bwt']
     """
+    config.check_callbacks()  # a rejected keyword argument fails before any training
     methods: dict[str, Any] = {}
     for method in config.methods:
         runs = [run_method(config, method, seed, progress) for seed in config.seeds]

@@ -1,25 +1,8 @@
-"""Automatic task-switch detection from a jump in the meta-network's error (section 5.1).
-
-When the task changes, the gradient pattern changes, so the meta-network trained on the old
-task reconstructs the new gradients badly: its *relative* reconstruction error
-``MSE(h(theta), grad) / mean(grad^2)`` jumps, and stays up until a meta-network has learned
-the new task. Within a task the error moves differently: it drifts slowly, falls (a
-learning-rate drop, the meta-network learning), or has one- or few-step outliers (a bad
-batch). :class:`ChangePointDetector` turns this into a switch decision, one observation at a
-time; :func:`simulate_detection` runs it over a recorded sequence.
-
-The test, in short (details on the class):
-
-* signals are positive and compared in log space: scale free, and "the error doubled" means
-  the same at every error level;
-* the *median* of the last ``window`` observations is compared to a *baseline* that follows
-  the signal slowly upwards (slow drift is absorbed, a jump stands out) and quickly
-  downwards; a median ignores up to ``window // 2`` outliers, so short spikes cannot fire;
-* its deviation, in standard errors estimated robustly from the noise, must exceed
-  ``threshold`` *and* the error must have grown by ``min_relative_jump`` (so a tiny but very
-  regular change does not fire just because the noise is tiny), ``patience`` times in a row.
-
-Plain Python; no Trainer needed.
+"""The change-point test behind task-free detection (section 5.1): :class:`ChangePointDetector`
+declares a switch when a positive signal of the training stream (the gradients' novelty by
+default, the loss, or the paper's meta-network error) jumps and stays up;
+:func:`simulate_detection` runs it over a recorded sequence. Short spikes, downward steps and
+slow drift do not fire. The statistics are derived in ``docs/detection.md``. Plain Python.
 """
 
 from __future__ import annotations
@@ -188,73 +171,20 @@ _STAT_FIELDS = ("n", "mean", "lag", "nv", "var", "nl", "lvar", "nd", "dvar")
 
 
 class ChangePointDetector:
-    """Declares a task switch when the meta-network's relative error jumps and stays up.
+    """Declares a task switch when a positive signal jumps and stays up.
 
-    Feed one observation per call to :meth:`update` (e.g. once per optimizer step), with the
-    main signal under the keyword ``signal`` (default ``"error"``: the meta-network's relative
-    reconstruction error ``MSE / mean(target^2)``) and, optionally, auxiliary signals named in
-    ``weights`` (e.g. the main loss or the gradient norm). All signals must be >= 0; each
-    is used as ``log(value)``. :meth:`update` returns True at the observation where a switch
-    is declared; the statistics then restart for the new task.
+    Feed one observation per call to :meth:`update`, with the main signal under the keyword
+    ``signal`` and, optionally, auxiliary signals named in ``weights``; all are used as
+    ``log(value)``. :meth:`update` returns True at the observation where a switch is declared;
+    the statistics then restart for the new task. The window median of the main signal is
+    tested against a slowly following baseline, in robust standard errors (Stouffer's
+    weighted z with the auxiliary signals), and must also have grown ``1 + min_relative_jump``
+    fold, ``patience`` times in a row; the statistics are derived in ``docs/detection.md``
+    ("The change-point test, in detail"). Observations whose main signal is not a finite
+    number ``>= 0`` are ignored.
 
-    **Per signal** (all in log space, statistics restarted at each switch): the score is
-    ``z = (median(last window observations) - m) / se``.
-
-    * The baseline ``m`` is a running mean of the window median: equal weights at first,
-      then exponential forgetting with half-life ``halflife``, so slow upward drift is
-      followed with a lag of ``drift_per_observation * halflife / ln 2``. Downward it
-      follows without lag: a falling learning curve is tracked by double exponential
-      smoothing (``m`` plus the running mean of ``median - m`` while that is negative), and
-      a median more than 4 standard errors below ``m`` (a learning-rate drop) is adopted at
-      rate ``1 / window`` until ``m`` is reached. So ``m`` does not hang above a falling
-      signal, which would hide the next switch.
-    * The noise std ``s`` is the larger of two robust estimates that a rise cannot inflate:
-      ``sqrt(mean((x_t - x_{t-1})^2) / 2)`` (level shifts and trends leave differences
-      alone) and the square root of twice the lower semivariance of ``x - m`` (only
-      downward deviations count; it also sees slowly wandering noise). Deviations are
-      Huber-clipped at ``3 s``.
-    * ``se`` is the i.i.d. standard error of a median, ``~ s * sqrt(pi / (2 * window))``,
-      raised (up to 3-fold, so nothing can blind the test) to the measured spread of
-      ``median - m`` (again from downward deviations), which covers autocorrelated noise.
-
-    **Combination** (Stouffer's weighted z): ``Z = (z_main + sum_k w_k z_k) /
-    sqrt(1 + sum_k w_k^2)`` over the auxiliary signals valid at this observation and seen at
-    least ``warmup`` times since the last switch, each ``z`` clipped to ``+-5 * threshold``.
-    With independent signals ``Z`` is again a standard normal under "no change", so
-    ``threshold`` keeps its meaning. Auxiliary signals add evidence (a switch usually also
-    moves the loss and the gradient norm) but cannot fire alone: the relative-jump guard
-    below looks at the main signal only, because the loss and gradient norm also jump within
-    a task and are not comparable across tasks (the paper's reason to use the meta-network's
-    error).
-
-    **Decision**: an observation is an *exceedance* when ``Z > threshold`` and the main
-    signal's window median is more than ``1 + min_relative_jump`` times its baseline. A
-    switch is declared at the ``patience``-th consecutive exceedance.
-    No test runs during the first ``warmup`` observations after the start, :meth:`reset`,
-    :meth:`restart` or a switch (statistics are learned only); no switch is declared during
-    the ``cooldown`` observations after a switch or :meth:`restart` (exceedances are still
-    counted, so a run that lasts past the cooldown fires at its first allowed observation).
-    A new level must thus persist for about ``window // 2 + patience`` observations; shorter
-    excursions (loss spikes), downward steps and slow drift do not fire.
-
-    Observations whose main signal is not a finite number ``>= 0`` are ignored: not
-    counted and not learned, exactly as if :meth:`update` had not been called. Invalid
-    auxiliary values are left out of that observation only. Zero is floored at ``1e-12``.
-
-    Limits: a switch during ``warmup`` is averaged into the baseline learned there; it is
-    declared after the warm-up only if the new level is still ``1 + min_relative_jump``
-    times that average (e.g. it is, for a switch early in the warm-up). A signal whose
-    level wanders slowly (strongly autocorrelated noise) can reach ``1 + min_relative_jump``
-    times its baseline for ten observations and look like a switch: raise
-    ``min_relative_jump`` (or ``window`` and ``patience``) for such a signal. A sustained
-    rise faster than about ``ln(1 + min_relative_jump) * ln 2 / halflife`` per observation
-    in log space (``1.4e-3`` with the defaults: the error grows 1.5x within ~300
-    observations) is by this definition a switch.
-
-    Attributes for logging: ``num_observations`` (valid observations so far),
-    ``num_switches``, ``switch_steps`` (indices, among valid observations, where switches
-    were declared), ``last_statistic`` (``Z`` at the latest observation, 0 during warm-up)
-    and ``last_relative_jump`` (the main signal's window median over its baseline, minus 1).
+    Attributes for logging: ``num_observations``, ``num_switches``, ``switch_steps``,
+    ``last_statistic`` (``Z``) and ``last_relative_jump``.
 
     Args:
         signal: keyword of the main signal in :meth:`update`.

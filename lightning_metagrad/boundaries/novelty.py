@@ -49,7 +49,7 @@ from lightning_metagrad._validation import (
     check_int,
     check_state_version,
 )
-from lightning_metagrad.predictors.subspace import _Group, _matrix_groups
+from lightning_metagrad.matrices import MatrixGroup, matrix_groups
 
 __all__ = ["SubspaceNovelty"]
 
@@ -167,7 +167,7 @@ class SubspaceNovelty:
         self.every = check_int("every", every, minimum=1)
         self.generator = torch.Generator().manual_seed(check_int("seed", seed, minimum=0))
         self._alpha = 1.0 - 0.5 ** (self.refresh / self.halflife)  # per block
-        self._groups: dict[str, _Group] = {}
+        self._groups: dict[str, MatrixGroup] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._layers: dict[str, _Layer] = {}
         self.calls = 0
@@ -207,7 +207,7 @@ class SubspaceNovelty:
         if all(self._shapes.get(n) == s for n, s in shapes.items()):
             return
         self._shapes.update(shapes)
-        groups = _matrix_groups({n: torch.empty(s, device="meta") for n, s in self._shapes.items()})
+        groups = matrix_groups({n: torch.empty(s, device="meta") for n, s in self._shapes.items()})
         for group in groups:
             old = self._groups.get(group.weight)
             if old is not None and (old.rows, old.cols) != (group.rows, group.cols):

@@ -114,10 +114,30 @@ def check_dataset_args(
 def _missing_message(dataset: str, root: str | Path, raw: Path, missing: list[str]) -> str:
     return (
         f"{dataset!r} not found under `root`={str(root)!r}: expected torchvision's files in "
-        f"{raw} (missing: {', '.join(missing)}). Pass `download=True` to download them, or point "
-        "`root` at the folder that contains the "
-        f"{_TORCHVISION_FOLDERS[dataset]}/ directory."
+        f"{raw} (missing: {', '.join(missing)}). Pass `download=True` (the benchmark's "
+        "`--download`) to download them, or point `root` (`--root`) at the folder that "
+        f"contains the {_TORCHVISION_FOLDERS[dataset]}/ directory."
     )
+
+
+def scalar_stats(x: Tensor) -> tuple[float, float]:
+    """``(mean, std)`` of every value of ``x``: one scalar each, as GPM's
+    ``Normalize((0.1307,), (0.3081,))`` for MNIST. A scalar pair is unchanged by pixel
+    permutations, so every Permuted task shares it.
+
+    Example:
+        >>> scalar_stats(torch.tensor([0.0, 1.0, 2.0, 3.0]))
+        (1.5, 1.118033988749895)
+        >>> scalar_stats(torch.zeros(3))
+        Traceback (most recent call last):
+            ...
+        ValueError: cannot standardise constant inputs (std 0); turn standardisation off
+    """
+    values = x.detach().double()
+    mean, std = float(values.mean()), float(values.std(unbiased=False))
+    if not std > 0:
+        raise ValueError("cannot standardise constant inputs (std 0); turn standardisation off")
+    return mean, std
 
 
 def load_splits(
@@ -167,10 +187,15 @@ def _load_torchvision(
     from torchvision import datasets
 
     cls = datasets.MNIST if dataset == "mnist" else datasets.FashionMNIST
+    raw = Path(root) / _TORCHVISION_FOLDERS[dataset] / "raw"
     try:
         ds = cls(root=str(root), train=train, download=download)
     except RuntimeError as err:  # torchvision: "Dataset not found. You can use download=True"
-        raw = Path(root) / _TORCHVISION_FOLDERS[dataset] / "raw"
+        if download:  # the download itself failed (offline?)
+            raise FileNotFoundError(
+                f"could not download {dataset!r} into `root`={str(root)!r} ({err}); without a "
+                f"network, copy torchvision's files ({', '.join(_RAW_FILES)}) into {raw}"
+            ) from err
         raise FileNotFoundError(_missing_message(dataset, root, raw, list(_RAW_FILES))) from err
     x = ds.data.to(torch.float32).div_(255.0).unsqueeze(1)
     return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long)

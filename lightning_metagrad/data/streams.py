@@ -39,6 +39,7 @@ from lightning_metagrad.data.datasets import (
     Split,
     check_dataset_args,
     load_splits,
+    scalar_stats,
 )
 
 SPLITS = ("train", "val", "test")
@@ -72,8 +73,9 @@ class TaskDataset(Dataset):
     """The samples of one task of one split, as dicts ``{"x", "y", "task_id"}``.
 
     ``images`` (``[N, C, H, W]``) and ``labels`` are shared, not copied; ``indices`` selects a
-    subset, ``perm`` permutes pixels and ``label_map`` relabels, all lazily per batch. Batched
-    fetching (``__getitems__``) builds a whole batch with tensor indexing.
+    subset, ``perm`` permutes pixels, ``normalize = (mean, std)`` maps ``x`` to
+    ``(x - mean) / std`` and ``label_map`` relabels, all lazily per batch. Batched fetching
+    (``__getitems__``) builds a whole batch with tensor indexing.
 
     Example:
         >>> ds = TaskDataset(torch.rand(10, 1, 2, 2), torch.arange(10), task_id=3)
@@ -93,9 +95,11 @@ class TaskDataset(Dataset):
         perm: Tensor | None = None,
         label_map: Tensor | None = None,
         flatten: bool = True,
+        normalize: tuple[float, float] | None = None,
     ) -> None:
         self.images, self.labels, self.task_id = images, labels, int(task_id)
         self.indices, self.perm, self.label_map, self.flatten = indices, perm, label_map, flatten
+        self.normalize = normalize
 
     def __len__(self) -> int:
         return len(self.labels) if self.indices is None else len(self.indices)
@@ -111,6 +115,9 @@ class TaskDataset(Dataset):
         x = self.images[rows]
         if self.perm is not None:
             x = permute_pixels(x, self.perm)
+        if self.normalize is not None:
+            mean, std = self.normalize
+            x = (x - mean) / std
         y = self.labels[rows]
         if self.label_map is not None:
             y = self.label_map[y]
@@ -203,6 +210,10 @@ class TaskStream(LightningDataModule):
         num_workers: ``DataLoader`` workers.
         flatten: batches carry flat vectors ``[B, C*H*W]`` (default) or images ``[B, C, H, W]``.
         eval_batch_size: batch size of the val/test loaders (default: ``batch_size``).
+        standardize: map every input to ``(x - mean) / std`` (GPM's protocol), with one scalar
+            mean and std (:attr:`input_stats`) computed from the first task's training images
+            before its transform (no data of later tasks, no val/test data) and applied to every
+            task and split, after the task's transform.
 
     Example:
         A stream whose tasks differ by a label flip (``9 - y``) on even tasks:
@@ -229,6 +240,7 @@ class TaskStream(LightningDataModule):
         num_workers: int = 0,
         flatten: bool = True,
         eval_batch_size: int | None = None,
+        standardize: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # the subclass's arguments too (for loggers and the CLI)
@@ -246,6 +258,8 @@ class TaskStream(LightningDataModule):
             if eval_batch_size is None
             else check_int("eval_batch_size", eval_batch_size, minimum=1)
         )
+        self.standardize = bool(standardize)
+        self._stats: tuple[float, float] | None = None
         self._splits: DatasetSplits | None = None
         self._datasets: dict[tuple[int, str], TaskDataset] = {}
         self._current_task = 0
@@ -275,6 +289,27 @@ class TaskStream(LightningDataModule):
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one ``batch["x"]`` row: ``(input_dim,)`` or ``(C, H, W)`` if not flattened."""
         return (self.input_dim,) if self.flatten else self.image_shape
+
+    @property
+    def input_stats(self) -> tuple[float, float] | None:
+        """``(mean, std)`` that ``standardize=True`` applies to every input (None when off):
+        over the first task's training images, before the task's transform.
+
+        Example:
+            >>> stream = PermutedStream(num_tasks=2, standardize=True)
+            >>> [round(v, 3) for v in stream.input_stats]
+            [0.306, 0.376]
+            >>> x = torch.cat([b["x"] for b in stream.task_dataloader(1, split="train")])
+            >>> abs(float(x.mean())) < 1e-4, round(float(x.std(unbiased=False)), 4)
+            (True, 1.0)
+        """
+        if not self.standardize:
+            return None
+        if self._stats is None:
+            train = self._load().train
+            rows = self.task_indices(train.y, 0)
+            self._stats = scalar_stats(train.x if rows is None else train.x[rows])
+        return self._stats
 
     @property
     def current_task(self) -> int:
@@ -353,6 +388,7 @@ class TaskStream(LightningDataModule):
                 perm=self.task_permutation(task),
                 label_map=self.task_label_map(task),
                 flatten=self.flatten,
+                normalize=self.input_stats,
             )
         return self._datasets[key]
 
@@ -457,10 +493,11 @@ class PermutedStream(TaskStream):
         flatten: bool = True,
         eval_batch_size: int | None = None,
         permute_first_task: bool = False,
+        standardize: bool = False,
     ) -> None:
         super().__init__(
             dataset, num_tasks, root, download, batch_size, seed, val_fraction, num_workers,
-            flatten, eval_batch_size,
+            flatten, eval_batch_size, standardize,
         )  # fmt: skip
         self.permute_first_task = bool(permute_first_task)
         pixels = self.image_shape[1] * self.image_shape[2]
@@ -508,10 +545,11 @@ class SplitStream(TaskStream):
         eval_batch_size: int | None = None,
         class_order: Sequence[int] | None = None,
         relabel: bool = False,
+        standardize: bool = False,
     ) -> None:
         super().__init__(
             dataset, num_tasks, root, download, batch_size, seed, val_fraction, num_workers,
-            flatten, eval_batch_size,
+            flatten, eval_batch_size, standardize,
         )  # fmt: skip
         base = NUM_CLASSES[self.dataset]
         order = list(range(base)) if class_order is None else [int(c) for c in class_order]
@@ -579,10 +617,11 @@ class RotatedStream(TaskStream):
         flatten: bool = True,
         eval_batch_size: int | None = None,
         angles: Sequence[float] | None = None,
+        standardize: bool = False,
     ) -> None:
         super().__init__(
             dataset, num_tasks, root, download, batch_size, seed, val_fraction, num_workers,
-            flatten, eval_batch_size,
+            flatten, eval_batch_size, standardize,
         )  # fmt: skip
         if angles is None:
             values = np.linspace(0.0, 180.0, self.num_tasks) if self.num_tasks > 1 else [0.0]

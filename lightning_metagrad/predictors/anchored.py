@@ -11,7 +11,13 @@ from lightning_metagrad._validation import (
     check_float,
     check_state_version,
 )
-from lightning_metagrad.predictors.base import OldGradientPredictor, Prediction
+from lightning_metagrad.matrices import MatrixGroup
+from lightning_metagrad.predictors.base import (
+    NothingToFold,
+    OldGradientPredictor,
+    Prediction,
+    rename_keys,
+)
 
 #: Per tensor: ``(mean old-task gradient, trusted mask or None)``, or None (the tensor is free).
 
@@ -49,7 +55,9 @@ class AnchoredPredictor(OldGradientPredictor):
         self._count: dict[str, int] = {}
         self._b_mean: float | None = None  # cached mean(B), reset whenever B changes
 
-    def bind(self, params: Mapping[str, Tensor]) -> None:
+    def bind(
+        self, params: Mapping[str, Tensor], groups: Sequence[MatrixGroup] | None = None
+    ) -> None:
         for store in (self._b, self._c, self._sq_sum):
             for name, value in list(store.items()):
                 p = params.get(name)
@@ -76,7 +84,7 @@ class AnchoredPredictor(OldGradientPredictor):
 
     def end_task(self, names: Sequence[str], thetas: Sequence[Tensor]) -> None:
         if not self._count:
-            raise RuntimeError("the task ended before any step was observed")
+            raise NothingToFold("the task ended before any step was observed")
         t = float(self._old_tasks)
         for name, theta in zip(names, thetas):
             b = self._b.get(name)
@@ -94,6 +102,11 @@ class AnchoredPredictor(OldGradientPredictor):
         self._sq_sum, self._count = {}, {}
         self._b_mean = None
         self._old_tasks += 1
+
+    def rename(self, renamed: Mapping[str, str]) -> None:
+        self._b, self._c = rename_keys(self._b, renamed), rename_keys(self._c, renamed)
+        self._sq_sum = rename_keys(self._sq_sum, renamed)
+        self._count = rename_keys(self._count, renamed)
 
     def predict(self, names: Sequence[str], thetas: Sequence[Tensor]) -> list[Prediction]:
         if self._b_mean is None:  # B changes only at a boundary: one reduction (sync) per task

@@ -27,7 +27,14 @@ import torch
 from torch import Tensor
 
 from lightning_metagrad._validation import check_state_version
+from lightning_metagrad.matrices import MatrixGroup
 from lightning_metagrad.runtime import Runtime
+
+class NothingToFold(RuntimeError):
+    """Raised by :meth:`OldGradientPredictor.end_task` when the task taught the predictor
+    nothing it could fold in (too short a task, or only non-finite steps); the engine then
+    skips the task with a warning, and the run goes on."""
+
 
 #: Per tensor: ``(mean old-task gradient, trusted mask or None)``, or None (the tensor is free).
 Prediction = tuple[Tensor, Tensor | None] | None
@@ -79,8 +86,11 @@ class OldGradientPredictor:
         """Tasks folded into the old-task state (``t`` in eqs. 6-7)."""
         return self._old_tasks
 
-    def bind(self, params: Mapping[str, Tensor]) -> None:
-        """Adopt the trainable parameters (name -> tensor) at each fit start."""
+    def bind(
+        self, params: Mapping[str, Tensor], groups: Sequence[MatrixGroup] | None = None
+    ) -> None:
+        """Adopt the model's parameters (name -> tensor) at each fit start; ``groups`` are its
+        weight matrices grouped by owner module (:mod:`~lightning_metagrad.matrices`)."""
 
     def connect(self, runtime: Runtime) -> None:
         """Adopt the services of the loop around the engine (the engine calls it once)."""
@@ -116,12 +126,18 @@ class OldGradientPredictor:
         the targets' variance), where it measures one; None by default."""
         return None
 
+    def rename(self, renamed: Mapping[str, str]) -> None:
+        """Parameters the model renamed between fits (old name -> new name: a layer inserted
+        before them, pruning's ``weight`` -> ``weight_orig``): move their state along. The
+        default holds no per-name state."""
+
     def task_figures(self) -> dict[str, float]:
         """Figures to log after a task was folded in (e.g. the protected dimensions)."""
         return {}
 
     def end_task(self, names: Sequence[str], thetas: Sequence[Tensor]) -> None:
-        """Fold the finished task in (eqs. 6-7); ``thetas`` are its end point."""
+        """Fold the finished task in (eqs. 6-7); ``thetas`` are its end point. Raise
+        :class:`NothingToFold` if the task taught nothing to fold in."""
         raise NotImplementedError
 
     def keep_history(self, steps: int) -> None:
@@ -165,3 +181,17 @@ def _flat(tensors: Sequence[Tensor]) -> Tensor:
     return torch.cat([t.detach().reshape(-1).float() for t in tensors])
 
 
+
+
+def rename_keys(store: dict, renamed: Mapping[str, str]) -> dict:
+    """``store`` with the keys in ``renamed`` replaced, all at once (``a -> b, b -> c`` moves
+    both); a key renamed onto replaces what was there (for :meth:`OldGradientPredictor.rename`).
+
+    Example:
+        >>> rename_keys({"a": 1, "b": 2, "c": 3}, {"a": "b", "b": "d"})
+        {'c': 3, 'b': 1, 'd': 2}
+    """
+    targets = set(renamed.values())
+    kept = {k: v for k, v in store.items() if k not in renamed and k not in targets}
+    kept.update({renamed[k]: v for k, v in store.items() if k in renamed})
+    return kept

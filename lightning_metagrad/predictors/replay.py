@@ -8,25 +8,29 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_metagrad._tensors import detached_copy
+from lightning_metagrad._tensors import same_shape
 from lightning_metagrad._validation import (
     check_float,
     check_int,
     check_state_version,
 )
+from lightning_metagrad.matrices import MatrixGroup
 from lightning_metagrad.predictors.base import OldGradientPredictor, Prediction
+from lightning_metagrad.replay_memory import ReplayMemory
 
-#: Per tensor: ``(mean old-task gradient, trusted mask or None)``, or None (the tensor is free).
 
 class ReplayPredictor(OldGradientPredictor):
     """The real mean old-task gradient from an episodic memory of old training batches.
 
-    During a task, ``memory_batches`` of its batches are kept by reservoir sampling; at a
+    The memory is A-GEM's and ER's :class:`~lightning_metagrad.replay_memory.ReplayMemory`:
+    during a task, ``memory_batches`` of its batches are kept by reservoir sampling; at a
     boundary they join the memory, and the total stays at ``memory_batches`` batches shared
-    evenly by all old tasks (constant memory). Every ``refresh_every`` steps the gradient of
-    the module's own ``training_step`` loss on each old task's batches is computed (eval mode,
-    logging silenced, ``.grad`` untouched), averaged over old tasks (eq. 2's mean) and reused
-    until the next refresh. Under DDP each rank's estimate is averaged over ranks.
+    evenly by the old tasks (constant memory; with more old tasks than ``memory_batches``, a
+    uniform sample of them is represented, one batch each). Every ``refresh_every`` steps the
+    gradient of the module's own ``training_step`` loss on each old task's batches is computed
+    (eval mode, logging silenced, ``.grad`` untouched), averaged over the represented old tasks
+    (eq. 2's mean) and reused until the next refresh. Under DDP each rank's estimate is
+    averaged over ranks.
 
     ``free_below``: a magnitude-aware eq. 5. Coordinates whose old-task gradient is small carry
     no real constraint from the old tasks, so the rule keeps the current gradient there: those
@@ -39,6 +43,10 @@ class ReplayPredictor(OldGradientPredictor):
         0
     """
 
+    #: Version 2 nests the memory's own state under ``"memory"``; version 1 (flat ``memory``,
+    #: ``current``, ``seen`` and ``generator`` entries) still loads.
+    _state_version = 2
+
     def __init__(
         self,
         memory_batches: int = 8,
@@ -49,10 +57,8 @@ class ReplayPredictor(OldGradientPredictor):
         self.free_below = check_float("free_below", free_below, minimum=0, optional=True)
         self.memory_batches = check_int("memory_batches", memory_batches, minimum=1)
         self.refresh_every = check_int("refresh_every", refresh_every, minimum=1)
-        self._generator = torch.Generator().manual_seed(check_int("seed", seed))
-        self.memory: list[list[Any]] = []  # per old task: stored batches
-        self.current: list[Any] = []
-        self._seen = 0
+        #: The stored batches (shared evenly by the old tasks) and the current task's reservoir.
+        self.replay_memory = ReplayMemory(self.memory_batches, check_int("seed", seed))
         self._calls = 0
         self._cached: dict[str, Tensor] | None = None  # the old gradient in use, by name
         self._trusted: dict[str, Tensor] | None = None
@@ -60,20 +66,25 @@ class ReplayPredictor(OldGradientPredictor):
 
     @property
     def num_old_tasks(self) -> int:
-        return len(self.memory)
+        return self.replay_memory.tasks_ended
 
-    def bind(self, params: Mapping[str, Tensor]) -> None:
+    @property
+    def memory(self) -> list[list[Any]]:
+        """The stored batches of each represented old task."""
+        return self.replay_memory.tasks
+
+    @property
+    def current(self) -> list[Any]:
+        """The current task's reservoir of batches."""
+        return self.replay_memory.current
+
+    def bind(
+        self, params: Mapping[str, Tensor], groups: Sequence[MatrixGroup] | None = None
+    ) -> None:
         self._params = {n: p for n, p in params.items() if p.requires_grad}
 
     def observe_batch(self, batch: Any) -> None:
-        # Reservoir sampling: every batch of the task has the same chance to be kept.
-        self._seen += 1
-        if len(self.current) < self.memory_batches:
-            self.current.append(detached_copy(batch))
-        else:
-            slot = int(torch.randint(self._seen, (1,), generator=self._generator))
-            if slot < self.memory_batches:
-                self.current[slot] = detached_copy(batch)
+        self.replay_memory.observe(batch)
 
     def observe(
         self,
@@ -85,12 +96,9 @@ class ReplayPredictor(OldGradientPredictor):
         return {}
 
     def end_task(self, names: Sequence[str], thetas: Sequence[Tensor]) -> None:
-        if not self.current:
+        if not self.replay_memory.end_task():
             raise RuntimeError("the task ended before any batch was stored")
-        self.memory.append(self.current)
-        share = max(1, self.memory_batches // len(self.memory))
-        self.memory = [batches[:share] for batches in self.memory]
-        self.current, self._seen, self._cached, self._trusted = [], 0, None, None
+        self._cached, self._trusted = None, None
 
     def predict(self, names: Sequence[str], thetas: Sequence[Tensor]) -> list[Prediction]:
         if not self.memory:
@@ -104,7 +112,7 @@ class ReplayPredictor(OldGradientPredictor):
         out: list[Prediction] = []
         for name, theta in zip(names, thetas):
             old = cached.get(name)
-            if old is None or old.shape != theta.shape:
+            if old is None or not same_shape(old, theta):
                 out.append(None)  # a parameter the memory's loss does not reach: free
                 continue
             if old.device != theta.device:  # restored from a checkpoint saved on the CPU
@@ -154,12 +162,8 @@ class ReplayPredictor(OldGradientPredictor):
     def state_dict(self) -> dict:
         return {
             "version": self._state_version,
-            # Copies of the lists: a later task must not change a state taken now.
-            "memory": [list(batches) for batches in self.memory],
-            "current": list(self.current),
-            "seen": self._seen,
+            "memory": self.replay_memory.state_dict(),
             "calls": self._calls,
-            "generator": self._generator.get_state(),
             # The old gradient in use until the next refresh (so a resumed run rewrites the
             # same gradients as the uninterrupted one, not a fresh one at resumed weights).
             "cached": None
@@ -168,12 +172,18 @@ class ReplayPredictor(OldGradientPredictor):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        check_state_version(type(self).__name__, state, self._state_version, unversioned=1)
-        self.memory = [list(b) for b in state["memory"]]
-        self.current = list(state["current"])
-        self._seen = int(state["seen"])
+        check_state_version(type(self).__name__, state, (1, self._state_version), unversioned=1)
+        memory = state["memory"]
+        if state.get("version", 1) == 1:  # the flat layout: no task was ever dropped
+            memory = {
+                "tasks": memory,
+                "task_ids": list(range(len(memory))),
+                "current": state["current"],
+                "seen": state["seen"],
+                "tasks_ended": len(memory),
+                "generator": state["generator"],
+            }
+        self.replay_memory.load_state_dict(memory)
         self._calls = int(state["calls"])
-        self._generator.set_state(state["generator"])
         self._cached = None if state["cached"] is None else dict(state["cached"])
         self._trusted = None if self._cached is None else self._constrained(self._cached)
-

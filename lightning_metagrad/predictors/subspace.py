@@ -41,32 +41,14 @@ from lightning_metagrad._validation import (
     check_int,
     check_state_version,
 )
-from lightning_metagrad.predictors.base import OldGradientPredictor, Prediction
+from lightning_metagrad.matrices import MatrixGroup, matrix_groups
+from lightning_metagrad.predictors.base import (
+    NothingToFold,
+    OldGradientPredictor,
+    Prediction,
+    rename_keys,
+)
 from lightning_metagrad.predictors.basis import complement_of, grow_basis
-
-
-@dataclass(frozen=True)
-class _Group:
-    """A weight matrix and the bias that shares its rows (an extra column)."""
-
-    weight: str
-    bias: str | None
-    rows: int
-    cols: int  # fan-in of the weight, plus one with a bias
-
-
-def _matrix_groups(params: Mapping[str, Tensor]) -> list[_Group]:
-    groups = []
-    for name, p in params.items():
-        if p.ndim < 2:
-            continue
-        bias = name[: -len("weight")] + "bias" if name.endswith("weight") else None
-        b = params.get(bias) if bias is not None else None
-        if b is None or b.ndim != 1 or b.shape[0] != p.shape[0]:
-            bias = None
-        fan_in = p[0].numel()
-        groups.append(_Group(name, bias, p.shape[0], fan_in + (bias is not None)))
-    return groups
 
 
 class SubspacePredictor(OldGradientPredictor):
@@ -156,7 +138,7 @@ class SubspacePredictor(OldGradientPredictor):
         self.full_rank_warning = check_fraction("full_rank_warning", full_rank_warning)
         self.generator = torch.Generator().manual_seed(check_int("seed", seed))
         self._old_tasks = 0
-        self._groups: dict[str, _Group] = {}
+        self._groups: dict[str, MatrixGroup] = {}
         self._first: str | None = None
         # By weight name: the orthonormal basis (cols x k), the task's second moment (cols x
         # cols) and how many gradients it holds.
@@ -182,8 +164,10 @@ class SubspacePredictor(OldGradientPredictor):
 
     # ------------------------------------------------------------------ binding
 
-    def bind(self, params: Mapping[str, Tensor]) -> None:
-        groups = _matrix_groups(params)
+    def bind(
+        self, params: Mapping[str, Tensor], groups: Sequence[MatrixGroup] | None = None
+    ) -> None:
+        groups = list(groups) if groups is not None else matrix_groups(params)
         self._groups = {g.weight: g for g in groups}
         self._first = groups[0].weight if groups else None
         for name in list(self._basis):
@@ -228,6 +212,13 @@ class SubspacePredictor(OldGradientPredictor):
         """Directions protected per weight matrix."""
         return {name: self._dim(name) for name in self._basis}
 
+    def rename(self, renamed: Mapping[str, str]) -> None:
+        for attr in ("_basis", "_cov", "_k", "_d", "_energy", "_count", "_shapes"):
+            setattr(self, attr, rename_keys(getattr(self, attr), renamed))
+        self._complement = set(rename_keys(dict.fromkeys(self._complement), renamed))
+        self._warned = set(rename_keys(dict.fromkeys(self._warned), renamed))
+        self._recent = [(s, rename_keys(a, renamed)) for s, a in self._recent]
+
     def task_figures(self) -> dict[str, float]:
         return {f"metagrad/subspace_dim/{n}": float(k) for n, k in self.subspace_dims().items()}
 
@@ -248,7 +239,7 @@ class SubspacePredictor(OldGradientPredictor):
 
     def _matrices(
         self, names: Sequence[str], tensors: Sequence[Tensor]
-    ) -> list[tuple[_Group, Tensor, Tensor | None]]:
+    ) -> list[tuple[MatrixGroup, Tensor, Tensor | None]]:
         """Per group present on this step: (group, weight as rows x fan-in, bias or None)."""
         by_name = dict(zip(names, tensors))
         out = []
@@ -257,7 +248,8 @@ class SubspacePredictor(OldGradientPredictor):
             if w is None:
                 continue
             b = by_name.get(group.bias) if group.bias is not None else None
-            out.append((group, w.reshape(group.rows, -1), b))
+            # A per-row tensor as a column (a bias, or a rows x 1 scale), a view of it.
+            out.append((group, w.reshape(group.rows, -1), None if b is None else b.view(-1)))
         return out
 
     def observe(
@@ -338,7 +330,8 @@ class SubspacePredictor(OldGradientPredictor):
     @torch.no_grad()
     def end_task(self, names: Sequence[str], thetas: Sequence[Tensor]) -> None:
         if not self._count:
-            raise RuntimeError(
+            self._steps = 0
+            raise NothingToFold(
                 "the task ended before any gradient was observed (it needs at least one step "
                 f"with a weight-matrix gradient; observed every {self.every} steps)"
             )
@@ -364,6 +357,7 @@ class SubspacePredictor(OldGradientPredictor):
                     curvature = curvature * (self._energy[name] / self._count[name])
                 self._fold_taylor(name, curvature, ends[name])
         self._cov, self._count, self._recent, self._energy = {}, {}, [], {}
+        self._steps = 0  # every task's first step is observed, however short the task
         self._old_tasks += 1
         self._warn_full_rank()
 
@@ -384,7 +378,7 @@ class SubspacePredictor(OldGradientPredictor):
 
     def _matrix_views(
         self, names: Sequence[str], tensors: Sequence[Tensor]
-    ) -> list[tuple[_Group, Tensor]]:
+    ) -> list[tuple[MatrixGroup, Tensor]]:
         """Per group present: the matrix [W, b] (rows x cols), as a float copy."""
         out = []
         for group, w, b in self._matrices(names, tensors):

@@ -15,7 +15,13 @@ from lightning_metagrad._validation import (
     check_int_sequence,
     check_state_version,
 )
-from lightning_metagrad.predictors.base import OldGradientPredictor, Prediction, _flat
+from lightning_metagrad.matrices import MatrixGroup
+from lightning_metagrad.predictors.base import (
+    NothingToFold,
+    OldGradientPredictor,
+    Prediction,
+    _flat,
+)
 from lightning_metagrad.predictors.paper.distillation import RunningMeanDistiller
 from lightning_metagrad.predictors.paper.meta_network import (
     ACTIVATIONS,
@@ -99,7 +105,9 @@ class MetaNetPredictor(OldGradientPredictor):
         """The distilled predictor of the mean old-task gradient (None before task 2)."""
         return self.distiller.g
 
-    def bind(self, params: Mapping[str, Tensor]) -> None:
+    def bind(
+        self, params: Mapping[str, Tensor], groups: Sequence[MatrixGroup] | None = None
+    ) -> None:
         # Coordinate-wise: the layout does not matter, only the device.
         device = next(iter(params.values())).device
         self.meta.net.to(device)
@@ -139,7 +147,7 @@ class MetaNetPredictor(OldGradientPredictor):
 
     def end_task(self, names: Sequence[str], thetas: Sequence[Tensor]) -> None:
         if self.meta.num_updates == 0 or self.in_scale is None:
-            raise RuntimeError("the task ended before its meta-network had any update")
+            raise NothingToFold("the task ended before its meta-network had any update")
         theta = _flat(thetas)
         self.distiller.add_task(self.meta.net, theta, generator=self.generator)
         g = self.distiller.g
