@@ -4,9 +4,9 @@ The tasks of a Permuted stream are concatenated into one stream of batches that 
 ``x`` and ``y`` -- the model and the callback are never told where a task ends. One
 ``trainer.fit`` runs over all of it with ``MetaGradCallback(task_boundaries="auto")``, which
 watches the share of each step's gradient energy outside the current task's gradient
-subspace (per weight matrix; :class:`~lightning_metagrad.boundaries.novelty.SubspaceNovelty`) and starts
-a new task when it jumps and stays up (paper section 5.1; docs/detection.md).
-``--signal loss`` tests the training loss instead, ``--signal error`` the paper's signal (a
+subspace (per weight matrix; :class:`~lightning_metagrad.boundaries.novelty.SubspaceNovelty`) and
+starts a new task when it jumps and stays up (paper section 5.1; docs/detection.md). ``--signal
+loss`` tests the training loss instead, ``--signal error`` the paper's signal (a
 meta-network's reconstruction error). The script prints the detected switches
 (``callback.detected_switches``, global steps) against the true ones, and the accuracy
 matrix measured at the true task ends.

@@ -234,7 +234,9 @@ class MetaGradCallback(Callback):
         out = torch.zeros_like(theta, dtype=torch.float32)
         if self.num_old_tasks == 0:
             return out
-        for piece, prediction in zip(out.split(sizes), self.predictor.predict(list(params), thetas)):
+        for piece, prediction in zip(
+            out.split(sizes), self.predictor.predict(list(params), thetas)
+        ):
             if prediction is not None:
                 piece.copy_(prediction[0].reshape(-1))
         return out

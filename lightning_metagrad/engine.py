@@ -124,7 +124,8 @@ class MetaGrad:
         self.target = check_choice("target", target, _TARGETS)
         if boundaries is not None and not isinstance(boundaries, TaskBoundarySource):
             raise ValueError(
-                f"`boundaries` must be a TaskBoundarySource or None, got {type(boundaries).__name__}"
+                "`boundaries` must be a TaskBoundarySource or None, got "
+                f"{type(boundaries).__name__}"
             )
         self.boundaries = boundaries if boundaries is not None else TaskBoundarySource()
         if runtime is not None and not isinstance(runtime, Runtime):
@@ -198,6 +199,7 @@ class MetaGrad:
         pruning's ``weight`` -> ``weight_orig``) keeps its protection under the new name;
         names the old tasks trained that are gone, or new ones, are warned about.
         """
+        params: dict[str, Tensor]
         if isinstance(model, nn.Module):
             params, modules = dict(model.named_parameters()), dict(model.named_modules())
             _refuse_sparse_gradients(modules)
@@ -223,11 +225,7 @@ class MetaGrad:
         """Old name -> new name of the parameters bound before under another name (the same
         tensor object)."""
         old = {id(p): n for n, p in self.params.items()}
-        return {
-            old[id(p)]: n
-            for n, p in params.items()
-            if id(p) in old and old[id(p)] != n
-        }
+        return {old[id(p)]: n for n, p in params.items() if id(p) in old and old[id(p)] != n}
 
     def _warn_changed_names(self, params: dict[str, Tensor]) -> None:
         if not self._old_shapes:
@@ -414,7 +412,9 @@ class MetaGrad:
         switch = False
         if self.boundaries.uses_pairs:
             flat_theta = torch.cat([t.reshape(-1).float() for t in thetas])
-            switch = self.boundaries.on_pairs(flat_theta, torch.cat([t.reshape(-1).float() for t in raw]))
+            switch = self.boundaries.on_pairs(
+                flat_theta, torch.cat([t.reshape(-1).float() for t in raw])
+            )
         if self.boundaries.uses_gradients:
             switch = self.boundaries.on_gradients(names, thetas, raw) or switch
         if switch:

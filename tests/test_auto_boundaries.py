@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 from lightning_metagrad import MetaGradCallback
 from lightning_metagrad.benchmark import MLPClassifier
 from lightning_metagrad.boundaries import AutoBoundaries, CombinedBoundaries, NewFitBoundaries
-from lightning_metagrad.data import PermutedStream
 from lightning_metagrad.boundaries.changepoint import ChangePointDetector
+from lightning_metagrad.data import PermutedStream
 
 STEPS_PER_TASK = 600
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from lightning_metagrad import BatchTaskIdBoundaries, NewFitBoundaries
-from lightning_metagrad.predictors.rules import joint_average, sign_agreement
 from lightning_metagrad.predictors.paper.distillation import RunningMeanDistiller
 from lightning_metagrad.predictors.paper.meta_network import CoordinateMLP, MetaNetwork
 from lightning_metagrad.predictors.paper.tabulation import TabulatedFunction
+from lightning_metagrad.predictors.rules import joint_average, sign_agreement
 
 # ------------------------------------------------------------------ eq. 5 and eq. 2
 

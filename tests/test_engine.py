@@ -27,7 +27,9 @@ def _data(seed: int, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     return x, (x @ teacher).argmax(1)
 
 
-def _train_task(core: MetaGrad, model: nn.Module, opt: torch.optim.Optimizer, seed: int, steps: int = 20) -> list[StepReport]:
+def _train_task(
+    core: MetaGrad, model: nn.Module, opt: torch.optim.Optimizer, seed: int, steps: int = 20
+) -> list[StepReport]:
     x, y = _data(seed)
     reports = []
     for i in range(steps):
@@ -216,7 +218,12 @@ def test_a_layer_inserted_in_front_keeps_the_old_layers_protection_under_its_new
     x, y = _data(1)
     nn.functional.cross_entropy(inserted(x), y).backward()
     report = core.step()
-    assert report is not None and set(report.rewritten) == {"2.weight", "2.bias", "4.weight", "4.bias"}
+    assert report is not None and set(report.rewritten) == {
+        "2.weight",
+        "2.bias",
+        "4.weight",
+        "4.bias",
+    }
 
 
 def test_a_layer_pruned_between_tasks_stays_protected_as_weight_orig() -> None:

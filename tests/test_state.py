@@ -37,8 +37,8 @@ from lightning_metagrad.baselines import (
     SICallback,
 )
 from lightning_metagrad.boundaries.changepoint import ChangePointDetector
-from lightning_metagrad.diagnostics import Diagnostics
 from lightning_metagrad.boundaries.novelty import SubspaceNovelty
+from lightning_metagrad.diagnostics import Diagnostics
 
 V010_CHECKPOINT = Path(__file__).parent / "data" / "metagrad-0.1.0.ckpt"
 

@@ -30,12 +30,12 @@ from lightning_metagrad.baselines import (
     OnlineEWCCallback,
     SICallback,
 )
-from lightning_metagrad.data import PermutedStream, RotatedStream, SplitStream
 from lightning_metagrad.boundaries.changepoint import ChangePointDetector
+from lightning_metagrad.boundaries.novelty import SubspaceNovelty
+from lightning_metagrad.data import PermutedStream, RotatedStream, SplitStream
 from lightning_metagrad.diagnostics import Diagnostics
 from lightning_metagrad.predictors.paper.distillation import RunningMeanDistiller
 from lightning_metagrad.predictors.paper.meta_network import CoordinateMLP, MetaNetwork
-from lightning_metagrad.boundaries.novelty import SubspaceNovelty
 from lightning_metagrad.predictors.paper.tabulation import TabulatedFunction
 
 Make = Callable[..., Any]

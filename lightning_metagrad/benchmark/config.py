@@ -28,6 +28,7 @@ from typing import Any
 from lightning_metagrad.benchmark.methods import ALL_METHODS, METHOD_NAMES, make_callbacks
 from lightning_metagrad.benchmark.models import OPTIMIZERS
 from lightning_metagrad.data import PermutedStream, RotatedStream, SplitStream
+from lightning_metagrad.data.datasets import check_dataset_args
 
 STREAMS = {"permuted": PermutedStream, "split": SplitStream, "rotated": RotatedStream}
 DATASETS = ("digits", "mnist", "fashion_mnist")
@@ -576,8 +577,8 @@ def parse_config(
 ) -> tuple[BenchmarkConfig, argparse.Namespace]:
     """Parse ``argv`` with ``parser`` (built with :func:`add_config_arguments`): the
     configuration, and the script's other arguments (with ``preset``, without the
-    configuration's fields). A rejected value exits with the usage message, as argparse does
-    for its own errors.
+    configuration's fields). A rejected value, or a dataset missing from ``--root`` (without
+    ``--download``), exits with the usage message, as argparse does for its own errors.
 
     Example:
         >>> import argparse
@@ -591,7 +592,8 @@ def parse_config(
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
-    except ValueError as err:
+        check_dataset_args(config.dataset, config.root, config.download, None)
+    except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     names = {f.name for f in dataclasses.fields(BenchmarkConfig)}
     return config, argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in names})

@@ -304,5 +304,3 @@ class AutoBoundaries(TaskBoundarySource):
             self._loss_sum = self._loss_finite = None
         else:
             self._loss_sum, self._loss_finite = torch.tensor(total), torch.tensor(finite)
-
-

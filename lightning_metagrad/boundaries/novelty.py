@@ -2,10 +2,10 @@ r"""Gradient-subspace novelty: how much of a step's gradient lies outside the cu
 gradient subspace (the paper's section 5.1 premise, "different tasks must have different
 gradient patterns", tested directly).
 
-Per weight matrix ``W`` (out x fan-in, a conv kernel as out x in·kh·kw, its bias as an extra
-column, as in :mod:`~lightning_metagrad.predictors.subspace`) :class:`SubspaceNovelty` keeps a running
-input-side second moment of the current task's gradients ``G = [dW, db]``, each step counted
-with unit energy, ``G^T G / |G|^2`` (so a learning-rate change, a warm-up or a loss spike
+Per weight matrix ``W`` (out x fan-in, a conv kernel as out x in·kh·kw, its bias as an extra column,
+as in :mod:`~lightning_metagrad.predictors.subspace`) :class:`SubspaceNovelty` keeps a running
+input-side second moment of the current task's gradients ``G = [dW, db]``, each step counted with
+unit energy, ``G^T G / |G|^2`` (so a learning-rate change, a warm-up or a loss spike
 cannot tilt it), and its top-energy basis ``U`` (GPM's energy rule: the fewest leading
 eigenvectors that explain a fraction ``energy`` of the moment's trace). A step's novelty is
 the share of its gradient energy outside the basis,

@@ -21,6 +21,7 @@ from lightning_metagrad.predictors.base import (
 
 #: Per tensor: ``(mean old-task gradient, trusted mask or None)``, or None (the tensor is free).
 
+
 class AnchoredPredictor(OldGradientPredictor):
     r"""Per-coordinate diagonal Taylor model of the old tasks' gradients, with a trust region.
 
@@ -144,4 +145,3 @@ class AnchoredPredictor(OldGradientPredictor):
         self._sq_sum = {k: v.clone() for k, v in state["sq_sum"].items()}
         self._count = {k: int(v) for k, v in state["count"].items()}
         self._b_mean = None
-

@@ -15,7 +15,8 @@ Two kinds, declared by :attr:`OldGradientPredictor.rule` (the engine dispatches 
   gradient from a small episodic memory).
 * ``"projection"``: the predictor rewrites the gradient itself
   (:meth:`~OldGradientPredictor.rewrite_`): the default,
-  :class:`~lightning_metagrad.predictors.subspace.SubspacePredictor`, removes each weight matrix's component in the old tasks' gradient subspace.
+  :class:`~lightning_metagrad.predictors.subspace.SubspacePredictor`, removes each weight
+  matrix's component in the old tasks' gradient subspace.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import Tensor
 from lightning_metagrad._validation import check_state_version
 from lightning_metagrad.matrices import MatrixGroup
 from lightning_metagrad.runtime import Runtime
+
 
 class NothingToFold(RuntimeError):
     """Raised by :meth:`OldGradientPredictor.end_task` when the task taught the predictor
@@ -179,8 +181,6 @@ class OldGradientPredictor:
 
 def _flat(tensors: Sequence[Tensor]) -> Tensor:
     return torch.cat([t.detach().reshape(-1).float() for t in tensors])
-
-
 
 
 def rename_keys(store: dict, renamed: Mapping[str, str]) -> dict:

@@ -1,7 +1,7 @@
-"""The energy rule of Gradient Projection Memory (Saha et al., ICLR 2021), shared by the
-default predictor (:mod:`~lightning_metagrad.predictors.subspace`, on gradient second moments) and the
-GPM baseline (:mod:`~lightning_metagrad.baselines.gpm`, on layer-input second moments).
-Plain PyTorch."""
+"""The energy rule of Gradient Projection Memory (Saha et al., ICLR 2021), shared by the default
+predictor (:mod:`~lightning_metagrad.predictors.subspace`, on gradient second moments) and the GPM
+baseline (:mod:`~lightning_metagrad.baselines.gpm`, on layer-input second moments). Plain
+PyTorch."""
 
 from __future__ import annotations
 

@@ -29,7 +29,6 @@ and a 1-D "subspace" of a norm scale would freeze it outright.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch

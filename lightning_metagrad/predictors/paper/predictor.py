@@ -186,4 +186,3 @@ class MetaNetPredictor(OldGradientPredictor):
         self.in_scale = state["in_scale"]
         self.steps_in_task = int(state["steps_in_task"])
         self.generator.set_state(state["generator"])
-
