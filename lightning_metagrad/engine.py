@@ -218,7 +218,7 @@ class MetaGrad:
         self._warn_changed_names(params)
         self.params = params
         self.groups = matrix_groups(params, modules)
-        self.predictor.bind(self.params, groups=self.groups)
+        self.predictor.bind(self.params, groups=self.groups, modules=modules)
         self._decide_sync()
 
     def _renamed(self, params: dict[str, Tensor]) -> dict[str, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_metagrad._validation import (
     check_float,
@@ -57,7 +57,10 @@ class AnchoredPredictor(OldGradientPredictor):
         self._b_mean: float | None = None  # cached mean(B), reset whenever B changes
 
     def bind(
-        self, params: Mapping[str, Tensor], groups: Sequence[MatrixGroup] | None = None
+        self,
+        params: Mapping[str, Tensor],
+        groups: Sequence[MatrixGroup] | None = None,
+        modules: Mapping[str, nn.Module] | None = None,
     ) -> None:
         for store in (self._b, self._c, self._sq_sum):
             for name, value in list(store.items()):

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_metagrad._validation import check_state_version
 from lightning_metagrad.matrices import MatrixGroup
@@ -89,10 +89,15 @@ class OldGradientPredictor:
         return self._old_tasks
 
     def bind(
-        self, params: Mapping[str, Tensor], groups: Sequence[MatrixGroup] | None = None
+        self,
+        params: Mapping[str, Tensor],
+        groups: Sequence[MatrixGroup] | None = None,
+        modules: Mapping[str, nn.Module] | None = None,
     ) -> None:
         """Adopt the model's parameters (name -> tensor) at each fit start; ``groups`` are its
-        weight matrices grouped by owner module (:mod:`~lightning_metagrad.matrices`)."""
+        weight matrices grouped by owner module (:mod:`~lightning_metagrad.matrices`), and
+        ``modules`` its ``named_modules()`` when the engine was bound to an ``nn.Module`` (a
+        predictor that reads layer inputs hooks them here)."""
 
     def connect(self, runtime: Runtime) -> None:
         """Adopt the services of the loop around the engine (the engine calls it once)."""

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_metagrad._tensors import same_shape
 from lightning_metagrad._validation import (
@@ -79,7 +79,10 @@ class ReplayPredictor(OldGradientPredictor):
         return self.replay_memory.current
 
     def bind(
-        self, params: Mapping[str, Tensor], groups: Sequence[MatrixGroup] | None = None
+        self,
+        params: Mapping[str, Tensor],
+        groups: Sequence[MatrixGroup] | None = None,
+        modules: Mapping[str, nn.Module] | None = None,
     ) -> None:
         self._params = {n: p for n, p in params.items() if p.requires_grad}
 

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from typing import ClassVar, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_metagrad._validation import (
     check_choice,
@@ -164,7 +164,10 @@ class SubspacePredictor(OldGradientPredictor):
     # ------------------------------------------------------------------ binding
 
     def bind(
-        self, params: Mapping[str, Tensor], groups: Sequence[MatrixGroup] | None = None
+        self,
+        params: Mapping[str, Tensor],
+        groups: Sequence[MatrixGroup] | None = None,
+        modules: Mapping[str, nn.Module] | None = None,
     ) -> None:
         groups = list(groups) if groups is not None else matrix_groups(params)
         self._groups = {g.weight: g for g in groups}

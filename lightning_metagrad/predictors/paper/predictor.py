@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_metagrad._validation import (
     check_choice,
@@ -106,7 +106,10 @@ class MetaNetPredictor(OldGradientPredictor):
         return self.distiller.g
 
     def bind(
-        self, params: Mapping[str, Tensor], groups: Sequence[MatrixGroup] | None = None
+        self,
+        params: Mapping[str, Tensor],
+        groups: Sequence[MatrixGroup] | None = None,
+        modules: Mapping[str, nn.Module] | None = None,
     ) -> None:
         # Coordinate-wise: the layout does not matter, only the device.
         device = next(iter(params.values())).device
