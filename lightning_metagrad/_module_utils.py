@@ -5,7 +5,7 @@ extra passes. Private Lightning APIs live in :mod:`lightning_metagrad._lightning
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -105,6 +105,17 @@ def loss_of(output: Any) -> Tensor | None:
         "`training_step` must return a loss tensor, a dict with a 'loss' tensor, or None to "
         f"be used for the importance estimate; got {type(output).__name__}."
     )
+
+
+def batch_loss_of(pl_module: pl.LightningModule) -> Callable[[Any], Tensor | None]:
+    """The module's own ``training_step`` loss on a stored batch, in :func:`quiet_eval`:
+    what a replaying predictor differentiates (``Runtime.batch_loss``)."""
+
+    def loss(batch: Any) -> Tensor | None:
+        with quiet_eval(pl_module):
+            return loss_of(pl_module.training_step(batch, 0))
+
+    return loss
 
 
 @contextlib.contextmanager

@@ -215,17 +215,62 @@ class MetaGrad:
             self._old_shapes = rename_keys(self._old_shapes, renamed)
             self._trained = set(rename_keys(dict.fromkeys(self._trained), renamed))
             self.predictor.rename(renamed)
+        if self.predictor.needs_batch_loss and self.runtime.batch_loss is None:
+            raise ValueError(
+                f"{type(self.predictor).__name__} replays stored batches: it needs their loss. "
+                "Pass `MetaGrad(..., runtime=Runtime(batch_loss=fn))` (fn(batch) -> the loss "
+                "tensor) and call `core.observe_batch(batch)` with every training batch, or "
+                "use MetaGradCallback, which does both."
+            )
         self._warn_changed_names(params)
+        self._warn_fresh_model(params)
         self.params = params
         self.groups = matrix_groups(params, modules)
         self.predictor.bind(self.params, groups=self.groups, modules=modules)
         self._decide_sync()
 
+    def _require_binding(self, call: str) -> None:
+        if not self.params:
+            raise RuntimeError(
+                f"MetaGrad.{call} needs the model's parameters: call `bind(model)` first"
+            )
+
     def _renamed(self, params: dict[str, Tensor]) -> dict[str, str]:
-        """Old name -> new name of the parameters bound before under another name (the same
-        tensor object)."""
+        """Old name -> new name of the parameters bound before under another name: the same
+        tensor object (a layer inserted in front, pruning's ``weight_orig``), or, for names
+        the old tasks trained, the same name inside a wrapper (``torch.compile``'s
+        ``_orig_mod.``, DDP's ``module.``), e.g. after loading a state."""
         old = {id(p): n for n, p in self.params.items()}
-        return {old[id(p)]: n for n, p in params.items() if id(p) in old and old[id(p)] != n}
+        renamed = {old[id(p)]: n for n, p in params.items() if id(p) in old and old[id(p)] != n}
+        known = {_unwrapped(n): n for n in self._old_shapes if n not in params}
+        for n in params:
+            was = known.get(_unwrapped(n))
+            if was is not None and was != n and was not in renamed and n not in self._old_shapes:
+                renamed[was] = n
+        return renamed
+
+    def _warn_fresh_model(self, params: dict[str, Tensor]) -> None:
+        """A model bound for a later task that is not the one the earlier task trained: none
+        of its parameters is the same object, and none holds the values that task ended
+        with (a freshly built model with the same callback)."""
+        if not self.params or (not self._old_shapes and self.steps_in_task == 0):
+            return
+        if any(id(p) in {id(q) for q in self.params.values()} for p in params.values()):
+            return
+        with torch.no_grad():
+            same = [
+                torch.equal(p.detach().cpu(), self.params[n].detach().cpu())
+                for n, p in params.items()
+                if n in self.params and self.params[n].shape == p.shape
+            ]
+        if same and not any(same):
+            self.runtime.warn(
+                "MetaGrad: the model bound now holds none of the weights the previous task "
+                f"ended with (task {self.task_index}): a freshly built model? It is trained "
+                "as the next task of the same stream, protecting the old tasks. To start a "
+                "new stream, use a new MetaGradCallback (or MetaGrad); to continue, load the "
+                "previous weights into it first."
+            )
 
     def _warn_changed_names(self, params: dict[str, Tensor]) -> None:
         if not self._old_shapes:
@@ -237,6 +282,14 @@ class MetaGrad:
                 f"MetaGrad: parameters the old tasks trained are no longer in the model: {gone}; "
                 "their protection is dropped. If a layer was replaced or renamed, keep its name "
                 "(or its parameter object) between tasks to keep it protected."
+            )
+        reshaped = sorted(
+            n for n, p in params.items() if n in self._old_shapes and self._old_shapes[n] != p.shape
+        )
+        if reshaped:
+            self.runtime.warn(
+                f"MetaGrad: parameters changed shape since the old tasks trained them: "
+                f"{reshaped}; they are free (the old tasks' knowledge of them does not apply)."
             )
         if new and self.num_old_tasks:
             self.runtime.warn(
@@ -315,6 +368,7 @@ class MetaGrad:
         ``optimizer.step()``. Gradient mode: learn from the bound parameters' ``.grad`` and
         rewrite it in place; returns the report. Update mode: snapshot the parameters (the
         optimizer's step post-hook finishes the step); returns None."""
+        self._require_binding("before_optimizer_step()")
         self._apply_switch(False)
         names = [n for n, p in self.params.items() if p.requires_grad and p.grad is not None]
         self._step_names = names
@@ -461,6 +515,28 @@ class MetaGrad:
         report.figures["metagrad/zeroed_fraction"] = held
         return report
 
+    def predict_old_gradient(self, theta: Tensor) -> Tensor:
+        """Elementwise predictors: the predicted mean old-task gradient at a flat ``theta``
+        laid out like the trainable parameters (``cat(p.reshape(-1))`` over those with
+        ``requires_grad``); 0 where a parameter is free, or before task 2."""
+        if self.predictor.rule != "elementwise":
+            raise TypeError(
+                f"the {type(self.predictor).__name__} rewrites by projection and predicts no "
+                "old-task gradient; use an elementwise predictor ('anchored', 'paper', 'replay')"
+            )
+        self._require_binding("predict_old_gradient()")
+        params = {n: p for n, p in self.params.items() if p.requires_grad}
+        sizes = [p.numel() for p in params.values()]
+        thetas = [t.view_as(p) for t, p in zip(theta.split(sizes), params.values())]
+        out = torch.zeros_like(theta, dtype=torch.float32)
+        if self.num_old_tasks == 0:
+            return out
+        predictions = self.predictor.predict(list(params), thetas)
+        for piece, prediction in zip(out.split(sizes), predictions):
+            if prediction is not None:
+                piece.copy_(prediction[0].reshape(-1))
+        return out
+
     def protected(self, names: Sequence[str], tensors: Sequence[Tensor]) -> list[int]:
         """Indices of the tensors the rule may rewrite: those the old tasks trained, in the
         shape they trained. The rest (a new head, a layer unfrozen later) is free."""
@@ -478,10 +554,7 @@ class MetaGrad:
         ``forget_steps``: the last steps belonged to the new task already (a switch detected
         that many steps late); what they taught the predictor is taken back first.
         """
-        if not self.params:
-            raise RuntimeError(
-                "MetaGrad.start_task() needs the model's parameters: call bind(model) first"
-            )
+        self._require_binding("start_task()")
         self._end_task(forget_steps)
         self._begin_task()
         return self.task_index
@@ -500,6 +573,7 @@ class MetaGrad:
         """Fold the current task in now (without starting another); False if it had no step
         to learn from (nothing changes then). Raises if the parameters are non-finite: such
         a task is never folded in."""
+        self._require_binding("end_task()")
         if not self.learning or self.steps_in_task == 0:
             return False
         names = [n for n in self.params if n in self._trained]
@@ -608,6 +682,19 @@ class MetaGrad:
         self._switch_onset = int(state["switch_onset"])
         self.predictor.load_state_dict(state["predictor"])
         self.boundaries.load_state_dict(state["boundaries"])
+
+
+#: Leading name segments that wrappers add around a model (``torch.compile``, DDP, Fabric).
+_WRAPPERS = ("_orig_mod", "module", "_forward_module", "_checkpoint_wrapped_module")
+
+
+def _unwrapped(name: str) -> str:
+    """A parameter name without the leading segments wrappers add
+    (``_orig_mod.net.0.weight`` -> ``net.0.weight``)."""
+    parts = name.split(".")
+    while len(parts) > 1 and parts[0] in _WRAPPERS:
+        parts = parts[1:]
+    return ".".join(parts)
 
 
 def _refuse_sparse_gradients(modules: dict[str, nn.Module]) -> None:

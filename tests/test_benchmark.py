@@ -537,12 +537,22 @@ def test_method_kwargs_are_checked_in_python_too() -> None:
         runner.run_benchmark(config)  # before any training
 
 
+@pytest.mark.filterwarnings("ignore:GPMCallback. the basis of layer")
 def test_gpm_warns_about_layers_its_thresholds_leave_unprotected() -> None:
     config = preset(
         "gpm-pmnist", dataset="digits", tasks=2, epochs=0, iters=2, hidden_sizes=(8,) * 3
     )
     with pytest.warns(UserWarning, match=r"layers \['net.6'\] stay unprotected"):
         run_method(config, "gpm", seed=0)  # the preset's thresholds name net.0, net.2, net.4
+
+
+def test_missing_mnist_exits_before_training_naming_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_config(build_parser(), ["--preset", "gpm-pmnist", "--root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "'mnist' not found" in err and "--download" in err and "--root" in err
 
 
 def test_the_gpm_protocol_runs_on_digits_from_the_cli(tmp_path: Path) -> None:

@@ -76,6 +76,9 @@ class OldGradientPredictor:
     #: step out of what it learns where it is False: the engine then checks finiteness
     #: without a host sync per step. Otherwise it only sees finite steps.
     masks_non_finite: ClassVar[bool] = False
+    #: Whether it replays stored batches (it needs ``runtime.batch_loss`` and every training
+    #: batch through ``MetaGrad.observe_batch``).
+    needs_batch_loss: ClassVar[bool] = False
     #: The layout version :meth:`state_dict` writes (bumped when the layout changes).
     _state_version: ClassVar[int] = 1
     _old_tasks = 0

@@ -43,6 +43,8 @@ class ReplayPredictor(OldGradientPredictor):
         0
     """
 
+    needs_batch_loss = True
+
     #: Version 2 nests the memory's own state under ``"memory"``; version 1 (flat ``memory``,
     #: ``current``, ``seen`` and ``generator`` entries) still loads.
     _state_version = 2

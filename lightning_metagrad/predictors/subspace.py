@@ -29,18 +29,20 @@ and a 1-D "subspace" of a norm scale would freeze it outright.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import ClassVar, Literal
+from functools import partial
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from lightning_metagrad._validation import (
     check_choice,
+    check_float,
     check_fraction,
     check_int,
     check_state_version,
 )
-from lightning_metagrad.matrices import MatrixGroup, matrix_groups
+from lightning_metagrad.matrices import MatrixGroup, matrix_groups, owner_of
 from lightning_metagrad.predictors.base import (
     NothingToFold,
     OldGradientPredictor,
@@ -48,6 +50,10 @@ from lightning_metagrad.predictors.base import (
     rename_keys,
 )
 from lightning_metagrad.predictors.basis import complement_of, grow_basis
+from lightning_metagrad.predictors.sketch import FrequentDirections, new_directions
+
+#: What a matrix's statistic is made of (see ``SubspacePredictor(statistic=...)``).
+Statistic = Literal["gradient", "inputs", "both"]
 
 
 class SubspacePredictor(OldGradientPredictor):
@@ -81,6 +87,29 @@ class SubspacePredictor(OldGradientPredictor):
             point ``W*_i``): a basis coordinate of the current gradient is kept where it
             agrees in sign with the old tasks' (moving along it helps them too), removed
             elsewhere. It stores two more matrices per layer (fan-in x k and rows x k).
+            Dense statistic only (``sketch=None``).
+        statistic: what each matrix's subspace is learned from. ``"gradient"``: the
+            (sampled) rows of its gradients, as above. ``"inputs"``: the rows ``[x, 1]`` its
+            ``[W, b]`` multiplies in the training forward passes, read by forward hooks on the
+            owner ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (``groups=1``) with no extra
+            pass and nothing stored past the step: the uncentred input second moment of GPM and
+            Adam-NSCL (Wang et al., CVPR 2021), which keeps the inputs' common component that a
+            batch gradient ``sum_n delta_n x_n^T`` cancels. A matrix whose inputs no hook sees
+            (embeddings, recurrent and attention projections called functionally) falls back
+            to its gradient. ``"both"``: per observed step the gradient rows and the input
+            rows, each with the step's energy (times ``input_weight`` for the inputs), in one
+            statistic (their normalised sum). Hooks need :meth:`bind` with ``modules`` (the
+            engine passes them).
+        input_weight: the inputs' share relative to the gradient's per step (``"both"``).
+        sketch: None keeps the dense fan-in x fan-in second moment per matrix; an int ``ell``
+            keeps a Frequent Directions sketch of ``ell`` rows instead (streaming, ``2·ell``
+            rows of memory; Liberty 2013, as CoSO does for gradients), with the basis grown
+            from it by GPM's rule at O(fan-in·ell²) (:mod:`.sketch`). The stored basis is then
+            a list of per-task blocks (no complement: converting to it needs fan-in² floats).
+        memory_budget: with a sketch, floats per parameter a matrix's predictor state and
+            workspace may hold (``ell`` is lowered to fit and the basis stops growing at the
+            budget, with a warning); None: unbounded. With ``sketch=None`` a given budget only
+            warns for matrices whose dense second moment exceeds it.
 
     Example:
         >>> pred = SubspacePredictor(every=1)
@@ -99,8 +128,9 @@ class SubspacePredictor(OldGradientPredictor):
 
     rule: ClassVar[Literal["elementwise", "projection"]] = "projection"
     masks_non_finite: ClassVar[bool] = True
-    # 2 adds "energy" (normalize_steps); a version-1 state (raw second moments) still loads.
-    _state_version: ClassVar[int] = 2
+    # 2 adds "energy" (normalize_steps); 3 the sketch state ("blocks", "sketch", "total").
+    # Versions 1 and 2 still load.
+    _state_version: ClassVar[int] = 3
 
     def __init__(
         self,
@@ -113,8 +143,26 @@ class SubspacePredictor(OldGradientPredictor):
         seed: int = 0,
         in_basis: Literal["project", "sign"] = "project",
         normalize_steps: bool | Literal["auto"] = "auto",
+        statistic: Statistic = "gradient",
+        input_weight: float = 1.0,
+        sketch: int | None = None,
+        memory_budget: float | None = 1.0,
     ) -> None:
         self.in_basis = check_choice("in_basis", in_basis, ("project", "sign"))
+        self.statistic: Statistic = check_choice(
+            "statistic", statistic, ("gradient", "inputs", "both")
+        )
+        self.input_weight = check_float("input_weight", input_weight, minimum=0, low_open=True)
+        self.sketch = check_int("sketch", sketch, minimum=1, optional=True)
+        self._budget_given = memory_budget != 1.0
+        self.memory_budget = check_float(
+            "memory_budget", memory_budget, minimum=0, low_open=True, optional=True
+        )
+        if self.sketch is not None and self.in_basis == "sign":
+            raise ValueError(
+                "`in_basis='sign'` needs the dense second moment (its Taylor model): "
+                "use sketch=None"
+            )
         if not isinstance(normalize_steps, bool) and normalize_steps != "auto":
             raise ValueError(
                 f"`normalize_steps` must be True, False or 'auto', got {normalize_steps!r}"
@@ -160,6 +208,17 @@ class SubspacePredictor(OldGradientPredictor):
         # in_basis="sign": the old tasks' Taylor model in the basis, grad ~ theta K - D.
         self._k: dict[str, Tensor] = {}
         self._d: dict[str, Tensor] = {}
+        # With a sketch: per weight the stored basis as orthonormal blocks (one per task that
+        # added directions, mutually orthogonal), the task's sketch of the rows outside it, and
+        # the task's whole energy (the sketch holds the residual's).
+        self._blocks: dict[str, list[Tensor]] = {}
+        self._sketches: dict[str, FrequentDirections] = {}
+        self._total: dict[str, Tensor] = {}
+        # Input rows read by the forward hooks for the step the next observe() sees.
+        self._pending: dict[str, Tensor] = {}
+        self._hooks: list[Any] = []
+        self._hooked: set[str] = set()
+        self._warned_budget: set[str] = set()
 
     # ------------------------------------------------------------------ binding
 
@@ -172,20 +231,129 @@ class SubspacePredictor(OldGradientPredictor):
         groups = list(groups) if groups is not None else matrix_groups(params)
         self._groups = {g.weight: g for g in groups}
         self._first = groups[0].weight if groups else None
-        for name in list(self._basis):
+        for name in list(self._basis) + list(self._blocks):
             group = self._groups.get(name)
             if group is not None and self._shapes.get(name) != (group.rows, group.cols):
                 # The matrix changed shape (e.g. a head grew): a parameter the old tasks never
                 # saw in this form, so it is free.
-                del self._basis[name]
+                self._basis.pop(name, None)
+                self._blocks.pop(name, None)
                 self._complement.discard(name)
-                for store in (self._cov, self._k, self._d, self._energy):
+                for store in (self._cov, self._k, self._d, self._energy, self._total):
                     store.pop(name, None)
+                self._sketches.pop(name, None)
                 self._count.pop(name, None)
         device = next(iter(params.values())).device if params else torch.device("cpu")
-        for store in (self._basis, self._cov, self._k, self._d, self._energy):
+        for store in (self._basis, self._cov, self._k, self._d, self._energy, self._total):
             for name, value in store.items():
                 store[name] = value.to(device)
+        self._blocks = {n: [b.to(device) for b in bs] for n, bs in self._blocks.items()}
+        for fd in self._sketches.values():
+            fd.to(device)
+        self._hook_inputs(params, modules)
+        self._check_budget()
+
+    # ------------------------------------------------------------------ layer inputs
+
+    def remove_hooks(self) -> None:
+        """Remove the forward hooks (:meth:`bind` calls it before hooking again)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks, self._hooked, self._pending = [], set(), {}
+
+    def _hook_inputs(
+        self, params: Mapping[str, Tensor], modules: Mapping[str, nn.Module] | None
+    ) -> None:
+        self.remove_hooks()
+        if self.statistic == "gradient" or modules is None:
+            return
+        for group in self._groups.values():
+            module = modules.get(owner_of(group.weight))
+            if module is None or not _reads_inputs(module, group, params):
+                continue
+            hook = partial(self._read_inputs, group.weight, group.bias is not None)
+            self._hooks.append(module.register_forward_hook(hook))
+            self._hooked.add(group.weight)
+
+    @torch.no_grad()
+    def _read_inputs(
+        self, name: str, bias: bool, module: nn.Module, args: tuple[Any, ...], output: Any
+    ) -> None:
+        """Forward hook: keep a few rows ``[x, 1]`` of a training step that will be observed
+        (train mode, autograd on); nothing else: no graph, no data past the step."""
+        if not module.training or not torch.is_grad_enabled() or self._steps % self.every:
+            return
+        if not args or not isinstance(args[0], Tensor):
+            return
+        group = self._groups.get(name)
+        if group is None:
+            return
+        limit = self._rows_per_step(group)
+        rows = _input_rows(module, args[0].detach(), bias, limit, self.generator)
+        held = self._pending.get(name)
+        if held is not None:  # a second forward before the step (accumulation, tied weights)
+            rows = torch.cat([held, rows])
+        if rows.shape[0] > limit:
+            pick = torch.randperm(rows.shape[0], generator=self.generator)[:limit]
+            rows = rows[_to_device(pick, rows.device)]
+        self._pending[name] = rows
+
+    # ------------------------------------------------------------------ memory budget
+
+    def _plan(self, group: MatrixGroup) -> tuple[int, int]:
+        """(sketch rows ``ell``, most basis columns) for a matrix under the budget: the
+        basis (k columns), the sketch (2·ell rows), the pending input rows and the step's
+        rows (ell each) and their residual (ell) stay within ``budget·rows`` vectors of
+        ``cols`` floats, so ``k <= budget·rows - 5·ell``, with ``ell <= budget·rows / 8``."""
+        ell = self.sketch or 1
+        if self.memory_budget is None:
+            return ell, group.cols
+        vectors = self.memory_budget * group.rows
+        ell = max(1, min(ell, int(vectors // 8)))
+        return ell, max(0, min(group.cols, int(vectors) - 5 * ell))
+
+    def _rows_per_step(self, group: MatrixGroup) -> int:
+        rows = self.sample_rows or 32
+        return min(rows, self._plan(group)[0]) if self.sketch is not None else rows
+
+    def _check_budget(self) -> None:
+        """Warn once per matrix where a user setting exceeds the memory budget."""
+        if self.memory_budget is None:
+            return
+        for group in self._groups.values():
+            name = group.weight
+            if name in self._warned_budget:
+                continue
+            allowed = self.memory_budget * group.rows * group.cols
+            if self.sketch is None and self._budget_given and group.cols**2 > allowed:
+                self._warned_budget.add(name)
+                self.runtime.warn(
+                    f"SubspacePredictor: the dense second moment of {name!r} holds "
+                    f"{group.cols**2} floats, more than memory_budget={self.memory_budget} "
+                    f"per parameter ({int(allowed)}). Set `sketch` (e.g. 32) to bound it."
+                )
+            elif self.sketch is not None and self._plan(group)[0] < self.sketch:
+                self._warned_budget.add(name)
+                self.runtime.warn(
+                    f"SubspacePredictor: sketch={self.sketch} rows do not fit {name!r} "
+                    f"({group.rows} x {group.cols}) within memory_budget={self.memory_budget} "
+                    f"floats per parameter; it uses {self._plan(group)[0]} rows."
+                )
+
+    def memory_floats(self) -> int:
+        """Floats the predictor holds now: bases, second moments or sketches, pending input
+        rows, the sign rule's model and the kept history."""
+        tensors: list[Tensor] = [
+            *self._basis.values(),
+            *self._cov.values(),
+            *self._k.values(),
+            *self._d.values(),
+            *self._pending.values(),
+            *(b for bs in self._blocks.values() for b in bs),
+            *(fd.buffer for fd in self._sketches.values()),
+            *(g for _, added in self._recent for g in added.values()),
+        ]
+        return sum(t.numel() for t in tensors)
 
     def learn_from(
         self, target: Literal["gradient", "update"], optimizer: torch.optim.Optimizer | None
@@ -212,10 +380,24 @@ class SubspacePredictor(OldGradientPredictor):
 
     def subspace_dims(self) -> dict[str, int]:
         """Directions protected per weight matrix."""
-        return {name: self._dim(name) for name in self._basis}
+        dims = {name: self._dim(name) for name in self._basis}
+        dims.update({n: sum(b.shape[1] for b in bs) for n, bs in self._blocks.items()})
+        return dims
 
     def rename(self, renamed: Mapping[str, str]) -> None:
-        for attr in ("_basis", "_cov", "_k", "_d", "_energy", "_count", "_shapes"):
+        for attr in (
+            "_basis",
+            "_cov",
+            "_k",
+            "_d",
+            "_energy",
+            "_count",
+            "_shapes",
+            "_blocks",
+            "_sketches",
+            "_total",
+            "_pending",
+        ):
             setattr(self, attr, rename_keys(getattr(self, attr), renamed))
         self._complement = set(rename_keys(dict.fromkeys(self._complement), renamed))
         self._warned = set(rename_keys(dict.fromkeys(self._warned), renamed))
@@ -230,12 +412,17 @@ class SubspacePredictor(OldGradientPredictor):
 
     def basis(self, weight: str) -> Tensor:
         """The orthonormal basis (fan-in x k) of a weight matrix's protected subspace."""
+        if weight in self._blocks:
+            blocks = self._blocks[weight]
+            cols = self._shapes[weight][1]
+            return torch.cat(blocks, 1) if blocks else torch.zeros(cols, 0)
         stored = self._basis[weight]
         return complement_of(stored) if weight in self._complement else stored
 
     def state_floats(self) -> int:
         """Floats held between tasks: per matrix the smaller of the basis and its complement."""
-        return sum(m.numel() for m in self._basis.values())
+        blocks = sum(b.numel() for bs in self._blocks.values() for b in bs)
+        return sum(m.numel() for m in self._basis.values()) + blocks
 
     # ------------------------------------------------------------------ learning
 
@@ -266,9 +453,23 @@ class SubspacePredictor(OldGradientPredictor):
         step = self._steps
         self._steps += 1
         if step % self.every != 0:
+            self._pending = {}
+            return {}
+        if self.sketch is not None:
+            for group, w, b in self._matrices(names, targets):
+                self._observe_sketch(group, w, b, finite)
+            self._pending = {}
             return {}
         added: dict[str, Tensor] = {}
         for group, g in self._matrix_views(names, targets):  # a missing bias grad counts as 0
+            inputs = self._pending.pop(group.weight, None)
+            if inputs is not None and self.statistic != "gradient":
+                # The layer's input rows, with the step's energy (times input_weight); for
+                # "inputs" they replace the gradient rows.
+                scale = self.input_weight * (1.0 if self._normalize else _sq_norm(g))
+                inputs = inputs * (scale / _sq_norm(inputs).clamp_min(1e-30)).sqrt()
+                if finite is not None:
+                    inputs = torch.where(finite, inputs, torch.zeros((), device=g.device))
             if self._normalize:  # unit energy; a non-finite step stays non-finite
                 energy = _sq_norm(g)
                 g = g * energy.clamp_min(1e-30).rsqrt()
@@ -279,6 +480,8 @@ class SubspacePredictor(OldGradientPredictor):
                 g = g[_to_device(rows, g.device)]
             if finite is not None:  # where, not a product: a NaN times 0 is still NaN
                 g = torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device))
+            if inputs is not None and self.statistic != "gradient":
+                g = inputs if self.statistic == "inputs" else torch.cat([g, inputs])
             if self._history_steps:
                 added[group.weight] = g
             cov = self._cov.get(group.weight)
@@ -286,11 +489,59 @@ class SubspacePredictor(OldGradientPredictor):
                 cov = self._cov[group.weight] = g.new_zeros(group.cols, group.cols)
             cov.addmm_(g.T, g)
             self._count[group.weight] = self._count.get(group.weight, 0) + 1
+        self._pending = {}
         if self._history_steps:
             self._recent.append((step, added))
             while self._recent and self._recent[0][0] <= step - self._history_steps:
                 self._recent.pop(0)
         return {}
+
+    def _observe_sketch(
+        self, group: MatrixGroup, w: Tensor, b: Tensor | None, finite: Tensor | None
+    ) -> None:
+        """One observed step into the matrix's sketch: ``m`` sampled gradient rows (scaled
+        by ``sqrt(rows/m)``, so their expected energy is the step's) and the hooks' input rows,
+        each without its part in the stored basis. No copy of the whole gradient is made."""
+        name = group.weight
+        ell, _ = self._plan(group)
+        sketch = self._sketches.get(name)
+        if sketch is None:
+            sketch = self._sketches[name] = FrequentDirections(group.cols, ell, device=w.device)
+            self._total[name] = torch.zeros((), dtype=torch.float64, device=w.device)
+        energy = _sq_norm(w) + (_sq_norm(b) if b is not None and group.bias else 0.0)
+        step_energy = 1.0 if self._normalize else energy
+        inputs = self._pending.get(name) if self.statistic != "gradient" else None
+        if self.statistic != "inputs" or inputs is None:  # "inputs" falls back to gradients
+            m = min(self._rows_per_step(group), group.rows)
+            rows = None
+            if m < group.rows:
+                rows = _to_device(
+                    torch.randint(group.rows, (m,), generator=self.generator), w.device
+                )
+            g = w.float() if rows is None else w[rows].float()
+            if group.bias is not None:
+                column = b if b is not None else w.new_zeros(group.rows)
+                column = (column if rows is None else column[rows]).float()
+                g = torch.cat([g, column[:, None]], 1)
+            scale = (group.rows / m) ** 0.5
+            if self._normalize:
+                g.mul_(energy.clamp_min(1e-30).rsqrt() * scale)
+            elif scale != 1.0:
+                g.mul_(scale)
+            self._add_rows(name, g, finite)
+        if inputs is not None:
+            scale = self.input_weight * step_energy
+            inputs = inputs * (scale / _sq_norm(inputs).clamp_min(1e-30)).sqrt()
+            self._add_rows(name, inputs, finite)
+        self._count[name] = self._count.get(name, 0) + 1
+
+    def _add_rows(self, name: str, rows: Tensor, finite: Tensor | None) -> None:
+        if finite is not None:  # where, not a product: a NaN times 0 is still NaN
+            rows = torch.where(finite, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+        self._total[name] += _sq_norm(rows).double()
+        for block in self._blocks.get(name, []):  # only the part outside the stored basis
+            rows = rows.addmm_(rows @ block, block.T, alpha=-1.0)
+        self._sketches[name].add(rows)
 
     def _add_energy(self, name: str, energy: Tensor, finite: Tensor | None) -> None:
         if finite is not None:  # a skipped step adds nothing
@@ -301,6 +552,16 @@ class SubspacePredictor(OldGradientPredictor):
     def keep_history(self, steps: int) -> None:
         """Keep the sampled rows of the observations of the last ``steps`` steps (without
         ``sample_rows`` whole gradients would be kept: nothing is kept then)."""
+        if steps and self.sketch is not None:
+            if not self._warned_history:
+                self._warned_history = True
+                self.runtime.warn(
+                    "SubspacePredictor(sketch=...) cannot take steps back out of its sketch, so "
+                    "the steps between a task switch and its detection are folded into the old "
+                    "task. Use sketch=None to have them taken back."
+                )
+            self._history_steps, self._recent = 0, []
+            return
         if steps and self.sample_rows is None and not self._warned_history:
             self._warned_history = True
             self.runtime.warn(
@@ -337,6 +598,10 @@ class SubspacePredictor(OldGradientPredictor):
                 "the task ended before any gradient was observed (it needs at least one step "
                 f"with a weight-matrix gradient; observed every {self.every} steps)"
             )
+        self._pending = {}
+        if self.sketch is not None:
+            self._end_task_sketch()
+            return
         ends = {g.weight: theta for g, theta in self._matrix_views(names, thetas)}
         for name, cov in self._cov.items():
             if not self._count.get(name):
@@ -360,6 +625,42 @@ class SubspacePredictor(OldGradientPredictor):
                 self._fold_taylor(name, curvature, ends[name])
         self._cov, self._count, self._recent, self._energy = {}, {}, [], {}
         self._steps = 0  # every task's first step is observed, however short the task
+        self._old_tasks += 1
+        self._warn_full_rank()
+
+    def _end_task_sketch(self) -> None:
+        """GPM's rule on each matrix's sketch (O(fan-in·ell²)); the new directions become
+        one more block of the basis."""
+        for name, sketch in self._sketches.items():
+            if not self._count.get(name):
+                continue
+            group = self._groups.get(name)
+            rows, cols = (
+                (group.rows, group.cols) if group is not None else self._shapes.get(name, (0, 0))
+            )
+            limit = self._plan(group)[1] if group is not None else cols
+            blocks = self._blocks.setdefault(name, [])
+            block, capped = new_directions(
+                blocks,
+                sketch.rows(),
+                float(self._total[name]),
+                float(sketch.energy),
+                self.threshold_of(name),
+                limit,
+            )
+            if block is not None:
+                blocks.append(block)
+            self._shapes[name] = (rows, sketch.cols)
+            if capped and name not in self._warned_budget:
+                self._warned_budget.add(name)
+                self.runtime.warn(
+                    f"SubspacePredictor: the basis of {name!r} reached the memory budget "
+                    f"({limit} directions at memory_budget={self.memory_budget} floats per "
+                    "parameter) before explaining the task's energy threshold; later tasks "
+                    "add nothing there. Raise `memory_budget` or lower the threshold."
+                )
+        self._sketches, self._total, self._count, self._recent = {}, {}, {}, []
+        self._steps = 0
         self._old_tasks += 1
         self._warn_full_rank()
 
@@ -392,8 +693,9 @@ class SubspacePredictor(OldGradientPredictor):
         return out
 
     def _warn_full_rank(self) -> None:
-        for name, m in self._basis.items():
-            cols, k = m.shape[0], self._dim(name)
+        dims = self.subspace_dims()
+        for name in dims:
+            cols, k = self._shapes[name][1], dims[name]
             if k >= self.full_rank_warning * cols and name not in self._warned:
                 self._warned.add(name)
                 self.runtime.warn(
@@ -420,6 +722,12 @@ class SubspacePredictor(OldGradientPredictor):
             else {}
         )
         for group, w, b in self._matrices(names, targets):
+            blocks = self._blocks.get(group.weight)
+            if blocks:
+                removed_here, total_here = _project_blocks_(blocks, w, b if group.bias else None)
+                removed.append(removed_here)
+                total.append(total_here)
+                continue
             m = self._basis.get(group.weight)
             if m is None or self._dim(group.weight) == 0:
                 total.append(w.float().pow(2).sum() + (0 if b is None else b.float().pow(2).sum()))
@@ -477,10 +785,13 @@ class SubspacePredictor(OldGradientPredictor):
                 [step, {k: v.detach().clone() for k, v in added.items()}]
                 for step, added in self._recent
             ],
+            "blocks": {k: [b.detach().clone() for b in bs] for k, bs in self._blocks.items()},
+            "sketch": {k: fd.state_dict() for k, fd in self._sketches.items()},
+            "total": {k: v.detach().clone() for k, v in self._total.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        check_state_version(type(self).__name__, state, (1, 2), unversioned=1)
+        check_state_version(type(self).__name__, state, (1, 2, 3), unversioned=1)
         self._old_tasks = int(state["num_old_tasks"])
         self._basis = {k: v.clone() for k, v in state["basis"].items()}
         self._cov = {k: v.clone() for k, v in state["cov"].items()}
@@ -498,6 +809,14 @@ class SubspacePredictor(OldGradientPredictor):
         self._recent = [
             (int(step), {k: v.clone() for k, v in added.items()}) for step, added in state["recent"]
         ]
+        new = state.get("version", 1) >= 3  # version 3 added the sketch state
+        blocks, sketches, total = (
+            (state["blocks"], state["sketch"], state["total"]) if new else ({}, {}, {})
+        )
+        self._blocks = {k: [b.clone() for b in bs] for k, bs in blocks.items()}
+        self._sketches = {k: FrequentDirections.from_state(v) for k, v in sketches.items()}
+        self._total = {k: v.clone() for k, v in total.items()}
+        self._pending = {}
 
 
 @torch.no_grad()
@@ -515,6 +834,84 @@ def _keep_complement_(n: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, T
         b.copy_(gn @ nb)
     w.copy_(gn @ nw.T)
     return total - gn.pow(2).sum(), total
+
+
+@torch.no_grad()
+def _project_blocks_(
+    blocks: Sequence[Tensor], w: Tensor, b: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """``G <- G - sum_i (G M_i) M_i^T`` in place for ``G = [w, b]`` and mutually orthogonal
+    blocks ``M_i`` (the same as projecting out their union); returns (removed, total) energy."""
+    fan_in = w.shape[1]
+    wf = w if w.dtype == torch.float32 else w.float()
+    bf = None if b is None else (b if b.dtype == torch.float32 else b.float())
+    total = _sq_norm(wf) + (0.0 if bf is None else _sq_norm(bf))
+    removed = wf.new_zeros(())
+    for m in blocks:
+        gm = wf @ m[:fan_in]
+        if bf is not None:
+            gm.addr_(bf, m[fan_in])
+            bf.sub_(gm @ m[fan_in])
+        removed = removed + _sq_norm(gm)
+        wf.sub_(gm @ m[:fan_in].T)
+    if wf is not w:
+        w.copy_(wf)
+    if b is not None and bf is not None and bf is not b:
+        b.copy_(bf)
+    return removed, total
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d)
+
+
+def _reads_inputs(module: nn.Module, group: MatrixGroup, params: Mapping[str, Tensor]) -> bool:
+    """Whether a forward hook on ``module`` sees the rows its matrix ``group`` multiplies:
+    an ``nn.Linear`` or a ``groups=1`` convolution that owns the weight (and the bias) as they
+    are, not through a parametrization."""
+    if not isinstance(module, (nn.Linear, *_CONVS)):
+        return False
+    if isinstance(module, _CONVS) and module.groups != 1:
+        return False
+    if module.weight is not params.get(group.weight):
+        return False
+    if group.bias is not None and module.bias is not params.get(group.bias):
+        return False
+    return module.weight[0].numel() + (group.bias is not None) == group.cols
+
+
+def _input_rows(
+    module: nn.Module, x: Tensor, bias: bool, limit: int, generator: torch.Generator
+) -> Tensor:
+    """At most ``limit`` random rows ``[x, 1]`` (``[x]`` without ``bias``) that the layer's
+    matrix multiplies: input vectors of a Linear, unfolded patches of a convolution (GPM's
+    ``layer_inputs``; the images are subsampled before unfolding, to bound the workspace)."""
+    if isinstance(module, nn.Linear):
+        rows = x.reshape(-1, module.in_features)
+    else:
+        conv: Any = module
+        if x.dim() == conv.weight.dim() - 1:  # unbatched
+            x = x.unsqueeze(0)
+        if x.shape[0] > limit:
+            pick = torch.randperm(x.shape[0], generator=generator)[:limit]
+            x = x[_to_device(pick, x.device)]
+        pad = conv._reversed_padding_repeated_twice
+        if any(pad):
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            x = nn.functional.pad(x, pad, mode=mode)
+        if isinstance(module, nn.Conv1d):
+            x = x.unsqueeze(2)
+            size, dil, stride = (1, conv.kernel_size[0]), (1, conv.dilation[0]), (1, conv.stride[0])
+        else:
+            size, dil, stride = conv.kernel_size, conv.dilation, conv.stride
+        patches = nn.functional.unfold(x, size, dilation=dil, stride=stride)
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    if rows.shape[0] > limit:
+        pick = torch.randperm(rows.shape[0], generator=generator)[:limit]
+        rows = rows[_to_device(pick, rows.device)]
+    rows = rows.float()
+    if bias:
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1)
+    return rows
 
 
 def _to_device(index: Tensor, device: torch.device) -> Tensor:
