@@ -14,7 +14,7 @@ the methods' internals:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,7 +24,13 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_metagrad import MetaNetPredictor, SubspacePredictor
+from lightning_metagrad import (
+    AnchoredPredictor,
+    MetaNetPredictor,
+    OldGradientPredictor,
+    ReplayPredictor,
+    SubspacePredictor,
+)
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -149,6 +155,22 @@ def make_trainer(callbacks: list, max_steps: int = 8, **kwargs: Any) -> pl.Train
     return pl.Trainer(callbacks=callbacks, max_steps=max_steps, **defaults)
 
 
+def train_then_watch(
+    callback: Callback,
+    model: pl.LightningModule,
+    first: DataLoader,
+    second: DataLoader,
+    steps: tuple[int, int] = (8, 6),
+    **trainer_kwargs: Any,
+) -> AppliedUpdates:
+    """Train ``model`` with ``callback`` on ``first`` (one task), then on ``second`` with an
+    :class:`AppliedUpdates` spy placed first; return the spy."""
+    make_trainer([callback], max_steps=steps[0], **trainer_kwargs).fit(model, first)
+    spy = AppliedUpdates()
+    make_trainer([spy, callback], max_steps=steps[1], **trainer_kwargs).fit(model, second)
+    return spy
+
+
 # --------------------------------------------------------------------------- predictors
 
 
@@ -177,6 +199,30 @@ def paper_predictor() -> MetaNetPredictor:
 def paper_callback_kwargs() -> dict[str, Any]:
     """MetaGradCallback settings with :func:`paper_predictor` (a fresh one each call)."""
     return {"predictor": paper_predictor()}
+
+
+class ZeroPredictor(OldGradientPredictor):
+    """The base class's docstring example: only the three methods, the default state."""
+
+    def observe(self, names: Sequence[str], thetas: Sequence[Any], targets: Sequence[Any]) -> dict:
+        return {}
+
+    def end_task(self, names: Sequence[str], thetas: Sequence[Any]) -> None:
+        self._old_tasks += 1
+
+    def predict(self, names: Sequence[str], thetas: Sequence[Any]) -> list:
+        return [(torch.zeros_like(t), None) for t in thetas]
+
+
+# Every kind of predictor, small and fast, by a name for test ids.
+PREDICTORS: dict[str, Callable[[], OldGradientPredictor]] = {
+    "subspace": small_predictor,
+    "subspace-sign": lambda: SubspacePredictor(every=1, in_basis="sign"),
+    "anchored": AnchoredPredictor,
+    "paper": paper_predictor,
+    "replay": lambda: ReplayPredictor(memory_batches=2, refresh_every=2),
+    "base-default": ZeroPredictor,
+}
 
 
 # --------------------------------------------------------------------------- spies
@@ -254,12 +300,22 @@ class AppliedUpdates(Callback):
         out = []
         for step in self.steps:
             used = [a for a in step.values() if a.grad is not None]
-            out.append(FlatStep(flat(a.before for a in used), flat(a.grad for a in used), flat(a.after for a in used)))  # type: ignore[misc]
+            out.append(
+                FlatStep(
+                    flat(a.before for a in used),
+                    flat(a.grad for a in used),
+                    flat(a.after for a in used),
+                )
+            )  # type: ignore[misc]
         return out
 
     @staticmethod
     def matrix(
-        step: dict[str, Applied], weight: str, bias: str | None, features: int, received: bool = False
+        step: dict[str, Applied],
+        weight: str,
+        bias: str | None,
+        features: int,
+        received: bool = False,
     ) -> Tensor:
         """The applied update ``[dW, db]`` (before - after) of ``weight`` as rows x fan-in,
         plus the bias column when ``features`` (a basis's rows) is one more than the fan-in;
@@ -276,6 +332,17 @@ class AppliedUpdates(Callback):
             update = torch.cat([update, part(bias)[:, None]], dim=1)
         assert update.shape[1] == features, weight
         return update
+
+
+def subspace_bases(predictor: SubspacePredictor) -> dict[str, Tensor]:
+    """Every protected weight matrix's basis (features x k), by the weight's name."""
+    return {name: predictor.basis(name) for name in predictor.subspace_dims()}
+
+
+def bias_of(weight: str) -> str:
+    """The bias that pairs with a weight by name (``l.weight`` -> ``l.bias``,
+    ``attn.in_proj_weight`` -> ``attn.in_proj_bias``)."""
+    return weight[: -len("weight")] + "bias"
 
 
 def assert_orthogonal(update: Tensor, basis: Tensor, what: str, atol: float = 1e-5) -> None:
@@ -306,7 +373,9 @@ def state_differences(a: Any, b: Any, path: str = "state") -> list[str]:
     if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
         if not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b)):
             return [f"{path}: length"]
-        return [d for i, (u, v) in enumerate(zip(a, b)) for d in state_differences(u, v, f"{path}[{i}]")]
+        return [
+            d for i, (u, v) in enumerate(zip(a, b)) for d in state_differences(u, v, f"{path}[{i}]")
+        ]
     equal = a == b or (a != a and b != b)  # NaN == NaN
     return [] if equal else [f"{path}: {a!r} != {b!r}"]
 

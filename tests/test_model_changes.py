@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from lightning_metagrad import AnchoredPredictor, MetaGradCallback, SubspacePredictor
-from conftest import TinyClassifier, loader, make_trainer
+from helpers import TinyClassifier, loader, make_trainer
 
 
 class Record(Callback):
@@ -133,3 +133,24 @@ def test_a_transformer_resumed_in_a_new_process_ends_with_the_uninterrupted_weig
     resumed = torch.load(tmp_path / "resumed.pt")
     for name, value in straight.items():
         assert torch.equal(value, resumed[name]), name
+
+
+def test_lightnings_model_pruning_without_making_it_permanent_keeps_working() -> None:
+    from lightning.pytorch.callbacks import ModelPruning
+
+    cb = MetaGradCallback(predictor=SubspacePredictor(every=1))
+    model = TinyClassifier()
+    for task in range(3):
+        # (Global pruning cannot run a second fit on non-permanent pruning, with or
+        # without this callback; per-layer pruning can.)
+        pruning = ModelPruning(
+            "l1_unstructured",
+            amount=0.2,
+            make_pruning_permanent=False,
+            use_global_unstructured=False,
+        )
+        record = Record(cb)
+        make_trainer([cb, record, pruning], max_epochs=1, max_steps=-1).fit(model, loader(task))
+        if task:  # pruned at the end of the first fit: weight -> weight_orig, bias -> bias_orig
+            assert all({"net.0.weight_orig", "net.0.bias_orig"} <= r for r in record.rewritten)
+    assert cb.num_old_tasks == 2

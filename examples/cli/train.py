@@ -144,6 +144,15 @@ class ContinualCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_channels", "model.in_channels", apply_on="instantiate")
 
+    def instantiate_classes(self) -> None:
+        # A value the type hints accept but a constructor refuses (e.g. a predictor's
+        # threshold above 1) is reported like a parse error, exit status 2, with the
+        # constructor's message naming the argument, instead of a long traceback.
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            self.parser.error(f"invalid configuration value: {err}")
+
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # quiet banners

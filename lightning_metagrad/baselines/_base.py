@@ -2,10 +2,18 @@
 
 :class:`_TaskCallback` is the base of every baseline: the quadratic penalties (EWC, online
 EWC, SI, MAS: :class:`~lightning_metagrad.baselines._penalty._QuadraticPenaltyCallback`) and
-the gradient editors (GPM, A-GEM, ER). Each ``trainer.fit`` is one task, ended when the fit
-ends (``on_train_end``, where ``trainer.train_dataloader`` is still available) or when
-:meth:`_TaskCallback.consolidate` is called by hand. A task end with NaN/inf weights is refused
-with a RuntimeError and changes nothing.
+the gradient editors (GPM, A-GEM, ER). Where tasks end is ``task_boundaries=``, the sources of
+``MetaGradCallback`` (:func:`~lightning_metagrad.boundaries.sources.build_boundaries`): by
+default each ``trainer.fit`` is one task, ended when the fit ends (``on_train_end``, where
+``trainer.train_dataloader`` is still available); with ``"batch"`` a task ends at the batch
+whose task id changes, before training on it; with ``"manual"`` only when
+:meth:`_TaskCallback.consolidate` is called. Sources that detect switches from the engine's
+training signals (``"auto"``) are refused at construction.
+
+NaN/inf weights at a task end are handled as ``MetaGradCallback`` handles them: the task is not
+consolidated, a fit that ends such a task warns, and the next task's start (the next ``fit``,
+the batch whose task id changes, or ``consolidate`` by hand) raises a RuntimeError naming the
+fix; the state is left unchanged.
 
 Every baseline refuses the set-ups it cannot support (``setup`` and ``on_fit_start``: the
 refusals of :mod:`lightning_metagrad._module_utils`, shared with ``MetaGradCallback``),
@@ -18,7 +26,7 @@ Finiteness is checked with :mod:`lightning_metagrad._tensors`, the engine's help
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -37,8 +45,16 @@ from lightning_metagrad._module_utils import (
     refuse_at_fit_start,
     refuse_unsupported,
 )
-from lightning_metagrad._tensors import first_non_finite
+from lightning_metagrad._tensors import detached_copy, first_non_finite
 from lightning_metagrad._validation import check_state_version
+from lightning_metagrad.boundaries.sources import (
+    BatchTaskIdBoundaries,
+    BoundarySpec,
+    CombinedBoundaries,
+    NewFitBoundaries,
+    TaskBoundarySource,
+    build_boundaries,
+)
 
 TensorDict = dict[str, Tensor]
 #: The trainable parameters of a task end, by name.
@@ -50,15 +66,31 @@ TaskData = Iterable[Any] | None
 # ---------------------------------------------------------------------------- shared checks
 
 
-def check_finite_weights(name: str, pl_module: torch.nn.Module, task: int) -> None:
-    """RuntimeError naming the first parameter with a NaN/inf entry (at a task end)."""
+#: The fix named when a task ends with non-finite weights (as ``MetaGrad.end_task`` names it).
+DIVERGED_FIX = (
+    "Resume from the last good checkpoint (`fit(..., ckpt_path=...)` restores the callback "
+    "too) and keep the loss finite (lower learning rate, gradient clipping, or skip such steps)."
+)
+
+
+def non_finite_weights(name: str, pl_module: torch.nn.Module, task: int) -> str | None:
+    """The refusal of a task end with NaN/inf weights, in ``MetaGrad.end_task``'s words
+    (``task``: the 0-based task index, as ``MetaGradCallback`` counts); None if all are finite."""
     bad = first_non_finite({n: p.detach() for n, p in pl_module.named_parameters()})
-    if bad is not None:
-        raise RuntimeError(
-            f"{name}: parameter {bad!r} is not finite at the end of task {task + 1}; the "
-            "task is not consolidated (its state would hold NaN/inf). Training diverged: "
-            "lower the learning rate, or clip gradients."
-        )
+    if bad is None:
+        return None
+    return (
+        f"{name}, task {task}: the model's parameters are non-finite at the end of the task "
+        f"(first: {bad!r}); it cannot be consolidated, and the callback's state was left "
+        f"unchanged. {DIVERGED_FIX}"
+    )
+
+
+def check_finite_weights(name: str, pl_module: torch.nn.Module, task: int) -> None:
+    """RuntimeError (:func:`non_finite_weights`) if a parameter has a NaN/inf entry."""
+    message = non_finite_weights(name, pl_module, task)
+    if message is not None:
+        raise RuntimeError(message)
 
 
 def check_finite_importance(
@@ -75,6 +107,27 @@ def check_finite_importance(
 
 
 # ---------------------------------------------------------------------------- extra passes
+
+
+class TaskBatches(list):  # type: ignore[type-arg]
+    """Training batches of the current task kept by the callback (detached copies): already
+    through Lightning's transfer hooks and on the module's device, so
+    :func:`training_batches` yields them as they are."""
+
+
+def batch_size_of(batch: Any) -> int:
+    """Examples in a batch: dim 0 of its first tensor with one (1 if it holds none)."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    items: Iterable[Any] = ()
+    if isinstance(batch, Mapping):
+        items = batch.values()
+    elif isinstance(batch, (list, tuple)):
+        items = batch
+    for item in items:
+        if isinstance(item, (Tensor, Mapping, list, tuple)):
+            return batch_size_of(item)
+    return 1
 
 
 def extra_pass_context(trainer: pl.Trainer) -> contextlib.AbstractContextManager[Any]:
@@ -96,7 +149,11 @@ def training_batches(
     dataloader: Iterable[Any] | None,
     purpose: str = "to estimate importances",
 ) -> Iterator[Any]:
-    """Training batches, moved to the module's device with Lightning's transfer hooks."""
+    """Training batches, moved to the module's device with Lightning's transfer hooks (the
+    batches of a :class:`TaskBatches` went through them already: yielded as they are)."""
+    if isinstance(dataloader, TaskBatches):
+        yield from dataloader
+        return
     source: Any = dataloader if dataloader is not None else trainer.train_dataloader
     if source is None:
         raise MisconfigurationException(
@@ -129,8 +186,18 @@ def mean_over_ranks(trainer: pl.Trainer, tensors: Sequence[Tensor]) -> list[Tens
 class _TaskCallback(Callback):
     """The task lifecycle of every baseline.
 
-    Each ``trainer.fit`` is one task, ended in ``on_train_end`` by :meth:`consolidate` (a fit in
-    which no trainable parameter had a gradient ends none, and says why). The refusals shared
+    ``task_boundaries`` says where a task ends, as for ``MetaGradCallback``
+    (:func:`~lightning_metagrad.boundaries.sources.build_boundaries`). With ``"fit"`` (the
+    default) each ``trainer.fit`` is one task, ended in ``on_train_end`` by :meth:`consolidate`
+    (a fit in which no trainable parameter had a gradient ends none, and says why; a fit whose
+    batches carry a changing ``"task_id"`` is warned about). With another source the task ends
+    where the source says a new one starts: at the training batch whose task id changes
+    (``on_train_batch_start``, before training on it), at a ``fit`` start or end where it
+    includes ``"fit"``, or by hand (:meth:`consolidate`). The finished task's data are then the
+    first training batches since the previous boundary, kept as detached copies as they come
+    (as many as the method reads: ``fisher_batches``, ``importance_batches``, ``samples``
+    examples; none for SI, A-GEM and ER), since ``trainer.train_dataloader`` mixes the tasks.
+    Sources that need the engine's training signals (``"auto"``) are refused. The refusals shared
     with ``MetaGradCallback`` run in ``setup`` (``refuse_unsupported``) and ``on_fit_start``
     (``refuse_at_fit_start``). Before every optimizer step (``on_before_optimizer_step``: once
     per real step, after AMP unscaling and the whole accumulation window, before clipping) a
@@ -157,8 +224,31 @@ class _TaskCallback(Callback):
     #: Whether spawned/forked processes (whose state never reaches the caller) are refused.
     _refuse_spawn = True
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        task_boundaries: BoundarySpec = "fit",
+        task_id_key: str = "task_id",
+        task_id_fn: Callable[[Any], Hashable] | None = None,
+    ) -> None:
         super().__init__()
+        name = type(self).__name__
+        #: Where tasks end (see :func:`~lightning_metagrad.boundaries.sources.build_boundaries`).
+        self.boundaries = build_boundaries(task_boundaries, task_id_key, task_id_fn)
+        _refuse_detection(name, self.boundaries)
+        # The default: each fit is one task, its data `trainer.train_dataloader` (unchanged).
+        self._per_fit = isinstance(self.boundaries, NewFitBoundaries)
+        self._fit_ends_task = self._per_fit or (
+            isinstance(self.boundaries, CombinedBoundaries)
+            and any(isinstance(src, NewFitBoundaries) for src in self.boundaries.sources)
+        )
+        # Other sources: the current task's first batches (its data at the task end).
+        self._task_batches = TaskBatches()
+        self._task_examples = 0
+        # The refusal of a task that ended with NaN/inf weights, raised when the next starts.
+        self._diverged: str | None = None
+        self._fit_task_id: Any = _UNSET  # "fit": the task id of this fit's first batch
+        self._warned_task_ids = False
         #: Tasks consolidated so far.
         self.num_tasks = 0
         self._steps_in_task = 0
@@ -179,18 +269,25 @@ class _TaskCallback(Callback):
         """End the current task: store what protects it (importances and anchors, subspace
         bases, or the task's batches).
 
-        Called automatically at the end of every ``trainer.fit``; call it by hand only to end a
-        task in the middle of a fit. ``dataloader`` (for methods that read the finished task's
-        data) defaults to ``trainer.train_dataloader``.
+        Called automatically where ``task_boundaries`` ends a task; call it by hand with
+        ``task_boundaries="manual"``, or to end a task in the middle of a fit. ``dataloader``
+        (for methods that read the finished task's data) defaults to
+        ``trainer.train_dataloader`` with ``task_boundaries="fit"``, and to the task's
+        training batches kept since the previous boundary with any other source.
 
         Raises:
             RuntimeError: a weight, or the new task's importance, is NaN/inf (nothing changes).
         """
         check_finite_weights(type(self).__name__, pl_module, self.num_tasks)
+        if dataloader is None and not self._per_fit:
+            dataloader = self._task_batches
         self._end_task(trainer, pl_module, dataloader)
         self.num_tasks += 1
         self._steps_in_task = 0
         self._owner = None  # rebuilt lazily for the next step
+        self._clear_task_data()
+        if not self._per_fit:
+            self.boundaries.on_task_start()
 
     # ------------------------------------------------------------------ subclass API
 
@@ -220,6 +317,11 @@ class _TaskCallback(Callback):
         """Drop the references to the module between fits."""
         self._params = {}
         self._owner = None
+
+    def _wants_task_batch(self, batches: int, examples: int) -> bool:
+        """Whether the finished task's data still needs a batch, given the ``batches`` (and
+        their ``examples``) kept so far (sources other than ``"fit"``); by default none."""
+        return False
 
     def _extra_state(self) -> dict[str, Any]:
         return {}
@@ -255,7 +357,26 @@ class _TaskCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         refuse_at_fit_start(type(self).__name__, trainer, pl_module)
+        if self._diverged is not None:  # the previous task ended with NaN/inf weights
+            raise RuntimeError(self._diverged)
+        self._fit_task_id = _UNSET
+        if not self._per_fit and self.boundaries.on_fit_start() and self._steps_in_task > 0:
+            self._task_boundary(trainer, pl_module)
         self._bind(pl_module, check=True)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._per_fit:
+            if batch_idx == 0:  # one host read an epoch
+                self._check_task_ids(batch)
+            return
+        if self.boundaries.on_train_batch(batch, batch_idx):
+            self._task_boundary(trainer, pl_module)  # before training on the new task's batch
+        if self._wants_task_batch(len(self._task_batches), self._task_examples):
+            self._task_batches.append(detached_copy(batch))
+            self._task_examples += batch_size_of(batch)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -275,8 +396,21 @@ class _TaskCallback(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._fit_ends_task:
+            return
         if self._steps_in_task > 0:
-            self.consolidate(trainer, pl_module)
+            refusal = non_finite_weights(type(self).__name__, pl_module, self.num_tasks)
+            if refusal is None:
+                self.consolidate(trainer, pl_module)
+                return
+            # As MetaGradCallback: warn now, refuse the next task (the next fit) with the fix.
+            self._diverged = refusal
+            rank_zero_warn(
+                refusal.replace(
+                    "it cannot be consolidated, and the callback's state was left unchanged",
+                    "it is not consolidated, and the next `fit` will refuse to start",
+                )
+            )
             return
         if trainer.global_step > self._first_step:
             reason = (
@@ -292,6 +426,8 @@ class _TaskCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._per_fit:
+            self.boundaries.on_fit_end()
         self._release()
 
     @override
@@ -306,12 +442,15 @@ class _TaskCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "version": self._state_version,
             "num_tasks": self.num_tasks,
             "steps_in_task": self._steps_in_task,
             **self._extra_state(),
         }
+        if not self._per_fit:  # e.g. the current task id (the default's layout is unchanged)
+            state["boundaries"] = self.boundaries.state_dict()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -326,4 +465,70 @@ class _TaskCallback(Callback):
         self.num_tasks = int(state_dict["num_tasks"])
         self._steps_in_task = int(state_dict["steps_in_task"])
         self._load_extra_state(state_dict)
+        if "boundaries" in state_dict and not self._per_fit:
+            self.boundaries.load_state_dict(state_dict["boundaries"])
+        # The kept batches refill from the resumed task's batches; a divergence is undone.
+        self._clear_task_data()
+        self._diverged = None
         self._owner = None  # rebuilt lazily for the next step
+
+    # ------------------------------------------------------------------ task boundaries
+
+    def _task_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The source says a new task starts: consolidate the finished one (a RuntimeError if
+        its weights are NaN/inf, as ``MetaGradCallback`` refuses the next task)."""
+        if self._steps_in_task > 0:
+            self.consolidate(trainer, pl_module)
+            return
+        rank_zero_warn(
+            f"{type(self).__name__}: task {self.num_tasks} ended before any optimizer step with "
+            "a gradient; it is not consolidated."
+        )
+        self._clear_task_data()
+        self.boundaries.on_task_start()
+
+    def _clear_task_data(self) -> None:
+        self._task_batches = TaskBatches()
+        self._task_examples = 0
+
+    def _check_task_ids(self, batch: Any) -> None:
+        """``"fit"``: warn (once) when the batches' ``"task_id"`` changes within one fit,
+        where each task would need its own consolidation (``task_boundaries="batch"``)."""
+        if self._warned_task_ids or not isinstance(batch, Mapping) or "task_id" not in batch:
+            return
+        try:
+            task_id = _TASK_IDS.read_task_id(batch)
+        except (TypeError, ValueError):  # mixed or unreadable ids: not this warning's case
+            return
+        if self._fit_task_id is _UNSET:
+            self._fit_task_id = task_id
+        elif task_id != self._fit_task_id:
+            self._warned_task_ids = True
+            rank_zero_warn(
+                f"{type(self).__name__}: the batches' 'task_id' changed from "
+                f"{self._fit_task_id!r} to {task_id!r} within one `fit`, but with "
+                "task_boundaries='fit' a task ends only when its `fit` ends, so these tasks are "
+                "not protected from each other. Pass `task_boundaries='batch'` to consolidate "
+                "each task when its id changes."
+            )
+
+
+_UNSET: Any = object()
+#: Reads a dict batch's ``"task_id"`` for the ``"fit"`` warning above.
+_TASK_IDS = BatchTaskIdBoundaries()
+
+
+def _refuse_detection(name: str, source: TaskBoundarySource) -> None:
+    """ValueError for a source that detects switches from signals only the engine feeds."""
+    sources = source.sources if isinstance(source, CombinedBoundaries) else [source]
+    for src in sources:
+        if src.uses_gradients or src.uses_pairs or src.uses_loss:
+            raise ValueError(
+                f"{name}: `task_boundaries` includes {type(src).__name__} ({src.name!r}), which "
+                "detects task switches from the step gradients, update pairs or losses that "
+                "MetaGradCallback's engine feeds it; the baselines do not, so it would never end "
+                "a task. Pass `task_boundaries='batch'` with a task id in the batches "
+                "(`task_id_key=` / `task_id_fn=`), 'fit' with one `fit` per task, or 'manual' "
+                "and call `consolidate(trainer, pl_module)` at each task end; or use "
+                "`MetaGradCallback(task_boundaries='auto')`."
+            )

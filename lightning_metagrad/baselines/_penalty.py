@@ -17,7 +17,7 @@ refused with a RuntimeError and changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -40,6 +40,7 @@ from lightning_metagrad.baselines._base import (
     mean_over_ranks,
     training_batches,
 )
+from lightning_metagrad.boundaries.sources import BoundarySpec
 
 
 class _Term:
@@ -74,8 +75,17 @@ class _QuadraticPenaltyCallback(_TaskCallback):
         "importance is estimated from (in eval mode): keep the loss finite on the training data."
     )
 
-    def __init__(self, *, strength: float) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        *,
+        strength: float,
+        task_boundaries: BoundarySpec = "fit",
+        task_id_key: str = "task_id",
+        task_id_fn: Callable[[Any], Hashable] | None = None,
+    ) -> None:
+        super().__init__(
+            task_boundaries=task_boundaries, task_id_key=task_id_key, task_id_fn=task_id_fn
+        )
         self.strength = check_float("strength", strength, minimum=0)
         self._terms: list[tuple[TensorDict, TensorDict]] = []  # [(anchors, importances)]
         self._cache: list[_Term] = []  # per fit: the terms aligned with `_params`
@@ -118,6 +128,14 @@ class _QuadraticPenaltyCallback(_TaskCallback):
 
     def _merge(self, anchors: TensorDict, importance: TensorDict) -> None:
         raise NotImplementedError
+
+    def _data_batches(self) -> int:
+        """Training batches the task's importance reads at its end (0: none)."""
+        return 0
+
+    @override
+    def _wants_task_batch(self, batches: int, examples: int) -> bool:
+        return batches < self._data_batches()
 
     def _on_task_gradient(
         self, trainer: pl.Trainer, names: list[str], params: list[Tensor], grads: list[Tensor]

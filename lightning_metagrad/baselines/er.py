@@ -3,11 +3,15 @@ reservoir memory as in Riemer et al., 2019), in gradient form."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
+from typing import Any
+
 import torch
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_metagrad.baselines.memory import _ReplayCallback
+from lightning_metagrad.boundaries.sources import BoundarySpec
 
 
 class ERCallback(_ReplayCallback):
@@ -34,6 +38,12 @@ class ERCallback(_ReplayCallback):
     Args:
         memory_batches: training batches stored for all old tasks together.
         seed: seed of the memory's generator (reservoir, shares and draws).
+        task_boundaries: where a task ends, as for ``MetaGradCallback``: ``"fit"`` (each
+            ``trainer.fit``), ``"batch"`` (a change of the batch's task id, consolidated
+            before training on the new task's first batch), ``"manual"`` (:meth:`consolidate`
+            by hand), a source, or a list of these; ``"auto"`` is refused (see the module).
+        task_id_key: dict-batch key holding the task id, for ``task_boundaries="batch"``.
+        task_id_fn: a function ``batch -> task id``, for ``task_boundaries="batch"``.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -45,8 +55,22 @@ class ERCallback(_ReplayCallback):
 
     _edit = "averages gradients"
 
-    def __init__(self, *, memory_batches: int = 8, seed: int = 0) -> None:
-        super().__init__(memory_batches=memory_batches, seed=seed)
+    def __init__(
+        self,
+        *,
+        memory_batches: int = 8,
+        seed: int = 0,
+        task_boundaries: BoundarySpec = "fit",
+        task_id_key: str = "task_id",
+        task_id_fn: Callable[[Any], Hashable] | None = None,
+    ) -> None:
+        super().__init__(
+            memory_batches=memory_batches,
+            seed=seed,
+            task_boundaries=task_boundaries,
+            task_id_key=task_id_key,
+            task_id_fn=task_id_fn,
+        )
 
     @override
     def _combine(self, grads: list[Tensor], reference: list[Tensor]) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,6 +14,7 @@ from lightning_metagrad._module_utils import loss_of
 from lightning_metagrad._validation import check_fraction, check_int
 from lightning_metagrad.baselines._base import Params, TaskData, TensorDict
 from lightning_metagrad.baselines._penalty import _QuadraticPenaltyCallback
+from lightning_metagrad.boundaries.sources import BoundarySpec
 
 
 class _FisherMixin(_QuadraticPenaltyCallback):
@@ -31,6 +33,10 @@ class _FisherMixin(_QuadraticPenaltyCallback):
         return self._data_importance(
             trainer, pl_module, params, data, self.fisher_batches, loss, absolute=False
         )
+
+    @override
+    def _data_batches(self) -> int:
+        return self.fisher_batches
 
 
 class EWCCallback(_FisherMixin):
@@ -52,6 +58,12 @@ class EWCCallback(_FisherMixin):
     Args:
         strength: λ. 0 makes the callback a no-op (bit-identical training).
         fisher_batches: training batches averaged for the Fisher at each task end.
+        task_boundaries: where a task ends, as for ``MetaGradCallback``: ``"fit"`` (each
+            ``trainer.fit``), ``"batch"`` (a change of the batch's task id, consolidated
+            before training on the new task's first batch), ``"manual"`` (:meth:`consolidate`
+            by hand), a source, or a list of these; ``"auto"`` is refused (see the module).
+        task_id_key: dict-batch key holding the task id, for ``task_boundaries="batch"``.
+        task_id_fn: a function ``batch -> task id``, for ``task_boundaries="batch"``.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -61,8 +73,21 @@ class EWCCallback(_FisherMixin):
         (0, "EWCCallback{'strength': 100.0, 'fisher_batches': 32}")
     """
 
-    def __init__(self, *, strength: float = 100.0, fisher_batches: int = 32) -> None:
-        super().__init__(strength=strength)
+    def __init__(
+        self,
+        *,
+        strength: float = 100.0,
+        fisher_batches: int = 32,
+        task_boundaries: BoundarySpec = "fit",
+        task_id_key: str = "task_id",
+        task_id_fn: Callable[[Any], Hashable] | None = None,
+    ) -> None:
+        super().__init__(
+            strength=strength,
+            task_boundaries=task_boundaries,
+            task_id_key=task_id_key,
+            task_id_fn=task_id_fn,
+        )
         self.fisher_batches = check_int("fisher_batches", fisher_batches, minimum=1)
 
     @override
@@ -89,6 +114,12 @@ class OnlineEWCCallback(_FisherMixin):
         strength: λ. 0 makes the callback a no-op (bit-identical training).
         gamma: γ in (0, 1], the decay of the old Fisher (1 = no forgetting of importance).
         fisher_batches: training batches averaged for the Fisher at each task end.
+        task_boundaries: where a task ends, as for ``MetaGradCallback``: ``"fit"`` (each
+            ``trainer.fit``), ``"batch"`` (a change of the batch's task id, consolidated
+            before training on the new task's first batch), ``"manual"`` (:meth:`consolidate`
+            by hand), a source, or a list of these; ``"auto"`` is refused (see the module).
+        task_id_key: dict-batch key holding the task id, for ``task_boundaries="batch"``.
+        task_id_fn: a function ``batch -> task id``, for ``task_boundaries="batch"``.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -99,9 +130,21 @@ class OnlineEWCCallback(_FisherMixin):
     """
 
     def __init__(
-        self, *, strength: float = 100.0, gamma: float = 1.0, fisher_batches: int = 32
+        self,
+        *,
+        strength: float = 100.0,
+        gamma: float = 1.0,
+        fisher_batches: int = 32,
+        task_boundaries: BoundarySpec = "fit",
+        task_id_key: str = "task_id",
+        task_id_fn: Callable[[Any], Hashable] | None = None,
     ) -> None:
-        super().__init__(strength=strength)
+        super().__init__(
+            strength=strength,
+            task_boundaries=task_boundaries,
+            task_id_key=task_id_key,
+            task_id_fn=task_id_fn,
+        )
         self.gamma = check_fraction("gamma", gamma)
         self.fisher_batches = check_int("fisher_batches", fisher_batches, minimum=1)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,6 +24,7 @@ from lightning_metagrad.baselines._base import (
     mean_over_ranks,
     training_batches,
 )
+from lightning_metagrad.boundaries.sources import BoundarySpec
 from lightning_metagrad.predictors.basis import grow_basis
 
 #: The layer types whose weights GPM protects.
@@ -171,6 +172,12 @@ class GPMCallback(_TaskCallback):
         samples: examples (along dim 0 of each layer's input) collected per task.
         threshold_increment: added to ε per finished task (task ``t``, 0-based, uses
             ``min(1, ε + t·increment)``).
+        task_boundaries: where a task ends, as for ``MetaGradCallback``: ``"fit"`` (each
+            ``trainer.fit``), ``"batch"`` (a change of the batch's task id, consolidated
+            before training on the new task's first batch), ``"manual"`` (:meth:`consolidate`
+            by hand), a source, or a list of these; ``"auto"`` is refused (see the module).
+        task_id_key: dict-batch key holding the task id, for ``task_boundaries="batch"``.
+        task_id_fn: a function ``batch -> task id``, for ``task_boundaries="batch"``.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -188,8 +195,15 @@ class GPMCallback(_TaskCallback):
         threshold: float | Mapping[str, float] = 0.97,
         samples: int = 300,
         threshold_increment: float = 0.0,
+        task_boundaries: BoundarySpec = "fit",
+        task_id_key: str = "task_id",
+        task_id_fn: Callable[[Any], Hashable] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            task_boundaries=task_boundaries,
+            task_id_key=task_id_key,
+            task_id_fn=task_id_fn,
+        )
         if isinstance(threshold, Mapping):
             if not threshold:
                 raise ValueError("`threshold` must name at least one layer, got {}")
@@ -226,6 +240,10 @@ class GPMCallback(_TaskCallback):
         return min(1.0, base + task * self.threshold_increment)
 
     # ------------------------------------------------------------------ task end
+
+    @override
+    def _wants_task_batch(self, batches: int, examples: int) -> bool:
+        return examples < self.samples
 
     def _candidates(self, pl_module: pl.LightningModule) -> dict[str, nn.Module]:
         modules = dict(pl_module.named_modules())

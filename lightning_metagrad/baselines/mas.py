@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,6 +15,7 @@ from lightning_metagrad._module_utils import quiet_eval
 from lightning_metagrad._validation import check_int
 from lightning_metagrad.baselines._base import Params, TaskData, TensorDict, extra_pass_context
 from lightning_metagrad.baselines._penalty import _QuadraticPenaltyCallback
+from lightning_metagrad.boundaries.sources import BoundarySpec
 
 _OVERRIDE = (
     "subclass MASCallback and override `forward_batch(self, pl_module, batch)` to return the "
@@ -50,6 +51,12 @@ class MASCallback(_QuadraticPenaltyCallback):
     Args:
         strength: λ. 0 makes the callback a no-op (bit-identical training).
         importance_batches: training batches averaged for Ω at each task end.
+        task_boundaries: where a task ends, as for ``MetaGradCallback``: ``"fit"`` (each
+            ``trainer.fit``), ``"batch"`` (a change of the batch's task id, consolidated
+            before training on the new task's first batch), ``"manual"`` (:meth:`consolidate`
+            by hand), a source, or a list of these; ``"auto"`` is refused (see the module).
+        task_id_key: dict-batch key holding the task id, for ``task_boundaries="batch"``.
+        task_id_fn: a function ``batch -> task id``, for ``task_boundaries="batch"``.
 
     Example:
         >>> import torch
@@ -60,8 +67,21 @@ class MASCallback(_QuadraticPenaltyCallback):
         torch.Size([4, 3])
     """
 
-    def __init__(self, *, strength: float = 1.0, importance_batches: int = 32) -> None:
-        super().__init__(strength=strength)
+    def __init__(
+        self,
+        *,
+        strength: float = 1.0,
+        importance_batches: int = 32,
+        task_boundaries: BoundarySpec = "fit",
+        task_id_key: str = "task_id",
+        task_id_fn: Callable[[Any], Hashable] | None = None,
+    ) -> None:
+        super().__init__(
+            strength=strength,
+            task_boundaries=task_boundaries,
+            task_id_key=task_id_key,
+            task_id_fn=task_id_fn,
+        )
         self.importance_batches = check_int("importance_batches", importance_batches, minimum=1)
         self._output_checked = False  # forward_batch tried on this fit's first batch
 
@@ -100,9 +120,14 @@ class MASCallback(_QuadraticPenaltyCallback):
         self._output_checked = False
 
     @override
+    def _data_batches(self) -> int:
+        return self.importance_batches
+
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self._output_checked:
             return
         self._output_checked = True

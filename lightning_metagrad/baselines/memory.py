@@ -4,6 +4,7 @@ they share."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,6 +22,7 @@ from lightning_metagrad.baselines._base import (
     extra_pass_context,
     mean_over_ranks,
 )
+from lightning_metagrad.boundaries.sources import BoundarySpec
 from lightning_metagrad.replay_memory import ReplayMemory
 
 #: The memory of A-GEM and ER: :class:`~lightning_metagrad.replay_memory.ReplayMemory` (the
@@ -46,8 +48,20 @@ class _ReplayCallback(_TaskCallback):
     and skips it); a non-finite ``g_ref`` skips the edit.
     """
 
-    def __init__(self, *, memory_batches: int, seed: int) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        *,
+        memory_batches: int,
+        seed: int,
+        task_boundaries: BoundarySpec = "fit",
+        task_id_key: str = "task_id",
+        task_id_fn: Callable[[Any], Hashable] | None = None,
+    ) -> None:
+        super().__init__(
+            task_boundaries=task_boundaries,
+            task_id_key=task_id_key,
+            task_id_fn=task_id_fn,
+        )
         self.memory_batches = check_int("memory_batches", memory_batches, minimum=1)
         self.seed = check_int("seed", seed)
         #: The stored batches (see :class:`~lightning_metagrad.replay_memory.ReplayMemory`).

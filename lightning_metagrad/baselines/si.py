@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,6 +14,7 @@ from typing_extensions import override
 from lightning_metagrad._validation import check_float
 from lightning_metagrad.baselines._base import Params, TaskData, TensorDict
 from lightning_metagrad.baselines._penalty import _QuadraticPenaltyCallback
+from lightning_metagrad.boundaries.sources import BoundarySpec
 
 
 class SICallback(_QuadraticPenaltyCallback):
@@ -41,6 +43,12 @@ class SICallback(_QuadraticPenaltyCallback):
     Args:
         strength: c. 0 makes the callback a no-op (bit-identical training).
         damping: ξ > 0, keeps Ω finite for parameters that hardly moved (larger ξ = smaller Ω).
+        task_boundaries: where a task ends, as for ``MetaGradCallback``: ``"fit"`` (each
+            ``trainer.fit``), ``"batch"`` (a change of the batch's task id, consolidated
+            before training on the new task's first batch), ``"manual"`` (:meth:`consolidate`
+            by hand), a source, or a list of these; ``"auto"`` is refused (see the module).
+        task_id_key: dict-batch key holding the task id, for ``task_boundaries="batch"``.
+        task_id_fn: a function ``batch -> task id``, for ``task_boundaries="batch"``.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -57,8 +65,21 @@ class SICallback(_QuadraticPenaltyCallback):
         "checkpoint (`fit(..., ckpt_path=...)`, which restores the path integral too)."
     )
 
-    def __init__(self, *, strength: float = 1.0, damping: float = 0.1) -> None:
-        super().__init__(strength=strength)
+    def __init__(
+        self,
+        *,
+        strength: float = 1.0,
+        damping: float = 0.1,
+        task_boundaries: BoundarySpec = "fit",
+        task_id_key: str = "task_id",
+        task_id_fn: Callable[[Any], Hashable] | None = None,
+    ) -> None:
+        super().__init__(
+            strength=strength,
+            task_boundaries=task_boundaries,
+            task_id_key=task_id_key,
+            task_id_fn=task_id_fn,
+        )
         self.damping = check_float("damping", damping, minimum=0, low_open=True)
         self._omega: TensorDict = {}  # path integral of the current task
         self._start: TensorDict | None = None  # θ at the current task's first step

@@ -8,7 +8,7 @@ Plain Python; no Trainer needed.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -18,6 +18,10 @@ from lightning_metagrad._validation import (
     check_state_version,
     check_str,
 )
+
+#: The boundary sources ``task_boundaries=`` builds by name.
+BoundaryName = Literal["fit", "batch", "manual", "auto"]
+BOUNDARY_NAMES: tuple[str, ...] = ("fit", "batch", "manual", "auto")
 
 
 class TaskBoundarySource:
@@ -319,3 +323,71 @@ class CombinedBoundaries(TaskBoundarySource):
         check_state_version(type(self).__name__, state, self._state_version, unversioned=1)
         for i, s in enumerate(self.sources):
             s.load_state_dict(state[str(i)])
+
+
+#: What ``task_boundaries=`` accepts: a name, a source, or a list of them.
+BoundarySpec = BoundaryName | TaskBoundarySource | Sequence[BoundaryName | TaskBoundarySource]
+
+
+def build_boundaries(
+    spec: BoundarySpec,
+    task_id_key: str = "task_id",
+    task_id_fn: Callable[[Any], Hashable] | None = None,
+) -> TaskBoundarySource:
+    """The boundary source for ``task_boundaries=`` (a name, a source, or a list of them: a
+    new task starts when any says so), shared by ``MetaGradCallback`` and the baselines.
+
+    Names: ``"fit"`` (:class:`NewFitBoundaries`), ``"batch"`` (:class:`BatchTaskIdBoundaries`
+    with ``task_id_key`` / ``task_id_fn``), ``"manual"`` (:class:`ManualBoundaries`) and
+    ``"auto"`` (:class:`~lightning_metagrad.boundaries.auto.AutoBoundaries`).
+
+    Example:
+        >>> type(build_boundaries("batch", task_id_key="task")).__name__
+        'BatchTaskIdBoundaries'
+        >>> [type(s).__name__ for s in build_boundaries(["fit", "batch"]).sources]
+        ['NewFitBoundaries', 'BatchTaskIdBoundaries']
+        >>> build_boundaries("fit", task_id_key="task")
+        Traceback (most recent call last):
+        ...
+        ValueError: `task_id_key` is only used with `task_boundaries='batch'`
+    """
+    if isinstance(spec, (str, TaskBoundarySource)):
+        names: list[Any] = [spec]
+    elif isinstance(spec, (list, tuple)):
+        names = list(spec)
+    else:
+        raise ValueError(
+            f"`task_boundaries` must be one of {BOUNDARY_NAMES}, a TaskBoundarySource or a "
+            f"list of them, got {spec!r}"
+        )
+    if not names:
+        raise ValueError("`task_boundaries` must name at least one source")
+    if task_id_fn is not None and "batch" not in names:
+        raise ValueError("`task_id_fn` is only used with `task_boundaries='batch'`")
+    if task_id_key != "task_id" and "batch" not in names:
+        raise ValueError("`task_id_key` is only used with `task_boundaries='batch'`")
+    sources = [_boundary_source(n, task_id_key, task_id_fn) for n in names]
+    return sources[0] if len(sources) == 1 else CombinedBoundaries(sources)
+
+
+def _boundary_source(
+    spec: Any, key: str, fn: Callable[[Any], Hashable] | None
+) -> TaskBoundarySource:
+    if isinstance(spec, TaskBoundarySource):
+        return spec
+    if spec == "fit":
+        return NewFitBoundaries()
+    if spec == "auto":
+        from lightning_metagrad.boundaries.auto import AutoBoundaries  # imports this module
+
+        return AutoBoundaries()
+    if spec == "manual":
+        return ManualBoundaries()
+    if spec == "batch":
+        check_str("task_id_key", key)
+        check_callable("task_id_fn", fn, "a callable `batch -> task id`", optional=True)
+        return BatchTaskIdBoundaries(key=key, fn=fn)
+    raise ValueError(
+        f"`task_boundaries` must be one of {BOUNDARY_NAMES}, a TaskBoundarySource or a list of "
+        f"them, got {spec!r}"
+    )

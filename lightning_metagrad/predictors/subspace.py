@@ -219,6 +219,7 @@ class SubspacePredictor(OldGradientPredictor):
         self._hooks: list[Any] = []
         self._hooked: set[str] = set()
         self._warned_budget: set[str] = set()
+        self._plans: dict[str, tuple[int, int]] = {}  # per weight: (ell, most basis columns)
 
     # ------------------------------------------------------------------ binding
 
@@ -251,6 +252,7 @@ class SubspacePredictor(OldGradientPredictor):
         for fd in self._sketches.values():
             fd.to(device)
         self._hook_inputs(params, modules)
+        self._allocate()
         self._check_budget()
 
     # ------------------------------------------------------------------ layer inputs
@@ -301,20 +303,60 @@ class SubspacePredictor(OldGradientPredictor):
     # ------------------------------------------------------------------ memory budget
 
     def _plan(self, group: MatrixGroup) -> tuple[int, int]:
-        """(sketch rows ``ell``, most basis columns) for a matrix under the budget: the
-        basis (k columns), the sketch (2·ell rows), the pending input rows and the step's
-        rows (ell each) and their residual (ell) stay within ``budget·rows`` vectors of
-        ``cols`` floats, so ``k <= budget·rows - 5·ell``, with ``ell <= budget·rows / 8``."""
-        ell = self.sketch or 1
+        """(sketch rows ``ell``, most basis columns) of a matrix (:meth:`_allocate`)."""
+        plan = self._plans.get(group.weight)
+        if plan is None:
+            plan = self._plans[group.weight] = _fair_plan(
+                group, self.sketch or 1, self.memory_budget
+            )
+        return plan
+
+    def _allocate(self) -> None:
+        """Share the memory budget among the matrices. A matrix of ``rows x cols`` holds
+        ``k`` basis columns and a workspace of ``_WORKSPACE·ell`` rows (the sketch's
+        ``2·ell``, the pending input rows and the step's sampled rows, ``ell / 2`` each, and a
+        shrink's ``ell``), all of ``cols`` floats. Each matrix first gets its own parameters'
+        worth (``budget·rows·cols``); what the matrices that need less leave over goes to the
+        others, the smallest need first (a thin head gets its full basis)."""
+        self._plans = {}
+        if self.sketch is None:
+            return
+        groups = list(self._groups.values())
+        ell = self.sketch
         if self.memory_budget is None:
-            return ell, group.cols
-        vectors = self.memory_budget * group.rows
-        ell = max(1, min(ell, int(vectors // 8)))
-        return ell, max(0, min(group.cols, int(vectors) - 5 * ell))
+            self._plans = {g.weight: (min(ell, g.cols), g.cols) for g in groups}
+            return
+        pool = self.memory_budget * sum(g.rows * g.cols for g in groups)
+        plans = {g.weight: _fair_plan(g, ell, self.memory_budget) for g in groups}
+        spare = pool - sum(
+            (k + _WORKSPACE * e) * g.cols for g in groups for e, k in [plans[g.weight]]
+        )
+
+        def shortfall(g: MatrixGroup) -> int:
+            e, k = plans[g.weight]
+            return (g.cols + _WORKSPACE * min(ell, g.cols) - k - _WORKSPACE * e) * g.cols
+
+        for g in sorted(groups, key=shortfall):
+            want = shortfall(g)
+            if want <= 0 or spare <= 0:
+                continue
+            e, k = plans[g.weight]
+            if want <= spare:
+                plans[g.weight] = (min(ell, g.cols), g.cols)
+                spare -= want
+                continue
+            vectors = int(spare // g.cols)  # part of it: a wider sketch first, then the basis
+            e2 = min(ell, g.cols, e + vectors // (2 * _WORKSPACE))
+            k2 = min(g.cols, k + vectors - _WORKSPACE * (e2 - e))
+            plans[g.weight] = (e2, k2)
+            spare -= ((k2 - k) + _WORKSPACE * (e2 - e)) * g.cols
+        self._plans = plans
 
     def _rows_per_step(self, group: MatrixGroup) -> int:
         rows = self.sample_rows or 32
-        return min(rows, self._plan(group)[0]) if self.sketch is not None else rows
+        if self.sketch is None:
+            return rows
+        return min(rows, max(1, self._plan(group)[0] // 2))
 
     def _check_budget(self) -> None:
         """Warn once per matrix where a user setting exceeds the memory budget."""
@@ -912,6 +954,19 @@ def _input_rows(
     if bias:
         rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1)
     return rows
+
+
+#: Workspace rows per sketch row (the sketch's 2, pending and sampled rows 1/2 each, a shrink 1).
+_WORKSPACE = 4
+
+
+def _fair_plan(group: MatrixGroup, ell: int, budget: float | None) -> tuple[int, int]:
+    """(ell, most basis columns) of a matrix within its own parameters' worth of floats."""
+    if budget is None:
+        return min(ell, group.cols), group.cols
+    vectors = budget * group.rows
+    e = max(1, min(ell, group.cols, int(vectors // (2 * _WORKSPACE))))
+    return e, max(0, min(group.cols, int(vectors) - _WORKSPACE * e))
 
 
 def _to_device(index: Tensor, device: torch.device) -> Tensor:

@@ -14,7 +14,17 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TinyClassifier, loader, make_trainer
+from helpers import (
+    LR,
+    AppliedUpdates,
+    GradSpy,
+    MultiHead,
+    TinyClassifier,
+    UnusedBranch,
+    assert_same_state,
+    loader,
+    make_trainer,
+)
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
@@ -30,7 +40,6 @@ from lightning_metagrad.baselines import (
     SICallback,
 )
 
-LR = 0.1  # TinyClassifier's plain-SGD learning rate
 QUADRATIC = [EWCCallback, OnlineEWCCallback, SICallback, MASCallback]
 ALL = [*QUADRATIC, GPMCallback, AGEMCallback, ERCallback]
 
@@ -48,54 +57,23 @@ def make(cls: type) -> Any:
     return cls(strength=1.0, fisher_batches=2)
 
 
-def _assert_same(a: Any, b: Any) -> None:
-    if isinstance(a, Tensor):
-        assert isinstance(b, Tensor) and torch.equal(a.cpu(), b.cpu())
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys()
-        for key in a:
-            _assert_same(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_same(x, y)
-    else:
-        assert a == b
-
-
-class AppliedUpdates(Callback):
-    """Place first: per optimizer step, each parameter before and after the step and the
-    gradient the baseline received (None where it had none), by name."""
-
-    def __init__(self) -> None:
-        self.steps: list[dict[str, tuple[Tensor, Tensor, Tensor | None]]] = []
-        self._before: dict[str, tuple[Tensor, Tensor | None]] = {}
-
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        self._before = {
-            n: (p.detach().clone(), None if p.grad is None else p.grad.detach().clone())
-            for n, p in pl_module.named_parameters()
-        }
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
-        if self._before:
-            self.steps.append(
-                {
-                    n: (before, p.detach().clone(), grad)
-                    for (n, p), (before, grad) in zip(
-                        pl_module.named_parameters(), self._before.values()
-                    )
-                }
-            )
-            self._before = {}
-
-
-class StepCounter(Callback):
-    def __init__(self) -> None:
-        self.steps = 0
-
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        self.steps += 1
+def _free_and_edited(spy: AppliedUpdates, free: str, untouched: str | None = None) -> bool:
+    """On every step, the parameters named ``free...`` (new since the old tasks) followed plain
+    SGD on their received gradient exactly and those named ``untouched...`` had no gradient and
+    did not move; whether the baseline changed the others' plain update on some step."""
+    edited = False
+    for step in spy.steps:
+        for name, (before, after, grad) in step.items():
+            if untouched is not None and name.startswith(untouched):
+                assert grad is None and torch.equal(after, before), name
+                continue
+            assert grad is not None, name
+            plain = before - LR * grad
+            if name.startswith(free):
+                torch.testing.assert_close(after, plain, rtol=0, atol=1e-6)
+            else:
+                edited |= float((after - plain).abs().max()) > 1e-6
+    return edited
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -135,7 +113,7 @@ def test_evaluating_an_older_checkpoint_between_tasks_keeps_the_consolidated_tas
     make_trainer([cb]).validate(model, loader(0), ckpt_path=task0, verbose=False)
     make_trainer([cb]).predict(model, loader(0), ckpt_path=task0)
     assert cb.num_tasks == 3
-    _assert_same(cb.state_dict(), consolidated)
+    assert_same_state(cb.state_dict(), consolidated)
 
     seen: dict[str, Any] = {}
 
@@ -144,7 +122,7 @@ def test_evaluating_an_older_checkpoint_between_tasks_keeps_the_consolidated_tas
             seen["state"] = cb.state_dict()
 
     make_trainer([cb, Probe()], max_steps=4).fit(model, loader(3))
-    _assert_same(seen["state"], consolidated)  # task 4 trains against the three old tasks
+    assert_same_state(seen["state"], consolidated)  # task 4 trains against the three old tasks
     assert cb.num_tasks == 4
     if cls is EWCCallback:
         assert len(cb.terms) == 4
@@ -178,7 +156,7 @@ def test_a_failed_evaluation_does_not_stop_a_later_fit_from_resuming(
             seen["state"] = cb.state_dict()
 
     make_trainer([cb, Probe()], max_steps=12).fit(model, loader(1), ckpt_path=task0)
-    _assert_same(seen["state"], saved)  # `fit` restored task 0's state
+    assert_same_state(seen["state"], saved)  # `fit` restored task 0's state
 
 
 # ---------------------------------------------------------------------------- divergence
@@ -207,7 +185,7 @@ def test_non_finite_weights_at_a_task_end_are_refused_and_change_nothing(cls: ty
     with pytest.raises(RuntimeError, match=r"not finite at the end of task 2.*learning rate"):
         make_trainer([cb], max_steps=4).fit(model, loader(1))
     assert cb.num_tasks == 1
-    _assert_same({"num_tasks": cb.num_tasks, "terms": cb.state_dict()["terms"]}, before)
+    assert_same_state({"num_tasks": cb.num_tasks, "terms": cb.state_dict()["terms"]}, before)
 
 
 class NaNWhenEvaluated(TinyClassifier):
@@ -246,12 +224,12 @@ class NoForward(pl.LightningModule):
 
 
 def test_mas_refuses_a_module_without_forward_before_training_and_names_the_fix() -> None:
-    counter = StepCounter()
+    counter = GradSpy()
     with pytest.raises(MisconfigurationException, match=r"no `forward\(\)`.*`forward_batch"):
         make_trainer([MASCallback(importance_batches=2), counter], max_steps=20).fit(
             NoForward(), loader(0)
         )
-    assert counter.steps == 0  # refused at fit start, not after the task trained
+    assert not counter.steps  # refused at fit start, not after the task trained
 
     class NetMAS(MASCallback):  # the fix the message names
         def forward_batch(self, pl_module: nn.Module, batch: Any) -> Tensor:
@@ -272,12 +250,12 @@ class ImageDictBatches(TinyClassifier):
 def test_mas_refuses_a_batch_it_cannot_read_on_the_first_step() -> None:
     x, y = next(iter(loader(0, batch_size=128)))
     data = DataLoader([{"image": a, "label": b} for a, b in zip(x, y)], batch_size=16)
-    counter = StepCounter()
+    counter = GradSpy()
     with pytest.raises(TypeError, match="override `forward_batch"):
         make_trainer([MASCallback(importance_batches=2), counter], max_steps=20).fit(
             ImageDictBatches(), data
         )
-    assert counter.steps == 0
+    assert not counter.steps
 
 
 # ---------------------------------------------------------------------------- frozen models
@@ -300,10 +278,10 @@ def test_a_model_without_trainable_parameters_is_refused_with_the_fix(
 ) -> None:
     model = model_cls()
     model.requires_grad_(False)
-    counter = StepCounter()
+    counter = GradSpy()
     with pytest.raises(MisconfigurationException, match=r"found no trainable parameters.*Unfreeze"):
         make_trainer([make(cls), counter], max_steps=3).fit(model, loader(0))
-    assert counter.steps == 0
+    assert not counter.steps
 
 
 class IgnoresItsParameters(TinyClassifier):
@@ -323,20 +301,6 @@ def test_a_fit_in_which_no_parameter_had_a_gradient_says_so(cls: type) -> None:
 # ---------------------------------------------------------------------------- model changes
 
 
-class MultiHead(TinyClassifier):
-    """A shared body and one output head per task (``add_head`` before each task)."""
-
-    def __init__(self) -> None:
-        super().__init__(lr=LR)
-        self.heads = nn.ModuleList()
-
-    def add_head(self) -> None:
-        self.heads.append(nn.Linear(3, 3))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.heads[-1](self.net(x))
-
-
 @pytest.mark.parametrize("cls", ALL)
 def test_a_new_head_added_between_tasks_follows_the_plain_sgd_update(cls: type) -> None:
     cb, model = make(cls), MultiHead()
@@ -346,38 +310,13 @@ def test_a_new_head_added_between_tasks_follows_the_plain_sgd_update(cls: type) 
     spy = AppliedUpdates()
     make_trainer([spy, cb], max_steps=6).fit(model, loader(1))
     assert cb.num_tasks == 2 and len(spy.steps) == 6
-    edited = False
-    for step in spy.steps:
-        for name, (before, after, grad) in step.items():
-            if name.startswith("heads.1."):  # free: exactly the received gradient
-                assert grad is not None
-                torch.testing.assert_close(after, before - LR * grad, rtol=0, atol=1e-6)
-            elif name.startswith("heads.0."):  # the old head: no gradient, untouched
-                assert grad is None and torch.equal(after, before)
-            else:
-                assert grad is not None
-                edited |= float((after - (before - LR * grad)).abs().max()) > 1e-6
+    edited = _free_and_edited(spy, free="heads.1.", untouched="heads.0.")  # the old head
     assert edited, "the baseline never acted on the body"  # the test would be vacuous
-
-
-class UnusedBranch(TinyClassifier):
-    """A second head used only on odd batches: it has no gradient on even ones."""
-
-    def __init__(self) -> None:
-        super().__init__(optimizer="momentum", lr=0.05)
-        self.branch = nn.Linear(3, 3)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        out = self(x)
-        if batch_idx % 2:
-            out = self.branch(out)
-        return nn.functional.cross_entropy(out, y)
 
 
 @pytest.mark.parametrize("cls", ALL)
 def test_a_parameter_without_a_gradient_on_a_step_is_left_untouched_on_it(cls: type) -> None:
-    cb, model = make(cls), UnusedBranch()
+    cb, model = make(cls), UnusedBranch(optimizer="momentum", lr=0.05)
     for task in range(2):
         spy = AppliedUpdates()
         make_trainer([spy, cb], max_steps=6).fit(model, loader(task))
@@ -400,15 +339,7 @@ def test_a_layer_recreated_in_another_shape_is_free_for_the_replay_baselines(cls
     spy = AppliedUpdates()
     make_trainer([spy, cb], max_steps=6).fit(model, loader(1))
     assert cb.num_tasks == 2 and len(spy.steps) == 6
-    edited = False
-    for step in spy.steps:
-        for name, (before, after, grad) in step.items():
-            assert grad is not None
-            plain = before - LR * grad
-            if name.startswith("net.2."):  # free: exactly the received gradient
-                torch.testing.assert_close(after, plain, rtol=0, atol=1e-6)
-            else:
-                edited |= float((after - plain).abs().max()) > 1e-6
+    edited = _free_and_edited(spy, free="net.2.")
     assert edited or cls is AGEMCallback  # A-GEM edits only conflicting steps
 
 
@@ -449,4 +380,4 @@ def test_checkpoint_layouts_stay_those_of_version_1(cls: type) -> None:
         assert set(memory) == keys
     restored = make(cls)
     restored.load_state_dict(state)
-    _assert_same(restored.state_dict(), state)
+    assert_same_state(restored.state_dict(), state)

@@ -1,86 +1,31 @@
-"""Checkpoint state: versions checked on load, ``state_dict()`` changes nothing, no dead
-fields, a working default for the base predictor, and what a 0.1.0 checkpoint gives."""
+"""Checkpoint state through real Trainers: ``state_dict()`` changes nothing, every predictor's
+state round-trips and has no dead fields, the base predictor has a working default, and what
+a 0.1.0 checkpoint (``tests/data/``) gives. The version check of every state object:
+``tests/unit/test_state.py``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TinyClassifier, loader, make_trainer, small_predictor
+from helpers import (
+    PREDICTORS,
+    TESTS,
+    TinyClassifier,
+    ZeroPredictor,
+    loader,
+    make_trainer,
+    same_state,
+)
 from lightning.pytorch.callbacks import Callback
 
-from lightning_metagrad import (
-    AnchoredPredictor,
-    AutoBoundaries,
-    BatchTaskIdBoundaries,
-    CombinedBoundaries,
-    MetaGrad,
-    MetaGradCallback,
-    NewFitBoundaries,
-    OldGradientPredictor,
-    ReplayPredictor,
-    SubspacePredictor,
-    TaskBoundarySource,
-)
-from lightning_metagrad.baselines import (
-    AGEMCallback,
-    EpisodicMemory,
-    ERCallback,
-    EWCCallback,
-    GPMCallback,
-    MASCallback,
-    OnlineEWCCallback,
-    SICallback,
-)
-from lightning_metagrad.boundaries.changepoint import ChangePointDetector
-from lightning_metagrad.boundaries.novelty import SubspaceNovelty
-from lightning_metagrad.diagnostics import Diagnostics
+from lightning_metagrad import MetaGradCallback, OldGradientPredictor
 
-V010_CHECKPOINT = Path(__file__).parent / "data" / "metagrad-0.1.0.ckpt"
-
-
-def same(a: Any, b: Any) -> bool:
-    """Deep equality of nested states (tensors by value, generator states included)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (
-            isinstance(a, torch.Tensor)
-            and isinstance(b, torch.Tensor)
-            and a.shape == b.shape
-            and a.dtype == b.dtype
-            and torch.equal(a.cpu(), b.cpu())
-        )
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return bool(a == b)
-
-
-class ZeroPredictor(OldGradientPredictor):
-    """The base class's docstring example: only the three methods, the default state."""
-
-    def observe(self, names: Sequence[str], thetas: Sequence[Any], targets: Sequence[Any]) -> dict:
-        return {}
-
-    def end_task(self, names: Sequence[str], thetas: Sequence[Any]) -> None:
-        self._old_tasks += 1
-
-    def predict(self, names: Sequence[str], thetas: Sequence[Any]) -> list:
-        return [(torch.zeros_like(t), None) for t in thetas]
-
-
-PREDICTORS: dict[str, Callable[[], OldGradientPredictor]] = {
-    "subspace": lambda: SubspacePredictor(every=1),
-    "subspace-sign": lambda: SubspacePredictor(every=1, in_basis="sign"),
-    "anchored": AnchoredPredictor,
-    "paper": small_predictor,
-    "replay": lambda: ReplayPredictor(memory_batches=2, refresh_every=2),
-    "base-default": ZeroPredictor,
-}
+V010_CHECKPOINT = TESTS / "data" / "metagrad-0.1.0.ckpt"
 
 
 class TwiceStateDict(Callback):
@@ -109,14 +54,14 @@ def test_state_dict_changes_nothing(name: str) -> None:
     spied, spied_model, (spy,) = run_two_tasks(PREDICTORS[name], spy_step=3)
     plain, plain_model, _ = run_two_tasks(PREDICTORS[name], spy_step=None)
     first, second = spy.states
-    assert same(first, second)  # two calls in a row: equal results
+    assert same_state(first, second)  # two calls in a row: equal results
     # ... and the run goes on exactly as one whose state was never taken.
-    assert same(spied.state_dict(), plain.state_dict())
+    assert same_state(spied.state_dict(), plain.state_dict())
     for a, b in zip(spied_model.parameters(), plain_model.parameters()):
         assert torch.equal(a, b)
     # A state taken earlier is not changed by what follows (no live views into the object).
-    assert same(first, second)
-    assert not same(first["engine"], spied.state_dict()["engine"])
+    assert same_state(first, second)
+    assert not same_state(first["engine"], spied.state_dict()["engine"])
 
 
 @pytest.mark.parametrize("name", sorted(PREDICTORS))
@@ -128,7 +73,7 @@ def test_every_predictor_state_round_trips_through_a_checkpoint(name: str, tmp_p
     restored = MetaGradCallback(predictor=PREDICTORS[name]())
     checkpoint = torch.load(tmp_path / "state.ckpt", weights_only=True)
     restored.load_state_dict(checkpoint["callbacks"][restored.state_key])
-    assert same(restored.state_dict()["engine"], cb.state_dict()["engine"])
+    assert same_state(restored.state_dict()["engine"], cb.state_dict()["engine"])
 
 
 def test_the_base_predictor_has_a_working_default_state(tmp_path: Path) -> None:
@@ -152,47 +97,6 @@ def test_every_field_of_a_predictor_state_is_read(name: str) -> None:
         partial = {k: v for k, v in state.items() if k != key}
         with pytest.raises(KeyError):
             PREDICTORS[name]().load_state_dict(partial)
-
-
-def _states() -> list[tuple[str, Callable[[], Any]]]:
-    def engine() -> MetaGrad:
-        return MetaGrad(SubspacePredictor())
-
-    return [
-        ("MetaGradCallback", MetaGradCallback),
-        ("MetaGrad engine", engine),
-        *[(n, f) for n, f in PREDICTORS.items()],
-        ("TaskBoundarySource", TaskBoundarySource),
-        ("NewFitBoundaries", NewFitBoundaries),
-        ("BatchTaskIdBoundaries", BatchTaskIdBoundaries),
-        ("AutoBoundaries", AutoBoundaries),
-        ("CombinedBoundaries", lambda: CombinedBoundaries([NewFitBoundaries()])),
-        ("ChangePointDetector", ChangePointDetector),
-        ("SubspaceNovelty", SubspaceNovelty),
-        ("Diagnostics", Diagnostics),
-        ("EpisodicMemory", lambda: EpisodicMemory(capacity=2)),
-        ("EWCCallback", EWCCallback),
-        ("OnlineEWCCallback", OnlineEWCCallback),
-        ("SICallback", SICallback),
-        ("MASCallback", MASCallback),
-        ("GPMCallback", GPMCallback),
-        ("AGEMCallback", AGEMCallback),
-        ("ERCallback", ERCallback),
-    ]
-
-
-@pytest.mark.parametrize(("name", "make"), _states(), ids=[n for n, _ in _states()])
-def test_every_state_carries_a_version_checked_on_load(name: str, make: Callable) -> None:
-    obj = make()
-    state = obj.state_dict()
-    assert isinstance(state.get("version"), int)
-    obj.load_state_dict(state)  # its own version loads
-    with pytest.raises(ValueError) as err:
-        make().load_state_dict({**state, "version": 99})
-    message = str(err.value)
-    assert "state version 99 cannot be read" in message
-    assert "written by another lightning-metagrad release" in message
-    assert "load_state_dict(torch.load(path)['state_dict'])" in message  # what to do
 
 
 # --------------------------------------------------------------------------- release 0.1.0

@@ -3,7 +3,8 @@ still never reaches what the predictor learns.
 
 A host sync is a read of a device value on the host: ``Tensor.item()``, ``bool(t)``,
 ``float(t)``, all of which dispatch ``aten::_local_scalar_dense``. A ``TorchDispatchMode``
-sees every such read on the CPU too, so the property is checked here without a GPU.
+sees every such read on the CPU too, so the property is checked here without a GPU. Through a
+real Trainer: ``tests/integration/test_sync_free_training.py``.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TinyClassifier, loader, make_trainer
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_metagrad import MetaGrad, MetaGradCallback, SubspacePredictor
+from lightning_metagrad import MetaGrad, SubspacePredictor
 from lightning_metagrad.callback import build_predictor
 
 _HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default)
@@ -97,33 +97,6 @@ def test_the_host_checked_mode_leaves_a_non_finite_step_untouched() -> None:
     grad = model[0].weight.grad
     assert core.skipped_steps == 1
     assert int(torch.isnan(grad).sum()) == 1  # type: ignore[arg-type]  # passed on as it was
-
-
-class NaNOnce(TinyClassifier):
-    """A NaN in one gradient entry at global step 2 of its fit; the user's guard (a module
-    hook, after the callbacks') zeroes it, so the weights stay finite."""
-
-    def on_after_backward(self) -> None:
-        if self.trainer.global_step == 2:
-            self.net[0].weight.grad[0, 0] = float("nan")  # type: ignore[index]
-
-    def on_before_optimizer_step(self, optimizer: Any) -> None:
-        for p in self.parameters():
-            torch.nan_to_num_(p.grad, nan=0.0)  # type: ignore[arg-type]
-
-
-def test_a_sync_free_run_reports_its_non_finite_step_and_keeps_the_basis_finite() -> None:
-    cb = MetaGradCallback(predictor=SubspacePredictor(every=1))
-    model = NaNOnce()
-    make_trainer([cb], max_steps=6).fit(model, loader(0))
-    with pytest.warns(UserWarning, match=r"1 step\(s\) with a non-finite"):
-        make_trainer([cb], max_steps=6).fit(model, loader(1))
-    assert cb.engine.skipped_steps == 2  # one per fit; the first fit warned already
-    predictor = cb.predictor
-    assert isinstance(predictor, SubspacePredictor) and predictor.num_old_tasks == 1
-    for name in predictor.subspace_dims():
-        assert torch.isfinite(predictor.basis(name)).all()
-    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_a_masked_non_finite_step_does_not_blind_the_held_back_warning() -> None:

@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+from helpers import ROOT
+
+pytestmark = pytest.mark.slow  # a subprocess timing the overhead
 
 
 def test_overhead_script_quick_writes_json(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """What ``lightning_metagrad._lightning`` relies on from Lightning, pinned.
 
 A Lightning upgrade that changes one of these facts fails here first (see ``setup.cfg`` for
-the supported range).
+the supported range). The facts that need no Trainer: ``tests/unit/test_lightning_strategies.py``.
 """
 
 from __future__ import annotations
@@ -12,15 +12,13 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TinyClassifier, loader, make_trainer
+from helpers import TinyClassifier, loader, make_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 
 from lightning_metagrad import MetaGradCallback
 from lightning_metagrad._lightning import (
     logs_this_step,
     runs_in_worker_processes,
-    shards_parameters,
 )
 from lightning_metagrad.baselines import EWCCallback, GPMCallback
 
@@ -91,12 +89,6 @@ def test_no_logging_step_with_log_every_n_steps_0() -> None:
     spy = LogStepSpy()
     make_trainer([spy], max_steps=4, log_every_n_steps=0).fit(TinyClassifier(), loader(0))
     assert spy.checked and not any(logged for _, logged in spy.checked)
-
-
-def test_sharded_strategies_are_told_by_isinstance() -> None:
-    assert shards_parameters(FSDPStrategy())
-    assert shards_parameters(DeepSpeedStrategy.__new__(DeepSpeedStrategy))  # needs no deepspeed
-    assert not shards_parameters(DDPStrategy())
 
 
 def test_spawned_processes_are_told_by_the_launcher() -> None:

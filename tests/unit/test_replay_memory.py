@@ -29,6 +29,7 @@ def test_every_memory_of_the_package_is_the_one_class() -> None:
     assert isinstance(ERCallback().memory, ReplayMemory)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_the_memory_module_does_not_import_lightning() -> None:
     code = (
         "import sys\n"

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PAGES = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
 # Repository paths the pages cite, in links or code spans: experiments/overhead.py,
 # ../tests/test_callback.py, experiments/results/main-job.json, ...

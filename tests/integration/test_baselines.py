@@ -10,7 +10,15 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import DictDataset, make_trainer
+from helpers import (
+    DictDataset,
+    GradSpy,
+    ManualModule,
+    TinyClassifier,
+    assert_same_state,
+    loader,
+    make_trainer,
+)
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -39,26 +47,19 @@ def make(cls: type, strength: float = 1.0) -> Any:
     return cls(strength=strength, fisher_batches=2)
 
 
-class Classifier(pl.LightningModule):
-    """A tiny MLP that logs its loss; dict or tuple batches; loss tensor or {"loss": ...}."""
+class Classifier(TinyClassifier):
+    """A tiny MLP on 6 inputs with dropout that logs its loss; dict or tuple batches; a loss
+    tensor or {"loss": ...}; plain or momentum (0.9) SGD."""
 
-    def __init__(self, dropout: float = 0.0, momentum: float = 0.0, return_dict: bool = False):
-        super().__init__()
+    def __init__(self, dropout: float = 0.0, momentum: bool = False, return_dict: bool = False):
+        super().__init__(optimizer="momentum" if momentum else "sgd", lr=0.1)
         self.net = nn.Sequential(nn.Linear(6, 8), nn.Dropout(dropout), nn.ReLU(), nn.Linear(8, 3))
-        self.momentum = momentum
         self.return_dict = return_dict
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
     def training_step(self, batch: Any, batch_idx: int) -> Any:
-        x, y = (batch["x"], batch["y"]) if isinstance(batch, dict) else batch
-        loss = nn.functional.cross_entropy(self(x), y)
+        loss = super().training_step(batch, batch_idx)
         self.log("train_loss", loss)
         return {"loss": loss} if self.return_dict else loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=self.momentum)
 
 
 class Regression(pl.LightningModule):
@@ -115,7 +116,7 @@ def test_strength_zero_is_bitwise_the_run_without_callback(cls: type, dict_batch
     # importance estimate would show in the parameters of task 2.
     def run(callbacks: list) -> list[torch.Tensor]:
         pl.seed_everything(0, verbose=False)
-        model = Classifier(dropout=0.2, momentum=0.9, return_dict=dict_batches)
+        model = Classifier(dropout=0.2, momentum=True, return_dict=dict_batches)
         for task in range(2):
             make_trainer(callbacks, max_steps=6).fit(model, class_loader(task, dict_batches))
         return params_of(model)
@@ -124,16 +125,6 @@ def test_strength_zero_is_bitwise_the_run_without_callback(cls: type, dict_batch
     with_cb, naive = run([cb]), run([])
     assert cb.num_tasks == 2 and cb.terms
     assert all(torch.equal(a, b) for a, b in zip(with_cb, naive))
-
-
-class GradSpy(Callback):
-    """Placed after the baseline: records .grad as the optimizer will see it."""
-
-    def __init__(self) -> None:
-        self.grads: list[torch.Tensor] = []
-
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        self.grads.append(pl_module.layer.weight.grad.detach().clone())
 
 
 @pytest.mark.parametrize("cls", ALL)
@@ -154,13 +145,13 @@ def test_penalty_gradient_matches_the_formula(cls: type) -> None:
     cb.load_state_dict(state)
 
     expected_penalty_grad = torch.autograd.grad(cb.penalty(model), model.layer.weight)[0]
-    spy = GradSpy()
+    spy = GradSpy(only=["layer.weight"])
     make_trainer([cb, spy], max_steps=1).fit(model, regression_loader(0))
 
     scale = 2 * 0.7 if cls is SICallback else 0.7  # SI: c Σ Ω(θ-θ*)², the others λ/2 Σ ...
     by_hand = sum(scale * omegas[i] * (theta - anchors[i]) for i in range(n_terms))
-    torch.testing.assert_close(spy.grads[0], by_hand)
-    torch.testing.assert_close(spy.grads[0], expected_penalty_grad)
+    torch.testing.assert_close(spy.of("layer.weight")[0], by_hand)
+    torch.testing.assert_close(spy.of("layer.weight")[0], expected_penalty_grad)
     torch.testing.assert_close(model.layer.weight.detach(), theta - 0.05 * by_hand)
 
 
@@ -253,21 +244,6 @@ def test_si_path_integral_is_nonzero_on_cpu_and_exact() -> None:
 # ---------------------------------------------------------------------------- state
 
 
-def _assert_same(a: Any, b: Any) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a.cpu(), b.cpu())
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys()
-        for key in a:
-            _assert_same(a[key], b[key])
-    elif isinstance(a, list):
-        assert isinstance(b, list) and len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_same(x, y)
-    else:
-        assert a == b
-
-
 @pytest.mark.parametrize("cls", ALL)
 def test_state_round_trips_through_a_real_checkpoint(cls: type, tmp_path: Any) -> None:
     cb = make(cls)
@@ -285,7 +261,7 @@ def test_state_round_trips_through_a_real_checkpoint(cls: type, tmp_path: Any) -
             seen["state"] = resumed.state_dict()
 
     make_trainer([resumed, Probe()], max_steps=8).fit(Classifier(), class_loader(1), ckpt_path=path)
-    _assert_same(seen["state"], saved)
+    assert_same_state(seen["state"], saved)
     assert saved["num_tasks"] == 1 and resumed.num_tasks == 2
 
 
@@ -303,56 +279,10 @@ def test_si_state_mid_task_survives_weights_only_load() -> None:
     restored = SICallback(strength=1.0)
     restored.load_state_dict(state)
     assert restored.path_integral["layer.weight"].abs().sum() > 0
-    _assert_same(restored.state_dict(), state)
-
-
-def test_state_keys_distinguish_configurations() -> None:
-    keys = {
-        EWCCallback(strength=1.0).state_key,
-        EWCCallback(strength=2.0).state_key,
-        OnlineEWCCallback(strength=1.0).state_key,
-        OnlineEWCCallback(strength=1.0, gamma=0.5).state_key,
-        SICallback(strength=1.0).state_key,
-        MASCallback(strength=1.0).state_key,
-    }
-    assert len(keys) == 6
+    assert_same_state(restored.state_dict(), state)
 
 
 # ---------------------------------------------------------------------------- errors
-
-
-@pytest.mark.parametrize(
-    ("cls", "kwargs", "name"),
-    [
-        (EWCCallback, {"strength": -1.0}, "strength"),
-        (EWCCallback, {"strength": float("nan")}, "strength"),
-        (SICallback, {"strength": float("inf")}, "strength"),
-        (MASCallback, {"strength": "1"}, "strength"),
-        (OnlineEWCCallback, {"strength": True}, "strength"),
-        (EWCCallback, {"fisher_batches": 0}, "fisher_batches"),
-        (OnlineEWCCallback, {"fisher_batches": 2.0}, "fisher_batches"),
-        (OnlineEWCCallback, {"gamma": 0.0}, "gamma"),
-        (OnlineEWCCallback, {"gamma": 1.5}, "gamma"),
-        (SICallback, {"damping": 0.0}, "damping"),
-        (MASCallback, {"importance_batches": -3}, "importance_batches"),
-    ],
-)
-def test_invalid_arguments_raise_naming_the_argument(cls: type, kwargs: dict, name: str) -> None:
-    with pytest.raises(ValueError, match=f"`{name}`"):
-        cls(**kwargs)
-
-
-class ManualModule(Classifier):
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        opt = self.optimizers()
-        loss = super().training_step(batch, batch_idx)
-        opt.zero_grad()  # type: ignore[union-attr]
-        self.manual_backward(loss)
-        opt.step()  # type: ignore[union-attr]
 
 
 class TwoOptimizers(Classifier):
@@ -366,7 +296,7 @@ class TwoOptimizers(Classifier):
 @pytest.mark.parametrize("cls", ALL)
 def test_manual_optimization_raises(cls: type) -> None:
     with pytest.raises(MisconfigurationException, match="manual optimization"):
-        make_trainer([make(cls)], max_steps=2).fit(ManualModule(), class_loader(0))
+        make_trainer([make(cls)], max_steps=2).fit(ManualModule(), loader(0))
 
 
 def test_several_optimizers_raise() -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
+from helpers import ROOT
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+pytestmark = pytest.mark.slow  # the examples end to end, on real data
+
+EXAMPLES = ROOT / "examples"
 
 
 def load_example(name: str) -> ModuleType:

@@ -4,7 +4,8 @@ task's protected subspace.
 Without this, the few steps between a switch and its detection (5 with the default novelty
 signal, ~36 with the loss) add the new task's strongest gradient directions to the old
 task's second moment, and the boundary then protects them: on Permuted digits with tasks of
-200 steps that cost 0.11 ACC against given boundaries (docs/detection.md).
+200 steps that cost 0.11 ACC against given boundaries (docs/detection.md). Through a real
+Trainer: ``tests/integration/test_auto_boundaries_training.py``.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ import math
 
 import pytest
 import torch
-from conftest import TinyClassifier, loader, make_trainer
-from torch.utils.data import DataLoader
 
-from lightning_metagrad import AutoBoundaries, MetaGradCallback, SubspacePredictor
+from lightning_metagrad import SubspacePredictor
 from lightning_metagrad.boundaries.changepoint import ChangePointDetector
 
 
@@ -81,22 +80,6 @@ def test_the_detector_estimates_how_long_ago_an_abrupt_jump_began() -> None:
     assert declared is not None
     delay = declared - 100  # observations from the jump to the declaring one
     assert abs(det.last_onset - delay) <= 2, (det.last_onset, delay)
-
-
-def test_a_detected_switch_hands_its_onset_to_the_boundary() -> None:
-    # Two tasks in one fit, no task ids; the callback keeps history and leaves the new
-    # task's steps before the detection out of the old task.
-    auto = AutoBoundaries()
-    cb = MetaGradCallback(predictor=SubspacePredictor(every=1), task_boundaries=auto)
-    batches = [b for task in (0, 1) for b in list(loader(task, batch_size=8, n=128)) * 5]
-    make_trainer([cb], max_steps=len(batches)).fit(
-        TinyClassifier(), DataLoader(batches, batch_size=None)
-    )
-    predictor = cb.predictor
-    assert isinstance(predictor, SubspacePredictor)
-    assert auto.max_onset_steps > 0
-    assert predictor.state_dict()["history_steps"] == auto.max_onset_steps + 1
-    assert cb.state_dict()["engine"]["switch_onset"] == 0  # nothing pending after the fit
 
 
 def test_history_without_sampled_rows_is_refused_with_a_warning() -> None:

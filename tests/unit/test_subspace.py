@@ -1,18 +1,17 @@
-"""The default predictor, ``SubspacePredictor``: without a Trainer, then through real ones."""
+"""The default predictor, ``SubspacePredictor``, without a Trainer: its bases, projection and
+state, and the core ``MetaGrad`` with it in a plain PyTorch loop. Through real Trainers:
+``tests/integration/test_subspace_training.py``."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TinyClassifier, loader, make_trainer
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.demos import Transformer
+from helpers import loader, subspace_bases
 from torch import Tensor, nn
 
-from lightning_metagrad import MetaGrad, MetaGradCallback, SubspacePredictor
+from lightning_metagrad import MetaGrad, SubspacePredictor
 
 LR = 0.1
 
@@ -20,13 +19,6 @@ LR = 0.1
 def _orthonormal(m: Tensor) -> bool:
     eye = torch.eye(m.shape[1], dtype=m.dtype)
     return torch.allclose(m.T @ m, eye, atol=1e-5)
-
-
-def _bases(pred: SubspacePredictor) -> dict[str, Tensor]:
-    return {name: pred.basis(name) for name in pred.subspace_dims()}
-
-
-# --------------------------------------------------------------------------- no Trainer
 
 
 def _gradients_in(directions: Tensor, rows: int, steps: int, seed: int) -> list[Tensor]:
@@ -44,7 +36,7 @@ def test_basis_explains_the_threshold_of_a_tasks_energy_and_no_more_than_needed(
     for target in _gradients_in(torch.diag(scales)[:3], rows=6, steps=200, seed=0):
         pred.observe(["w"], [w], [target])
     pred.end_task(["w"], [w])
-    (m,) = _bases(pred).values()
+    (m,) = subspace_bases(pred).values()
     assert m.shape == (5, 1) and _orthonormal(m)
     assert abs(float(m[0, 0])) == pytest.approx(1.0, abs=0.02)
 
@@ -60,7 +52,7 @@ def test_basis_grows_only_by_the_residual_and_stays_orthonormal_over_tasks() -> 
             pred.observe(["w"], [w], [target])
         pred.end_task(["w"], [w])
         dims.append(pred.subspace_dims()["w"])
-        assert _orthonormal(_bases(pred)["w"])
+        assert _orthonormal(subspace_bases(pred)["w"])
     # e0,e1 -> +e2 (e1 known) -> nothing new (the same span again) -> +e4..e6.
     assert dims == [2, 3, 3, 6]
     # 6 of 8 directions: the 2-column complement is what is stored.
@@ -142,7 +134,10 @@ def test_each_step_enters_the_second_moment_with_unit_energy() -> None:
         dims[normalize] = pred.basis("w").abs().round().T.tolist()
     # Unit energy per step: 10 of 40 along e0, 30 along e1, so 0.9 needs both. Raw energy:
     # e0 holds 100,000 of 100,030 and the late direction is left free.
-    assert dims[True] in ([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]], [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    assert dims[True] in (
+        [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]],
+        [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
+    )
     assert dims[False] == [[1.0, 0.0, 0.0]]
 
 
@@ -171,7 +166,7 @@ def test_sampled_rows_estimate_the_same_subspace() -> None:
         for target in _gradients_in(eye[:3] * torch.tensor([[3.0], [2.0], [1.0]]), 32, 100, 0):
             pred.observe(["w"], [w], [target])
         pred.end_task(["w"], [w])
-    a, b = _bases(exact)["w"], _bases(sampled)["w"]
+    a, b = subspace_bases(exact)["w"], subspace_bases(sampled)["w"]
     torch.testing.assert_close(a @ a.T, b @ b.T, atol=1e-3, rtol=0)
 
 
@@ -240,230 +235,6 @@ def test_the_core_works_in_a_plain_pytorch_loop_and_protects_the_first_task() ->
     protected = _first_task_loss_increase(core)
     assert core.num_old_tasks == 2
     assert protected < 0.5 * _first_task_loss_increase(None)
-
-
-# --------------------------------------------------------------------------- real Trainers
-
-
-class AppliedUpdates(Callback):
-    """Place first: per optimizer step, the parameters before and after the step, by name."""
-
-    def __init__(self) -> None:
-        self.steps: list[dict[str, tuple[Tensor, Tensor, Tensor | None]]] = []
-        self._before: dict[str, Tensor] = {}
-        self._grads: dict[str, Tensor | None] = {}
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # type: ignore[no-untyped-def]
-        self._before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
-        self._grads = {
-            n: None if p.grad is None else p.grad.detach().clone()
-            for n, p in pl_module.named_parameters()
-        }
-
-    def on_train_batch_end(self, trainer, pl_module, *args) -> None:  # type: ignore[no-untyped-def]
-        if not self._before:  # no optimizer step on this batch (accumulation)
-            return
-        after = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
-        self.steps.append({n: (self._before[n], after[n], self._grads[n]) for n in self._before})
-        self._before = {}
-
-
-def _assert_updates_orthogonal_to_bases(
-    cb: MetaGradCallback, spy: AppliedUpdates, atol: float = 1e-5
-) -> int:
-    """Every weight matrix's applied update [dW, db] has no component in its basis."""
-    pred = cb.predictor
-    assert isinstance(pred, SubspacePredictor)
-    bases = _bases(pred)
-    assert bases, "no protected subspace"
-    checked = 0
-    for step in spy.steps:
-        for name, m in bases.items():
-            before, after, _ = step[name]
-            update = (before - after).reshape(before.shape[0], -1)
-            bias = name[: -len("weight")] + "bias"
-            if bias in step and m.shape[0] == update.shape[1] + 1:
-                b_before, b_after, _ = step[bias]
-                update = torch.cat([update, (b_before - b_after)[:, None]], dim=1)
-            scale = float(update.norm()) + 1e-12
-            assert float((update @ m).norm()) <= atol + 1e-4 * scale, name
-            checked += 1
-    return checked
-
-
-def test_default_callback_is_the_subspace_predictor_and_projects_sgd_updates() -> None:
-    cb, model = MetaGradCallback(), TinyClassifier(lr=LR)
-    assert isinstance(cb.predictor, SubspacePredictor)
-    make_trainer([cb], max_steps=8).fit(model, loader(0))
-    spy = AppliedUpdates()
-    trainer = make_trainer([spy, cb], max_steps=6, log_every_n_steps=1)
-    trainer.fit(model, loader(1))
-    assert _assert_updates_orthogonal_to_bases(cb, spy) == 6 * 2
-    # Something was removed, and the figures reached the logger.
-    assert 0 < float(trainer.callback_metrics["metagrad/removed_energy"]) <= 1
-    assert float(trainer.callback_metrics["metagrad/subspace_dim/net.0.weight"]) >= 1
-
-
-@pytest.mark.parametrize("optimizer", ["adam", "momentum"])
-def test_update_vector_mode_projects_the_optimizers_update(optimizer: str) -> None:
-    cb = MetaGradCallback(predictor=SubspacePredictor(every=1))
-    model = TinyClassifier(optimizer=optimizer, lr=0.01)
-    make_trainer([cb], max_steps=8).fit(model, loader(0))
-    spy = AppliedUpdates()
-    make_trainer([spy, cb], max_steps=6).fit(model, loader(1))
-    assert _assert_updates_orthogonal_to_bases(cb, spy) == 12
-
-
-@pytest.mark.parametrize(
-    ("optimizer", "setting", "normalizes"),
-    [
-        ("sgd", "auto", True),  # the gradient itself
-        ("momentum", "auto", True),  # SGD's update vector
-        ("adam", "auto", False),  # an adaptive optimizer's update vector: raw
-        ("adam", True, True),  # an explicit choice wins
-        ("sgd", False, False),
-    ],
-)
-def test_step_weighting_follows_what_the_predictor_learns_from(
-    optimizer: str, setting: Any, normalizes: bool
-) -> None:
-    cb = MetaGradCallback(predictor=SubspacePredictor(normalize_steps=setting))
-    make_trainer([cb], max_steps=4).fit(TinyClassifier(optimizer=optimizer, lr=0.01), loader(0))
-    assert cb.predictor.normalizes_steps is normalizes
-
-
-class ConvAttentionModel(pl.LightningModule):
-    """Conv2d + BatchNorm + Embedding + nn.MultiheadAttention + LayerNorm + a tied head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3)
-        self.norm = nn.BatchNorm2d(4)
-        self.embed = nn.Embedding(5, 8)
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-        self.ln = nn.LayerNorm(8)
-        self.fc = nn.Linear(4 * 4 * 4, 8)
-        self.out = nn.Linear(8, 5, bias=False)
-        self.out.weight = self.embed.weight  # tied weights: one parameter, two uses
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        img, tokens, y = batch
-        h = self.fc(torch.relu(self.norm(self.conv(img))).flatten(1))[:, None]
-        seq = torch.cat([h, self.embed(tokens)], dim=1)
-        seq = self.ln(seq + self.attn(seq, seq, seq, need_weights=False)[0])
-        return nn.functional.cross_entropy(self.out(seq[:, 0]), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-
-def _conv_attention_loader(task: int) -> Any:
-    g = torch.Generator().manual_seed(task)
-    img = torch.randn(64, 1, 6, 6, generator=g) + task
-    tokens = torch.randint(5, (64, 3), generator=g)
-    y = (tokens[:, 0] + task) % 5
-    return torch.utils.data.DataLoader(list(zip(img, tokens, y)), batch_size=16)
-
-
-def test_conv_embedding_attention_norms_and_tied_weights_are_handled() -> None:
-    cb, model = MetaGradCallback(predictor=SubspacePredictor(every=1)), ConvAttentionModel()
-    make_trainer([cb], max_steps=8).fit(model, _conv_attention_loader(0))
-    spy = AppliedUpdates()
-    make_trainer([spy, cb], max_steps=6).fit(model, _conv_attention_loader(1))
-    pred = cb.predictor
-    assert isinstance(pred, SubspacePredictor)
-    dims = pred.subspace_dims()
-    # Conv as out x in*kh*kw (+ bias), the packed attention projection and its bias, the
-    # embedding (tied to the head: one parameter), linear layers; norms are not matrices.
-    assert set(dims) == {
-        "conv.weight",
-        "embed.weight",
-        "attn.in_proj_weight",
-        "attn.out_proj.weight",
-        "fc.weight",
-    }
-    assert _bases(pred)["conv.weight"].shape[0] == 1 * 3 * 3 + 1
-    assert _bases(pred)["attn.in_proj_weight"].shape[0] == 8 + 1
-    assert _assert_updates_orthogonal_to_bases(cb, spy) == 6 * len(dims)
-    for step in spy.steps:  # 1-D norm parameters are left free: plain SGD on them
-        for name in ("norm.weight", "norm.bias", "ln.weight", "ln.bias"):
-            before, after, grad = step[name]
-            assert grad is not None
-            torch.testing.assert_close(after, before - 0.05 * grad, rtol=0, atol=1e-6)
-
-
-class UnusedBranch(TinyClassifier):
-    """A second head used only on odd batches: its parameters have no gradient on even ones."""
-
-    def __init__(self) -> None:
-        super().__init__(lr=LR)
-        self.branch = nn.Linear(3, 3)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        out = self(x)
-        if batch_idx % 2:
-            out = self.branch(out)
-        return nn.functional.cross_entropy(out, y)
-
-
-@pytest.mark.parametrize("predictor", ["subspace", "anchored", "paper", "replay"])
-def test_a_parameter_without_a_gradient_on_some_steps_is_handled(predictor: str) -> None:
-    cb, model = MetaGradCallback(predictor=predictor), UnusedBranch()
-    make_trainer([cb], max_steps=8).fit(model, loader(0))
-    spy = AppliedUpdates()
-    make_trainer([spy, cb], max_steps=6).fit(model, loader(1))
-    assert cb.num_old_tasks == 1
-    for i, step in enumerate(spy.steps):
-        before, after, grad = step["branch.weight"]
-        assert (grad is None) == (i % 2 == 0)
-        if grad is None:  # untouched by the step and by the rule
-            assert torch.equal(before, after)
-        assert all(bool(torch.isfinite(a).all()) for _, a, _ in step.values())
-
-
-def test_bf16_mixed_and_accumulation_project_the_full_unscaled_gradient() -> None:
-    cb, model = MetaGradCallback(predictor=SubspacePredictor(every=1)), TinyClassifier(lr=LR)
-    make_trainer([cb], max_steps=4, precision="bf16-mixed", accumulate_grad_batches=2).fit(
-        model, loader(0)
-    )
-    spy = AppliedUpdates()
-    make_trainer([spy, cb], max_steps=3, precision="bf16-mixed", accumulate_grad_batches=2).fit(
-        model, loader(1)
-    )
-    assert len(spy.steps) == 3  # optimizer steps, each over two batches
-    _assert_updates_orthogonal_to_bases(cb, spy, atol=1e-4)
-
-
-def test_the_demo_transformer_trains_with_the_default() -> None:
-    class LM(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = Transformer(vocab_size=20, ninp=16, nhead=2, nhid=16, nlayers=1)
-
-        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-            x, y = batch
-            out = self.model(x, y)
-            return nn.functional.nll_loss(out, y.view(-1))
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def data(task: int) -> Any:
-        g = torch.Generator().manual_seed(task)
-        x = torch.randint(20, (32, 6), generator=g)
-        return torch.utils.data.DataLoader(list(zip(x, (x + task) % 20)), batch_size=8)
-
-    cb, model = MetaGradCallback(predictor=SubspacePredictor(every=1)), LM()
-    make_trainer([cb], max_steps=4).fit(model, data(0))
-    spy = AppliedUpdates()
-    make_trainer([spy, cb], max_steps=4).fit(model, data(1))
-    pred = cb.predictor
-    assert isinstance(pred, SubspacePredictor)
-    names = set(pred.subspace_dims())
-    assert any("self_attn.in_proj_weight" in n for n in names)
-    assert any("embedding" in n for n in names)
-    _assert_updates_orthogonal_to_bases(cb, spy, atol=1e-4)
 
 
 def test_a_version_1_state_without_step_energies_still_loads() -> None:

@@ -9,36 +9,20 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TinyClassifier, loader, make_trainer, small_callback_kwargs
+from helpers import (
+    AppliedUpdates,
+    ManualModule,
+    TinyClassifier,
+    loader,
+    make_trainer,
+    paper_callback_kwargs,
+    small_callback_kwargs,
+)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_metagrad import MetaGradCallback, MetaNetPredictor
+from lightning_metagrad import MetaGradCallback
 from lightning_metagrad.predictors.rules import sign_agreement
-
-
-class StepSpy(Callback):
-    """Placed before MetaGrad: records parameters and the raw gradient of every step."""
-
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # type: ignore[no-untyped-def]
-        params = [p for p in pl_module.parameters() if p.requires_grad]
-        self.records.append(
-            {
-                "theta": [p.detach().clone() for p in params],
-                "grad": [p.grad.detach().clone() for p in params],  # type: ignore[union-attr]
-            }
-        )
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
-        params = [p for p in pl_module.parameters() if p.requires_grad]
-        self.records[-1]["after"] = [p.detach().clone() for p in params]
-
-
-def _flat(ts: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in ts])
 
 
 def train_tasks(
@@ -49,7 +33,7 @@ def train_tasks(
 
 
 def test_each_fit_starts_a_new_task() -> None:
-    cb = MetaGradCallback(**small_callback_kwargs())
+    cb = MetaGradCallback(**paper_callback_kwargs())
     model = TinyClassifier()
     for task in range(4):
         make_trainer([cb]).fit(model, loader(task))
@@ -77,14 +61,13 @@ def test_manual_boundaries_only_change_tasks_by_hand() -> None:
 
 def test_rewritten_gradient_is_what_sgd_applied() -> None:
     lr = 0.1
-    cb = MetaGradCallback(**small_callback_kwargs())
+    cb = MetaGradCallback(**paper_callback_kwargs())
     model = TinyClassifier(lr=lr)
     train_tasks(model, [cb], tasks=1)
-    spy = StepSpy()
+    spy = AppliedUpdates()
     make_trainer([spy, cb], max_steps=4).fit(model, loader(1))
     zeroed_any = False
-    for rec in spy.records:
-        theta, grad, after = _flat(rec["theta"]), _flat(rec["grad"]), _flat(rec["after"])
+    for theta, grad, after in spy.flat():
         predicted = cb.predict_old_gradient(theta)
         expected_grad, zeroed = sign_agreement(grad, predicted)  # eq. 5
         zeroed_any |= bool(zeroed.any())
@@ -95,26 +78,24 @@ def test_rewritten_gradient_is_what_sgd_applied() -> None:
 
 def test_average_mode_applies_eq_2() -> None:
     lr = 0.1
-    cb = MetaGradCallback(combine="average", **small_callback_kwargs())
+    cb = MetaGradCallback(combine="average", **paper_callback_kwargs())
     model = TinyClassifier(lr=lr)
     train_tasks(model, [cb], tasks=2)  # two old tasks folded into g at the next fit
-    spy = StepSpy()
+    spy = AppliedUpdates()
     make_trainer([spy, cb], max_steps=3).fit(model, loader(2))
-    rec = spy.records[0]
-    theta, grad, after = _flat(rec["theta"]), _flat(rec["grad"]), _flat(rec["after"])
+    theta, grad, after = spy.flat()[0]
     expected = (grad + 2 * cb.predict_old_gradient(theta)) / 3
     torch.testing.assert_close(after, theta - lr * expected, rtol=0, atol=1e-6)
 
 
 def test_update_vector_mode_with_adam_applies_the_rule_to_the_update() -> None:
-    cb = MetaGradCallback(**small_callback_kwargs())
+    cb = MetaGradCallback(**paper_callback_kwargs())
     model = TinyClassifier(optimizer="adam", lr=1e-2)
     train_tasks(model, [cb], tasks=1)
-    spy = StepSpy()
+    spy = AppliedUpdates()
     make_trainer([spy, cb], max_steps=4).fit(model, loader(1))
     assert cb.engine.resolved_target == "update"
-    for rec in spy.records:
-        theta, after = _flat(rec["theta"]), _flat(rec["after"])
+    for theta, _, after in spy.flat():
         predicted = cb.predict_old_gradient(theta)
         update = theta - after
         # Eq. 5 on the update vector: every coordinate that moved moved along the prediction;
@@ -140,7 +121,7 @@ def test_explicit_target_overrides_the_choice() -> None:
 
 
 def test_meta_network_trains_during_the_task_and_logs() -> None:
-    cb = MetaGradCallback(**small_callback_kwargs())
+    cb = MetaGradCallback(**paper_callback_kwargs())
     model = TinyClassifier()
     before = copy.deepcopy(cb.meta_network.state_dict())
     make_trainer([cb]).fit(model, loader(0))
@@ -176,10 +157,10 @@ def test_figures_are_logged_only_on_the_trainers_logging_steps() -> None:
 
 def test_state_dict_round_trip_continues_identically() -> None:
     model = TinyClassifier()
-    cb = MetaGradCallback(**small_callback_kwargs())
+    cb = MetaGradCallback(**paper_callback_kwargs())
     train_tasks(model, [cb], tasks=2)
     clone_model = copy.deepcopy(model)
-    clone_cb = MetaGradCallback(**small_callback_kwargs())
+    clone_cb = MetaGradCallback(**paper_callback_kwargs())
     clone_cb.load_state_dict(copy.deepcopy(cb.state_dict()))
     make_trainer([cb]).fit(model, loader(2))
     make_trainer([clone_cb]).fit(clone_model, loader(2))
@@ -192,7 +173,7 @@ def test_state_dict_round_trip_continues_identically() -> None:
 
 def test_checkpoint_carries_the_callback_state(tmp_path) -> None:  # type: ignore[no-untyped-def]
     model = TinyClassifier()
-    cb = MetaGradCallback(**small_callback_kwargs())
+    cb = MetaGradCallback(**paper_callback_kwargs())
     train_tasks(model, [cb], tasks=2)
     trainer = make_trainer([cb])
     trainer.fit(model, loader(2))
@@ -200,7 +181,7 @@ def test_checkpoint_carries_the_callback_state(tmp_path) -> None:  # type: ignor
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, weights_only=True)  # what Lightning's resume does
     state = ckpt["callbacks"][cb.state_key]
-    fresh = MetaGradCallback(**small_callback_kwargs())
+    fresh = MetaGradCallback(**paper_callback_kwargs())
     fresh.load_state_dict(state)
     assert fresh.task_index == 2 and fresh.num_old_tasks == 2
     fresh.engine.bind(model.named_parameters())  # the plain-PyTorch core, no Trainer
@@ -220,7 +201,7 @@ class CrashAtStep(Callback):
 def test_crash_mid_task_resumes_exactly_from_the_last_checkpoint(tmp_path) -> None:  # type: ignore[no-untyped-def]
     def first_task() -> tuple[TinyClassifier, MetaGradCallback]:
         pl.seed_everything(0, verbose=False)
-        model, cb = TinyClassifier(), MetaGradCallback(**small_callback_kwargs())
+        model, cb = TinyClassifier(), MetaGradCallback(**paper_callback_kwargs())
         make_trainer([cb]).fit(model, loader(0))
         return model, cb
 
@@ -233,7 +214,7 @@ def test_crash_mid_task_resumes_exactly_from_the_last_checkpoint(tmp_path) -> No
     with pytest.raises(RuntimeError, match="simulated crash"):
         trainer.fit(model, loader(1, n=64))
     # A new process: fresh model and callback, resumed from the step-4 checkpoint.
-    new_model, new_cb = TinyClassifier(), MetaGradCallback(**small_callback_kwargs())
+    new_model, new_cb = TinyClassifier(), MetaGradCallback(**paper_callback_kwargs())
     make_trainer([new_cb], max_steps=8).fit(
         new_model, loader(1, n=64), ckpt_path=tmp_path / "epoch=0-step=4.ckpt"
     )
@@ -261,7 +242,7 @@ def test_non_finite_gradients_are_skipped_with_a_warning() -> None:
             for p in self.parameters():
                 torch.nan_to_num_(p.grad, nan=0.0)  # type: ignore[arg-type]
 
-    cb = MetaGradCallback(**small_callback_kwargs())
+    cb = MetaGradCallback(**paper_callback_kwargs())
     model = NaNAtStep()
     with pytest.warns(UserWarning, match="non-finite"):
         make_trainer([cb], max_steps=4).fit(model, loader(0))
@@ -271,20 +252,8 @@ def test_non_finite_gradients_are_skipped_with_a_warning() -> None:
 
 
 def test_manual_optimization_is_refused() -> None:
-    class Manual(TinyClassifier):
-        def __init__(self) -> None:
-            super().__init__()
-            self.automatic_optimization = False
-
-        def training_step(self, batch: Any, batch_idx: int) -> None:  # type: ignore[override]
-            opt = self.optimizers()
-            loss = super().training_step(batch, batch_idx)
-            opt.zero_grad()  # type: ignore[union-attr]
-            self.manual_backward(loss)
-            opt.step()  # type: ignore[union-attr]
-
     with pytest.raises(MisconfigurationException, match="automatic optimization"):
-        make_trainer([MetaGradCallback()]).fit(Manual(), loader(0))
+        make_trainer([MetaGradCallback()]).fit(ManualModule(), loader(0))
 
 
 def test_several_optimizers_are_refused() -> None:
@@ -328,36 +297,3 @@ def test_model_without_trainable_parameters_is_refused() -> None:
     frozen.requires_grad_(False)
     with pytest.raises(MisconfigurationException, match="no trainable parameters"):
         make_trainer([MetaGradCallback()]).fit(frozen, loader(0))
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "argument"),
-    [
-        ({"combine": "max"}, "combine"),
-        ({"target": "hessian"}, "target"),
-        ({"predictor": "oracle"}, "predictor"),
-        ({"task_boundaries": "sometimes"}, "task_boundaries"),
-        ({"task_id_fn": len}, "task_id_fn"),
-    ],
-)
-def test_invalid_arguments_name_the_argument(kwargs: dict, argument: str) -> None:
-    with pytest.raises(ValueError, match=argument):
-        MetaGradCallback(**kwargs)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "argument"),
-    [
-        ({"update_every": 0}, "update_every"),
-        ({"coords_per_step": 0}, "coords_per_step"),
-        ({"lr": -1.0}, "lr"),
-        ({"hidden_sizes": (0,)}, "hidden_sizes"),
-        ({"activation": "gelu"}, "activation"),
-        ({"distill_steps": -1}, "steps"),
-        ({"table_points": 1}, "table_points"),
-        ({"seed": "x"}, "seed"),
-    ],
-)
-def test_invalid_predictor_arguments_name_the_argument(kwargs: dict, argument: str) -> None:
-    with pytest.raises(ValueError, match=argument):
-        MetaNetPredictor(**kwargs)

@@ -33,7 +33,13 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import make_trainer
+from helpers import (
+    AppliedUpdates,
+    assert_orthogonal,
+    bias_of,
+    make_trainer,
+    subspace_bases,
+)
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -222,55 +228,6 @@ CASES = [(shape, method, "sgd") for shape in SHAPES for method in METHODS] + [
 ]
 
 
-# ---------------------------------------------------------------------------- spies
-
-
-class AppliedUpdates(Callback):
-    """Place first: per optimizer step, each parameter before and after the step and the
-    gradient the method received (None where it had none), by name."""
-
-    def __init__(self) -> None:
-        self.steps: list[dict[str, tuple[Tensor, Tensor, Tensor | None]]] = []
-        self._before: dict[str, tuple[Tensor, Tensor | None]] = {}
-
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        self._before = {
-            n: (p.detach().clone(), None if p.grad is None else p.grad.detach().clone())
-            for n, p in pl_module.named_parameters()
-        }
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
-        if self._before:
-            after = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
-            self.steps.append({n: (b, after[n], g) for n, (b, g) in self._before.items()})
-            self._before = {}
-
-
-def _matrix_update(
-    step: dict[str, Any], weight: str, bias: str | None, features: int, received: bool = False
-) -> Tensor:
-    """The applied update ``[dW, db]`` of ``weight`` (rows x fan-in, plus the bias column when
-    the basis has one more feature than the fan-in); ``received``: the received gradient
-    instead (zero where there was none)."""
-
-    def part(name: str) -> Tensor:
-        before, after, grad = step[name]
-        if not received:
-            return before - after
-        return torch.zeros_like(before) if grad is None else grad
-
-    update = part(weight).reshape(step[weight][0].shape[0], -1)
-    if bias is not None and bias in step and features == update.shape[1] + 1:
-        update = torch.cat([update, part(bias)[:, None]], dim=1)
-    assert update.shape[1] == features, weight
-    return update
-
-
-def _assert_orthogonal(update: Tensor, basis: Tensor, what: str) -> None:
-    scale = float(update.norm()) + 1e-12
-    assert float((update @ basis).norm()) <= 1e-5 + 1e-4 * scale, what
-
-
 # ---------------------------------------------------------------------------- the matrix
 
 
@@ -333,15 +290,15 @@ def test_the_applied_update_of_task_two(shape: str, method: str, optimizer: str)
         pred = cb.predictor
         assert isinstance(pred, SubspacePredictor)
         # Task 1's bases (folded in at task 2's start; task 2 is folded in only at task 3's).
-        bases = {name: pred.basis(name) for name in pred.subspace_dims()}
+        bases = subspace_bases(pred)
         assert bases, "no protected subspace"
         removed = 0.0
         for step in steps:
             for weight, basis in bases.items():
-                bias = weight[: -len("weight")] + "bias"
-                update = _matrix_update(step, weight, bias, basis.shape[0])
-                _assert_orthogonal(update, basis, weight)
-                received = _matrix_update(step, weight, bias, basis.shape[0], received=True)
+                bias = bias_of(weight)
+                update = AppliedUpdates.matrix(step, weight, bias, basis.shape[0])
+                assert_orthogonal(update, basis, weight)
+                received = AppliedUpdates.matrix(step, weight, bias, basis.shape[0], received=True)
                 removed = max(removed, float((received @ basis).norm()))
         assert removed > 1e-4  # the received gradients had something to remove
 
@@ -372,8 +329,10 @@ def _check_gpm(steps: list[dict[str, Any]], bases: dict[str, Tensor], model: nn.
             module = modules[layer]
             weight = name_of[id(module.weight)]
             bias = None if module.bias is None else name_of[id(module.bias)]
-            _assert_orthogonal(_matrix_update(step, weight, bias, basis.shape[0]), basis, layer)
-            received = _matrix_update(step, weight, bias, basis.shape[0], received=True)
+            assert_orthogonal(
+                AppliedUpdates.matrix(step, weight, bias, basis.shape[0]), basis, layer
+            )
+            received = AppliedUpdates.matrix(step, weight, bias, basis.shape[0], received=True)
             removed = max(removed, float((received @ basis).norm()))
     assert removed > 1e-4  # the received gradients had something to remove
 

@@ -1,9 +1,10 @@
 """MetaGradCallback under ``strategy="ddp"``: 2 CPU processes (gloo), through a real Trainer.
 
 Lightning's DDP launcher re-executes the running script once per extra rank, so the DDP runs
-happen in a subprocess running this very file (``python tests/test_ddp.py ddp-run DIR``); each
-rank writes its final state to ``DIR``. The module-scoped fixture runs it once (both scenarios
-in one process group, ~10 s on 2 cores) and the tests compare the files:
+happen in a subprocess running this very file (``python tests/integration/test_ddp.py ddp-run
+DIR``, ``tests/`` on ``PYTHONPATH``); each rank writes its final state to ``DIR``. The
+module-scoped fixture runs it once (both scenarios in one process group, ~10 s on 2 cores) and
+the tests compare the files:
 
 * every rank ends with identical callback state (meta-network, distilled predictor, table,
   task bookkeeping, a loss-based switch detector's statistics; with the replay predictor the
@@ -17,7 +18,6 @@ in one process group, ~10 s on 2 cores) and the tests compare the files:
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +26,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TinyClassifier, loader, make_trainer, small_callback_kwargs
+from helpers import TinyClassifier, loader, make_trainer, paper_callback_kwargs, script_env
 from torch.utils.data import DataLoader, Subset
 
 from lightning_metagrad import (
@@ -37,6 +37,8 @@ from lightning_metagrad import (
 )
 from lightning_metagrad.boundaries.changepoint import ChangePointDetector
 from lightning_metagrad.boundaries.novelty import SubspaceNovelty
+
+pytestmark = pytest.mark.slow  # subprocesses: a DDP process group of 2 ranks
 
 GLOBAL_BATCH = 16
 # name -> (tasks, optimizer steps per task, accumulate_grad_batches)
@@ -51,7 +53,8 @@ SCENARIOS = {
 
 
 def scenario_kwargs(name: str) -> dict[str, Any]:
-    """The callback's arguments: the paper predictor, except
+    """The callback's arguments: the paper predictor (its meta-network, distilled network and
+    prediction are compared), except
 
     * ``auto-loss``: detection on the training loss, which differs per rank unless reduced;
     * ``auto-novelty``: detection on the gradient-subspace novelty (the default of ``"auto"``),
@@ -63,7 +66,7 @@ def scenario_kwargs(name: str) -> dict[str, Any]:
         return {"predictor": ReplayPredictor(memory_batches=4, refresh_every=1, free_below=1.0)}
     if name == "subspace":  # the default predictor; a basis per weight matrix from the gradients
         return {"predictor": SubspacePredictor(every=1, threshold=0.9, input_threshold=None)}
-    kwargs = small_callback_kwargs()
+    kwargs = paper_callback_kwargs()
     if name == "auto-novelty":
         novelty = SubspaceNovelty(refresh=2, lag=1, sample_rows=2)
         return {**kwargs, "task_boundaries": ["fit", AutoBoundaries(novelty=novelty)]}
@@ -151,8 +154,7 @@ def _ddp_run(out_dir: Path) -> None:
 def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
     out = tmp_path_factory.mktemp("ddp")
     launcher_vars = {"MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"}
-    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
-    env["PYTHONWARNINGS"] = "ignore"
+    env = {k: v for k, v in script_env(PYTHONWARNINGS="ignore").items() if k not in launcher_vars}
     proc = subprocess.run(
         [sys.executable, __file__, "ddp-run", str(out)],
         env=env,

@@ -1,4 +1,9 @@
-"""Automatic task-switch detection through a real Trainer (paper section 5.1)."""
+"""Automatic task-switch detection through a real Trainer (paper section 5.1).
+
+The detection science, marked ``slow``: one fit over a silent stream of Permuted digits (the
+task ids removed, hundreds of steps a task) finds each switch and no within-task event. The
+sources without a Trainer: ``tests/unit/test_auto_boundaries.py``.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,11 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import make_trainer
+from helpers import TinyClassifier, loader, make_trainer
 from torch.utils.data import DataLoader
 
-from lightning_metagrad import MetaGradCallback
+from lightning_metagrad import AutoBoundaries, MetaGradCallback, SubspacePredictor
 from lightning_metagrad.benchmark import MLPClassifier
-from lightning_metagrad.boundaries import AutoBoundaries, CombinedBoundaries, NewFitBoundaries
-from lightning_metagrad.boundaries.changepoint import ChangePointDetector
 from lightning_metagrad.data import PermutedStream
 
 STEPS_PER_TASK = 600
@@ -76,13 +79,7 @@ def assert_found(cb: MetaGradCallback, true: list[int], max_delay: int) -> None:
 # ------------------------------------------------------------------ the default: novelty
 
 
-def test_auto_defaults_to_the_gradient_subspace_novelty() -> None:
-    src = MetaGradCallback(task_boundaries="auto").boundaries
-    assert isinstance(src, AutoBoundaries) and src.detector.signal == "novelty"
-    assert src.uses_gradients and not src.uses_pairs and not src.uses_loss
-    assert src.every == 1 and src.settle == 0
-
-
+@pytest.mark.slow  # the detection science: hundreds of steps per run
 def test_tasks_of_200_steps_are_each_found() -> None:
     # No settling period and an adaptive warm-up: a task of 200 optimizer steps is tested.
     pl.seed_everything(0, verbose=False)
@@ -90,6 +87,7 @@ def test_tasks_of_200_steps_are_each_found() -> None:
     assert_found(cb, [200, 400, 600], max_delay=30)
 
 
+@pytest.mark.slow
 def test_the_first_tasks_start_up_is_not_a_switch() -> None:
     # From a random initialisation the gradients change fast; that is learned, not tested.
     pl.seed_everything(1, verbose=False)
@@ -101,6 +99,7 @@ def test_the_first_tasks_start_up_is_not_a_switch() -> None:
     assert src.detector.num_switches == 0 and src.novelty.dims()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("event", ["lr_drop", "warmup", "loss_spike", "batch_size"])
 def test_a_within_task_event_is_not_a_switch(event: str) -> None:
     pl.seed_everything(0, verbose=False)
@@ -126,6 +125,7 @@ def test_a_within_task_event_is_not_a_switch(event: str) -> None:
 # ------------------------------------------------------------------ the loss and the paper's error
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signal", "seed"), [("error", 0), ("loss", 1)])
 def test_one_fit_over_a_silent_stream_finds_its_tasks(signal: str, seed: int) -> None:
     # The paper's error first trains its meta-network for 400 steps (settle=100
@@ -138,6 +138,7 @@ def test_one_fit_over_a_silent_stream_finds_its_tasks(signal: str, seed: int) ->
 SIGNALS = pytest.mark.parametrize("signal", ["error", "loss"])
 
 
+@pytest.mark.slow
 @SIGNALS
 def test_a_learning_rate_drop_is_not_a_task_switch(signal: str) -> None:
     pl.seed_everything(0, verbose=False)
@@ -147,6 +148,7 @@ def test_a_learning_rate_drop_is_not_a_task_switch(signal: str) -> None:
     assert cb.detected_switches == [] and cb.task_index == 0
 
 
+@pytest.mark.slow
 @SIGNALS
 def test_a_loss_spike_is_not_a_task_switch(signal: str) -> None:
     pl.seed_everything(0, verbose=False)
@@ -166,76 +168,17 @@ def test_auto_combines_with_fit_boundaries() -> None:
     assert cb.task_index == 1  # the second fit started a task; nothing detected
 
 
-def test_auto_boundary_state_round_trips() -> None:
-    src = AutoBoundaries(every=1, settle=0, signal="error")
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(30):
-        theta = torch.randn(500, generator=gen)
-        src.on_pairs(theta, -theta)
-    clone = AutoBoundaries(every=1, settle=0, signal="error")
-    clone.load_state_dict(src.state_dict())
-    theta = torch.randn(500, generator=gen)
-    assert src.on_pairs(theta, -theta) == clone.on_pairs(theta, -theta)
-    assert src.last_error == pytest.approx(clone.last_error)
-    with pytest.raises(ValueError, match="every"):
-        AutoBoundaries(every=0)
-
-
-def test_loss_signal_tests_the_mean_loss_with_the_error_as_evidence() -> None:
-    src = AutoBoundaries(signal="loss")
-    assert src.uses_loss and src.detector.signal == "loss"
-    assert src.detector.weights == {"error": 1.0}
-    assert src.every == 4 and src.settle == 0  # the loss: the mean of 4 steps an observation
-    assert not AutoBoundaries().uses_loss  # the default, the novelty, needs no loss
-    assert not AutoBoundaries(signal="error").uses_loss  # the paper's signal needs no loss
-    assert AutoBoundaries(signal="error").settle == 100  # its meta-network learns first
-
-
-def test_loss_signal_ignores_non_finite_losses_and_round_trips() -> None:
-    src = AutoBoundaries(every=2, settle=0, signal="loss")
-    for value in (1.0, float("nan"), 3.0):
-        src.on_loss(torch.tensor(value))
-    clone = AutoBoundaries(every=2, settle=0, signal="loss")
-    clone.load_state_dict(src.state_dict())
-    assert src._take_mean_loss() == clone._take_mean_loss() == pytest.approx(2.0)
-    assert src._take_mean_loss() is None  # taken: the next observation waits for new losses
-
-
-def test_a_detector_on_unknown_signals_is_refused() -> None:
-    with pytest.raises(ValueError, match="signal"):
-        AutoBoundaries(signal="gradient_norm")
-    with pytest.raises(ValueError, match="detector"):
-        AutoBoundaries(detector=ChangePointDetector(signal="grad_norm"))
-    with pytest.raises(ValueError, match="detector"):
-        AutoBoundaries(detector=ChangePointDetector(signal="novelty", weights={"norm": 1.0}))
-
-
-def test_combined_sources_forward_the_loss_to_the_source_that_uses_it() -> None:
-    auto = AutoBoundaries(signal="loss")
-    src = CombinedBoundaries([NewFitBoundaries(), auto])
-    assert src.uses_loss
-    src.on_loss(torch.tensor(0.5))
-    assert auto._take_mean_loss() == pytest.approx(0.5)
-
-
-def test_novelty_combines_with_the_loss_as_evidence_and_round_trips() -> None:
-    src = AutoBoundaries(signal="novelty", evidence={"loss": 0.5})
-    assert src.uses_gradients and src.uses_loss and not src.uses_pairs
-    assert src.detector.signal == "novelty" and src.detector.weights == {"loss": 0.5}
-    gen = torch.Generator().manual_seed(0)
-    basis = torch.linalg.qr(torch.randn(12, 3, generator=gen))[0]
-    names, thetas = ["l.weight", "l.bias"], [torch.zeros(8, 12), torch.zeros(8)]
-    for _ in range(40):
-        src.on_loss(torch.rand((), generator=gen))
-        grads = [torch.randn(8, 3, generator=gen) @ basis.T, torch.zeros(8)]
-        src.on_gradients(names, thetas, grads)
-    assert src.detector.num_observations > 0 and src.novelty.dims()["l.weight"] <= 4
-    clone = AutoBoundaries(signal="novelty", evidence={"loss": 0.5})
-    clone.load_state_dict(src.state_dict())
-    grads = [torch.randn(8, 12, generator=gen), torch.zeros(8)]
-    src.on_loss(torch.tensor(0.7))
-    clone.on_loss(torch.tensor(0.7))
-    assert src.on_gradients(names, thetas, grads) == clone.on_gradients(names, thetas, grads)
-    assert src.detector.state_dict() == clone.detector.state_dict()
-    with pytest.raises(ValueError, match="evidence"):
-        AutoBoundaries(evidence={"loss": 1.0}, detector=ChangePointDetector(signal="novelty"))
+def test_a_detected_switch_hands_its_onset_to_the_boundary() -> None:
+    # Two tasks in one fit, no task ids; the callback keeps history and leaves the new
+    # task's steps before the detection out of the old task.
+    auto = AutoBoundaries()
+    cb = MetaGradCallback(predictor=SubspacePredictor(every=1), task_boundaries=auto)
+    batches = [b for task in (0, 1) for b in list(loader(task, batch_size=8, n=128)) * 5]
+    make_trainer([cb], max_steps=len(batches)).fit(
+        TinyClassifier(), DataLoader(batches, batch_size=None)
+    )
+    predictor = cb.predictor
+    assert isinstance(predictor, SubspacePredictor)
+    assert auto.max_onset_steps > 0
+    assert predictor.state_dict()["history_steps"] == auto.max_onset_steps + 1
+    assert cb.state_dict()["engine"]["switch_onset"] == 0  # nothing pending after the fit

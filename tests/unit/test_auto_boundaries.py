@@ -1,0 +1,94 @@
+"""Automatic task boundaries without a Trainer: the defaults, the signals a source needs, state
+round trips and refusals. Through real Trainers and the detection science on silent streams:
+``tests/integration/test_auto_boundaries_training.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_metagrad import MetaGradCallback
+from lightning_metagrad.boundaries import AutoBoundaries, CombinedBoundaries, NewFitBoundaries
+from lightning_metagrad.boundaries.changepoint import ChangePointDetector
+
+
+def test_auto_defaults_to_the_gradient_subspace_novelty() -> None:
+    src = MetaGradCallback(task_boundaries="auto").boundaries
+    assert isinstance(src, AutoBoundaries) and src.detector.signal == "novelty"
+    assert src.uses_gradients and not src.uses_pairs and not src.uses_loss
+    assert src.every == 1 and src.settle == 0
+
+
+def test_auto_boundary_state_round_trips() -> None:
+    src = AutoBoundaries(every=1, settle=0, signal="error")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        theta = torch.randn(500, generator=gen)
+        src.on_pairs(theta, -theta)
+    clone = AutoBoundaries(every=1, settle=0, signal="error")
+    clone.load_state_dict(src.state_dict())
+    theta = torch.randn(500, generator=gen)
+    assert src.on_pairs(theta, -theta) == clone.on_pairs(theta, -theta)
+    assert src.last_error == pytest.approx(clone.last_error)
+    with pytest.raises(ValueError, match="every"):
+        AutoBoundaries(every=0)
+
+
+def test_loss_signal_tests_the_mean_loss_with_the_error_as_evidence() -> None:
+    src = AutoBoundaries(signal="loss")
+    assert src.uses_loss and src.detector.signal == "loss"
+    assert src.detector.weights == {"error": 1.0}
+    assert src.every == 4 and src.settle == 0  # the loss: the mean of 4 steps an observation
+    assert not AutoBoundaries().uses_loss  # the default, the novelty, needs no loss
+    assert not AutoBoundaries(signal="error").uses_loss  # the paper's signal needs no loss
+    assert AutoBoundaries(signal="error").settle == 100  # its meta-network learns first
+
+
+def test_loss_signal_ignores_non_finite_losses_and_round_trips() -> None:
+    src = AutoBoundaries(every=2, settle=0, signal="loss")
+    for value in (1.0, float("nan"), 3.0):
+        src.on_loss(torch.tensor(value))
+    clone = AutoBoundaries(every=2, settle=0, signal="loss")
+    clone.load_state_dict(src.state_dict())
+    assert src._take_mean_loss() == clone._take_mean_loss() == pytest.approx(2.0)
+    assert src._take_mean_loss() is None  # taken: the next observation waits for new losses
+
+
+def test_a_detector_on_unknown_signals_is_refused() -> None:
+    with pytest.raises(ValueError, match="signal"):
+        AutoBoundaries(signal="gradient_norm")
+    with pytest.raises(ValueError, match="detector"):
+        AutoBoundaries(detector=ChangePointDetector(signal="grad_norm"))
+    with pytest.raises(ValueError, match="detector"):
+        AutoBoundaries(detector=ChangePointDetector(signal="novelty", weights={"norm": 1.0}))
+
+
+def test_combined_sources_forward_the_loss_to_the_source_that_uses_it() -> None:
+    auto = AutoBoundaries(signal="loss")
+    src = CombinedBoundaries([NewFitBoundaries(), auto])
+    assert src.uses_loss
+    src.on_loss(torch.tensor(0.5))
+    assert auto._take_mean_loss() == pytest.approx(0.5)
+
+
+def test_novelty_combines_with_the_loss_as_evidence_and_round_trips() -> None:
+    src = AutoBoundaries(signal="novelty", evidence={"loss": 0.5})
+    assert src.uses_gradients and src.uses_loss and not src.uses_pairs
+    assert src.detector.signal == "novelty" and src.detector.weights == {"loss": 0.5}
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(12, 3, generator=gen))[0]
+    names, thetas = ["l.weight", "l.bias"], [torch.zeros(8, 12), torch.zeros(8)]
+    for _ in range(40):
+        src.on_loss(torch.rand((), generator=gen))
+        grads = [torch.randn(8, 3, generator=gen) @ basis.T, torch.zeros(8)]
+        src.on_gradients(names, thetas, grads)
+    assert src.detector.num_observations > 0 and src.novelty.dims()["l.weight"] <= 4
+    clone = AutoBoundaries(signal="novelty", evidence={"loss": 0.5})
+    clone.load_state_dict(src.state_dict())
+    grads = [torch.randn(8, 12, generator=gen), torch.zeros(8)]
+    src.on_loss(torch.tensor(0.7))
+    clone.on_loss(torch.tensor(0.7))
+    assert src.on_gradients(names, thetas, grads) == clone.on_gradients(names, thetas, grads)
+    assert src.detector.state_dict() == clone.detector.state_dict()
+    with pytest.raises(ValueError, match="evidence"):
+        AutoBoundaries(evidence={"loss": 1.0}, detector=ChangePointDetector(signal="novelty"))
