@@ -48,7 +48,6 @@ from lightning_metagrad._module_utils import (
 from lightning_metagrad._tensors import detached_copy, first_non_finite
 from lightning_metagrad._validation import check_state_version
 from lightning_metagrad.boundaries.sources import (
-    BatchTaskIdBoundaries,
     BoundarySpec,
     CombinedBoundaries,
     NewFitBoundaries,
@@ -248,6 +247,7 @@ class _TaskCallback(Callback):
         # The refusal of a task that ended with NaN/inf weights, raised when the next starts.
         self._diverged: str | None = None
         self._fit_task_id: Any = _UNSET  # "fit": the task id of this fit's first batch
+        self._task_id_changed: Tensor | bool = False  # ... and whether it changed since
         self._warned_task_ids = False
         #: Tasks consolidated so far.
         self.num_tasks = 0
@@ -359,7 +359,7 @@ class _TaskCallback(Callback):
         refuse_at_fit_start(type(self).__name__, trainer, pl_module)
         if self._diverged is not None:  # the previous task ended with NaN/inf weights
             raise RuntimeError(self._diverged)
-        self._fit_task_id = _UNSET
+        self._fit_task_id, self._task_id_changed = _UNSET, False
         if not self._per_fit and self.boundaries.on_fit_start() and self._steps_in_task > 0:
             self._task_boundary(trainer, pl_module)
         self._bind(pl_module, check=True)
@@ -369,8 +369,7 @@ class _TaskCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._per_fit:
-            if batch_idx == 0:  # one host read an epoch
-                self._check_task_ids(batch)
+            self._watch_task_ids(batch)
             return
         if self.boundaries.on_train_batch(batch, batch_idx):
             self._task_boundary(trainer, pl_module)  # before training on the new task's batch
@@ -395,7 +394,14 @@ class _TaskCallback(Callback):
         self._edit_step(trainer, pl_module, names)
 
     @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._per_fit:
+            self._warn_task_ids()
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._per_fit:
+            self._warn_task_ids()
         if not self._fit_ends_task:
             return
         if self._steps_in_task > 0:
@@ -491,31 +497,42 @@ class _TaskCallback(Callback):
         self._task_batches = TaskBatches()
         self._task_examples = 0
 
-    def _check_task_ids(self, batch: Any) -> None:
-        """``"fit"``: warn (once) when the batches' ``"task_id"`` changes within one fit,
-        where each task would need its own consolidation (``task_boundaries="batch"``)."""
+    def _watch_task_ids(self, batch: Any) -> None:
+        """``"fit"``: note (on the device, no host sync) whether the batches' ``"task_id"``
+        changes within the fit, where each task would need its own consolidation."""
         if self._warned_task_ids or not isinstance(batch, Mapping) or "task_id" not in batch:
             return
-        try:
-            task_id = _TASK_IDS.read_task_id(batch)
-        except (TypeError, ValueError):  # mixed or unreadable ids: not this warning's case
+        value = batch["task_id"]
+        if isinstance(value, Tensor):
+            ids = value.detach().reshape(-1)
+            if ids.numel() == 0:
+                return
+            if self._fit_task_id is _UNSET:
+                self._fit_task_id = ids[:1].clone()
+                self._task_id_changed = torch.zeros((), dtype=torch.bool, device=ids.device)
+            else:
+                self._task_id_changed |= (ids != self._fit_task_id).any()
+        elif self._fit_task_id is _UNSET:
+            self._fit_task_id = value
+        elif value != self._fit_task_id:
+            self._task_id_changed = True
+
+    def _warn_task_ids(self) -> None:
+        """``"fit"``: warn (once) if the batches' task id changed within this fit (one read)."""
+        if self._warned_task_ids or self._fit_task_id is _UNSET or not bool(self._task_id_changed):
             return
-        if self._fit_task_id is _UNSET:
-            self._fit_task_id = task_id
-        elif task_id != self._fit_task_id:
-            self._warned_task_ids = True
-            rank_zero_warn(
-                f"{type(self).__name__}: the batches' 'task_id' changed from "
-                f"{self._fit_task_id!r} to {task_id!r} within one `fit`, but with "
-                "task_boundaries='fit' a task ends only when its `fit` ends, so these tasks are "
-                "not protected from each other. Pass `task_boundaries='batch'` to consolidate "
-                "each task when its id changes."
-            )
+        self._warned_task_ids = True
+        first = self._fit_task_id
+        first = first.item() if isinstance(first, Tensor) else first
+        rank_zero_warn(
+            f"{type(self).__name__}: the batches' 'task_id' changed within one `fit` (it was "
+            f"{first!r} at its start), but with task_boundaries='fit' a task ends only when its "
+            "`fit` ends, so the tasks of this fit are not protected from each other. Pass "
+            "`task_boundaries='batch'` to consolidate each task when its id changes."
+        )
 
 
 _UNSET: Any = object()
-#: Reads a dict batch's ``"task_id"`` for the ``"fit"`` warning above.
-_TASK_IDS = BatchTaskIdBoundaries()
 
 
 def _refuse_detection(name: str, source: TaskBoundarySource) -> None:

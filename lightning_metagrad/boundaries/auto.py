@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-import torch
 from torch import Tensor
 
 from lightning_metagrad._validation import (
@@ -16,8 +15,13 @@ from lightning_metagrad._validation import (
 )
 from lightning_metagrad.boundaries.changepoint import ChangePointDetector
 from lightning_metagrad.boundaries.novelty import SubspaceNovelty
+from lightning_metagrad.boundaries.signals import (
+    ErrorSignal,
+    LossSignal,
+    NoveltySignal,
+    StreamSignal,
+)
 from lightning_metagrad.boundaries.sources import TaskBoundarySource
-from lightning_metagrad.predictors.paper.meta_network import CoordinateMLP, MetaNetwork
 
 #: The main signals :class:`AutoBoundaries` can test.
 Signal = Literal["novelty", "loss", "error"]
@@ -103,9 +107,12 @@ class AutoBoundaries(TaskBoundarySource):
     ``signal="error"``, whose error first rises for hundreds of steps as the gradients grow,
     else 0). At a detected switch (or any new task) the detector restarts, the meta-network
     is re-initialised and the novelty's subspaces are rebuilt from the new task's gradients.
-    ``novelty`` passes a configured :class:`~lightning_metagrad.boundaries.novelty.SubspaceNovelty`.
+    ``novelty`` passes a configured
+    :class:`~lightning_metagrad.boundaries.novelty.SubspaceNovelty`. Only the signals the
+    detector names are built (:mod:`~lightning_metagrad.boundaries.signals`, one object each).
 
     Example:
+        >>> import torch
         >>> src = AutoBoundaries(signal="novelty")
         >>> src.uses_gradients, src.uses_pairs, src.uses_loss
         (True, False, False)
@@ -117,6 +124,8 @@ class AutoBoundaries(TaskBoundarySource):
     """
 
     name = "auto"
+    #: Version 2 keeps each signal's state under its name; version 1 (flat) still loads.
+    _state_version = 2
 
     def __init__(
         self,
@@ -157,51 +166,54 @@ class AutoBoundaries(TaskBoundarySource):
             every = 1 if detector.signal == "novelty" else 4
         self.every = every
         self.detector = detector
-        self._signals = names
-        # Sum and count of the finite losses since the last observation; tensors, so feeding
-        # them never syncs with the device. None: no loss since the last observation.
-        self._loss_sum: Tensor | None = None
-        self._loss_finite: Tensor | None = None
-        gen = torch.Generator().manual_seed(seed)
-        # Placeholder weights from a generator of their own (redrawn from `gen` at the
-        # first observation): building the source draws nothing from torch's global RNG.
-        net = CoordinateMLP(hidden_sizes, generator=torch.Generator().manual_seed(seed))
-        self.meta = MetaNetwork(net, coords_per_step=coords_per_step, lr=3e-3, generator=gen)
-        self.novelty = novelty if novelty is not None else SubspaceNovelty(seed=seed)
+        # Only the signals the detector names are built, fed and checkpointed.
+        self.signals: dict[str, StreamSignal] = {}
+        for name in (detector.signal, *detector.weights):
+            if name == "novelty":
+                self.signals[name] = NoveltySignal(novelty, seed=seed)
+            elif name == "error":
+                self.signals[name] = ErrorSignal(hidden_sizes, coords_per_step, seed=seed)
+            else:
+                self.signals[name] = LossSignal()
         self.steps = 0
-        self.switched = False
-        self.last_error: float | None = None
-        self.last_novelty: float | None = None
         self._onset = 0  # observations before the latest detection the switch began
-        self._needs_reset = True
 
     # ------------------------------------------------------------------ what is fed
 
+    def _reading(self, reads: str) -> list[StreamSignal]:
+        return [s for s in self.signals.values() if s.reads == reads]
+
+    @property
+    def novelty(self) -> SubspaceNovelty | None:
+        """The novelty tracker, where the detector uses the novelty."""
+        signal = self.signals.get("novelty")
+        return signal.novelty if isinstance(signal, NoveltySignal) else None
+
+    @property
+    def last_error(self) -> float | None:
+        """The meta-network's latest error, where the detector uses the error."""
+        signal = self.signals.get("error")
+        return signal.last_error if isinstance(signal, ErrorSignal) else None
+
     @property
     def uses_pairs(self) -> bool:
-        return "error" in self._signals
+        return bool(self._reading("pairs"))
 
     @property
     def uses_gradients(self) -> bool:
-        # The novelty reads the gradients; without the meta-network's pairs, on_gradients is
-        # also what ticks the observations of a loss-only detector.
-        return "novelty" in self._signals or "error" not in self._signals
+        # Without pairs, on_gradients is also what ticks the observations of a loss-only
+        # detector.
+        return bool(self._reading("gradients")) or not self.uses_pairs
 
     @property
     def uses_loss(self) -> bool:
-        return "loss" in self._signals
+        return bool(self._reading("loss"))
 
     def on_pairs(self, theta: Tensor, target: Tensor) -> bool:
         if not self.uses_pairs:
             return False
-        self.meta.net.to(theta.device)
-        if self._needs_reset:
-            std = float(theta.float().std())
-            self.meta.reset(std if std > 0 else 1.0)
-            self._needs_reset = False
-        if self.steps % self.every == 0:
-            loss, _ = self.meta.observe(theta, target)
-            self.last_error = float(loss)
+        for signal in self._reading("pairs"):
+            signal.on_pairs(theta, target, observing=self.steps % self.every == 0)
         if self.uses_gradients:
             return False  # the observation is taken in on_gradients, later in the same step
         return self._observe()
@@ -211,27 +223,21 @@ class AutoBoundaries(TaskBoundarySource):
     ) -> bool:
         if not self.uses_gradients:
             return False
-        if "novelty" in self._signals:
-            self.novelty.observe(names, targets)  # every step; pooled per observation
-            if self.steps % self.every == 0:
-                self.last_novelty = self.novelty.pooled()
+        for signal in self._reading("gradients"):
+            signal.on_gradients(names, targets)
         return self._observe()
+
+    def on_loss(self, loss: Tensor) -> None:
+        for signal in self._reading("loss"):
+            signal.on_loss(loss)
 
     def _observe(self) -> bool:
         """One step; every ``every``-th, the detector is fed the signals."""
         step, self.steps = self.steps, self.steps + 1
         if step % self.every != 0:
             return False
-        signals: dict[str, float] = {}
-        if self.uses_pairs and self.last_error is not None:
-            signals["error"] = self.last_error
-        if "novelty" in self._signals and self.last_novelty is not None:
-            signals["novelty"] = self.last_novelty
-        self.last_novelty = None
-        if self.uses_loss:
-            mean = self._take_mean_loss()
-            if mean is not None:
-                signals["loss"] = mean
+        values = {name: signal.take() for name, signal in self.signals.items()}
+        signals = {name: value for name, value in values.items() if value is not None}
         if step < self.settle * self.every:
             return False  # settling: the signals learn, the detector does not
         if self.detector.signal not in signals:
@@ -239,22 +245,6 @@ class AutoBoundaries(TaskBoundarySource):
         switched = self.detector.update(**signals)
         self._onset = self.detector.last_onset if switched else 0
         return switched
-
-    def on_loss(self, loss: Tensor) -> None:
-        loss = loss.detach().float().reshape(())
-        finite = torch.isfinite(loss)  # a non-finite loss is left out by zero weight
-        value = torch.where(finite, loss, torch.zeros_like(loss))
-        if self._loss_sum is None or self._loss_finite is None:
-            self._loss_sum, self._loss_finite = value, finite.float()
-        else:
-            self._loss_sum, self._loss_finite = self._loss_sum + value, self._loss_finite + finite
-
-    def _take_mean_loss(self) -> float | None:
-        if self._loss_sum is None or self._loss_finite is None:
-            return None
-        total, count = float(self._loss_sum), float(self._loss_finite)
-        self._loss_sum = self._loss_finite = None
-        return total / count if count > 0 else None
 
     @property
     def max_onset_steps(self) -> int:
@@ -268,39 +258,44 @@ class AutoBoundaries(TaskBoundarySource):
 
     def on_task_start(self) -> None:
         self.detector.restart()
-        self.novelty.start_task()
-        self._needs_reset = True
-        self._loss_sum = self._loss_finite = None
-        self.last_novelty = None
+        for signal in self.signals.values():
+            signal.start_task()
 
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
         return {
             "version": self._state_version,
-            "loss_sum": float(self._loss_sum) if self._loss_sum is not None else None,
-            "loss_finite": float(self._loss_finite) if self._loss_finite is not None else None,
-            "meta": self.meta.state_dict(),
-            "generator": self.meta.generator.get_state(),
             "detector": self.detector.state_dict(),
             "steps": self.steps,
-            "needs_reset": self._needs_reset,
-            "novelty": self.novelty.state_dict(),
-            "last_error": self.last_error,
+            "signals": {name: signal.state_dict() for name, signal in self.signals.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        check_state_version(type(self).__name__, state, self._state_version, unversioned=1)
-        self.meta.load_state_dict(state["meta"])
-        self.meta.generator.set_state(state["generator"])
+        if state.get("version", 1) == 1:
+            state = _from_version_1(state)
+        check_state_version(type(self).__name__, state, self._state_version)
         self.detector.load_state_dict(state["detector"])
         self.steps = int(state["steps"])
-        self._needs_reset = bool(state["needs_reset"])
-        if "novelty" in state:
-            self.novelty.load_state_dict(state["novelty"])
-        self.last_error = state.get("last_error")
-        total, finite = state.get("loss_sum"), state.get("loss_finite")
-        if total is None or finite is None:
-            self._loss_sum = self._loss_finite = None
-        else:
-            self._loss_sum, self._loss_finite = torch.tensor(total), torch.tensor(finite)
+        for name, signal in self.signals.items():
+            if name in state["signals"]:
+                signal.load_state_dict(state["signals"][name])
+
+
+def _from_version_1(state: dict) -> dict:
+    """Version 1 held every signal's state flat, whatever the detector used."""
+    return {
+        "version": 2,
+        "detector": state["detector"],
+        "steps": state["steps"],
+        "signals": {
+            "error": {
+                "meta": state["meta"],
+                "generator": state["generator"],
+                "needs_reset": state["needs_reset"],
+                "last_error": state.get("last_error"),
+            },
+            "loss": {"sum": state.get("loss_sum"), "finite": state.get("loss_finite")},
+            **({"novelty": state["novelty"]} if "novelty" in state else {}),
+        },
+    }

@@ -374,7 +374,7 @@ class SubspacePredictor(OldGradientPredictor):
                     f"{group.cols**2} floats, more than memory_budget={self.memory_budget} "
                     f"per parameter ({int(allowed)}). Set `sketch` (e.g. 32) to bound it."
                 )
-            elif self.sketch is not None and self._plan(group)[0] < self.sketch:
+            elif self.sketch is not None and self._plan(group)[0] < min(self.sketch, group.cols):
                 self._warned_budget.add(name)
                 self.runtime.warn(
                     f"SubspacePredictor: sketch={self.sketch} rows do not fit {name!r} "

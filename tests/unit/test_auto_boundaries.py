@@ -50,8 +50,9 @@ def test_loss_signal_ignores_non_finite_losses_and_round_trips() -> None:
         src.on_loss(torch.tensor(value))
     clone = AutoBoundaries(every=2, settle=0, signal="loss")
     clone.load_state_dict(src.state_dict())
-    assert src._take_mean_loss() == clone._take_mean_loss() == pytest.approx(2.0)
-    assert src._take_mean_loss() is None  # taken: the next observation waits for new losses
+    loss, cloned = src.signals["loss"], clone.signals["loss"]
+    assert loss.take() == cloned.take() == pytest.approx(2.0)
+    assert loss.take() is None  # taken: the next observation waits for new losses
 
 
 def test_a_detector_on_unknown_signals_is_refused() -> None:
@@ -68,7 +69,7 @@ def test_combined_sources_forward_the_loss_to_the_source_that_uses_it() -> None:
     src = CombinedBoundaries([NewFitBoundaries(), auto])
     assert src.uses_loss
     src.on_loss(torch.tensor(0.5))
-    assert auto._take_mean_loss() == pytest.approx(0.5)
+    assert auto.signals["loss"].take() == pytest.approx(0.5)
 
 
 def test_novelty_combines_with_the_loss_as_evidence_and_round_trips() -> None:
@@ -92,3 +93,38 @@ def test_novelty_combines_with_the_loss_as_evidence_and_round_trips() -> None:
     assert src.detector.state_dict() == clone.detector.state_dict()
     with pytest.raises(ValueError, match="evidence"):
         AutoBoundaries(evidence={"loss": 1.0}, detector=ChangePointDetector(signal="novelty"))
+
+
+def test_only_the_signals_the_detector_names_are_built_and_checkpointed() -> None:
+    assert set(AutoBoundaries().signals) == {"novelty"}  # no meta-network for the default
+    assert set(AutoBoundaries(signal="loss").signals) == {"loss", "error"}
+    assert set(AutoBoundaries(signal="novelty", evidence={"loss": 1.0}).signals) == {
+        "novelty",
+        "loss",
+    }
+    assert set(AutoBoundaries().state_dict()["signals"]) == {"novelty"}
+
+
+def test_a_version_1_state_with_every_signal_flat_still_loads() -> None:
+    src = AutoBoundaries(every=1, settle=0, signal="error")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        theta = torch.randn(50, generator=gen)
+        src.on_pairs(theta, -theta)
+    new = src.state_dict()
+    error = new["signals"]["error"]
+    old = {
+        "version": 1,
+        "loss_sum": None,
+        "loss_finite": None,
+        "meta": error["meta"],
+        "generator": error["generator"],
+        "detector": new["detector"],
+        "steps": new["steps"],
+        "needs_reset": error["needs_reset"],
+        "novelty": AutoBoundaries().signals["novelty"].state_dict(),
+        "last_error": error["last_error"],
+    }
+    clone = AutoBoundaries(every=1, settle=0, signal="error")
+    clone.load_state_dict(old)
+    assert clone.steps == src.steps and clone.last_error == src.last_error
