@@ -8,7 +8,7 @@ support, logs, and glues the engine's state into checkpoints.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_metagrad._checkpoint import migrate_state, refuse_unreadable_state
 from lightning_metagrad._lightning import generate_state_key, logs_this_step
 from lightning_metagrad._module_utils import (
     batch_loss_of,
@@ -29,19 +30,15 @@ from lightning_metagrad._module_utils import (
 )
 from lightning_metagrad._validation import (
     check_bool,
-    check_callable,
     check_choice,
-    check_state_version,
-    check_str,
 )
-from lightning_metagrad.boundaries import (
-    AutoBoundaries,
-    BatchTaskIdBoundaries,
-    CombinedBoundaries,
+from lightning_metagrad.boundaries.sources import (
+    BoundaryName,
+    BoundarySpec,
     NewFitBoundaries,
     TaskBoundarySource,
+    build_boundaries,
 )
-from lightning_metagrad.boundaries.sources import ManualBoundaries
 from lightning_metagrad.diagnostics import Diagnostics
 from lightning_metagrad.engine import MetaGrad, StepReport
 from lightning_metagrad.predictors import (
@@ -56,17 +53,7 @@ from lightning_metagrad.runtime import Runtime
 
 __all__ = ["PREDICTORS", "BoundaryName", "MetaGradCallback", "PredictorName", "build_predictor"]
 
-_BOUNDARIES = ("fit", "batch", "manual", "auto")
 _STATE_VERSION = 4
-#: The state version release 0.1.0 wrote (a paper-only callback without predictors).
-_V010_STATE_VERSION = 1
-#: The boundary sources ``MetaGradCallback(task_boundaries=...)`` builds by name.
-BoundaryName = Literal["fit", "batch", "manual", "auto"]
-_RESUME_HINT = (
-    "Start a new run (a new task stream) instead of resuming it: load its model weights only "
-    "(`model.load_state_dict(torch.load(path)['state_dict'])`), or use the release that "
-    "wrote it."
-)
 
 
 class MetaGradCallback(Callback):
@@ -119,9 +106,7 @@ class MetaGradCallback(Callback):
         predictor: PredictorName | OldGradientPredictor = "subspace",
         combine: Literal["sign", "average"] = "sign",
         target: Literal["auto", "gradient", "update"] = "auto",
-        task_boundaries: BoundaryName
-        | TaskBoundarySource
-        | Sequence[BoundaryName | TaskBoundarySource] = "fit",
+        task_boundaries: BoundarySpec = "fit",
         task_id_key: str = "task_id",
         task_id_fn: Callable[[Any], Hashable] | None = None,
         diagnostics: bool = True,
@@ -160,28 +145,13 @@ class MetaGradCallback(Callback):
 
     @staticmethod
     def build_boundaries(
-        spec: BoundaryName | TaskBoundarySource | Sequence[BoundaryName | TaskBoundarySource],
+        spec: BoundarySpec,
         task_id_key: str = "task_id",
         task_id_fn: Callable[[Any], Hashable] | None = None,
     ) -> TaskBoundarySource:
-        """The boundary source for ``task_boundaries`` (names, a source, or a list)."""
-        if isinstance(spec, (str, TaskBoundarySource)):
-            names: list[Any] = [spec]
-        elif isinstance(spec, (list, tuple)):
-            names = list(spec)
-        else:
-            raise ValueError(
-                f"`task_boundaries` must be one of {_BOUNDARIES}, a TaskBoundarySource or a list "
-                f"of them, got {spec!r}"
-            )
-        if not names:
-            raise ValueError("`task_boundaries` must name at least one source")
-        if task_id_fn is not None and "batch" not in names:
-            raise ValueError("`task_id_fn` is only used with `task_boundaries='batch'`")
-        if task_id_key != "task_id" and "batch" not in names:
-            raise ValueError("`task_id_key` is only used with `task_boundaries='batch'`")
-        sources = [_boundary_source(n, task_id_key, task_id_fn) for n in names]
-        return sources[0] if len(sources) == 1 else CombinedBoundaries(sources)
+        """The boundary source for ``task_boundaries``; override to build your own (the
+        default: :func:`~lightning_metagrad.boundaries.sources.build_boundaries`)."""
+        return build_boundaries(spec, task_id_key, task_id_fn)
 
     def warn_about_optimizer(self, optimizer: torch.optim.Optimizer, target: str) -> None:
         """Called at each fit start with the optimizer and what the rule acts on. By
@@ -382,22 +352,7 @@ class MetaGradCallback(Callback):
         # with a blank callback: every learned task silently lost.
         if self._evaluating:  # test/validate/predict read the weights only
             return
-        states = checkpoint.get("callbacks") or {}
-        if self.state_key in states:
-            return  # load_state_dict checks its version
-        for key, state in states.items():
-            if not str(key).startswith("MetaGradCallback") or not isinstance(state, dict):
-                continue
-            version = state.get("version")
-            if version == _V010_STATE_VERSION:
-                raise ValueError(
-                    "The checkpoint holds MetaGradCallback state written by lightning-metagrad "
-                    f"0.1.0 (state version {version}, key {key!r}), which this release cannot "
-                    "resume: 0.1.0 had only the paper's meta-network predictor, in a layout "
-                    "today's predictors do not read. " + _RESUME_HINT
-                )
-            if version not in (_STATE_VERSION, 3):
-                check_state_version("MetaGradCallback", state, _STATE_VERSION, _RESUME_HINT)
+        refuse_unreadable_state(checkpoint, self.state_key, _STATE_VERSION)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -407,9 +362,7 @@ class MetaGradCallback(Callback):
                 "continual-learning state is kept as it is (only `fit` resumes it)."
             )
             return
-        if state_dict.get("version") == 3:
-            state_dict = _from_version_3(state_dict)
-        check_state_version("MetaGradCallback", state_dict, _STATE_VERSION, _RESUME_HINT)
+        state_dict = migrate_state(state_dict, _STATE_VERSION)
         self.detected_switches = [int(s) for s in state_dict["detected_switches"]]
         self._restored_fit_done = bool(state_dict["fit_done"])
         self.engine.load_state_dict(state_dict["engine"])
@@ -466,44 +419,3 @@ class MetaGradCallback(Callback):
     def _release(self) -> None:
         self._trainer = None
         self.engine.release_optimizer()
-
-
-def _boundary_source(
-    spec: str | TaskBoundarySource, key: str, fn: Callable[[Any], Hashable] | None
-) -> TaskBoundarySource:
-    if isinstance(spec, TaskBoundarySource):
-        return spec
-    if spec == "fit":
-        return NewFitBoundaries()
-    if spec == "auto":
-        return AutoBoundaries()
-    if spec == "manual":
-        return ManualBoundaries()
-    if spec == "batch":
-        check_str("task_id_key", key)
-        check_callable("task_id_fn", fn, "a callable `batch -> task id`", optional=True)
-        return BatchTaskIdBoundaries(key=key, fn=fn)
-    raise ValueError(
-        f"`task_boundaries` must be one of {_BOUNDARIES}, a TaskBoundarySource or a list of "
-        f"them, got {spec!r}"
-    )
-
-
-def _from_version_3(state: dict[str, Any]) -> dict[str, Any]:
-    """The state layout before the engine owned the task lifecycle (version 3)."""
-    engine = dict(state["engine"])
-    engine.update(
-        version=2,
-        task_index=state["task_index"],
-        num_tasks=state["tasks_started"],
-        switch_pending=state["switch_pending"],
-        switch_onset=state["switch_onset"],
-        boundaries=state["boundaries"],
-    )
-    return {
-        "version": _STATE_VERSION,
-        "detected_switches": state["detected_switches"],
-        "fit_done": state["fit_done"],
-        "engine": engine,
-        "diagnostics": state["diagnostics"],
-    }

@@ -30,6 +30,7 @@ from lightning_metagrad import (
     OldGradientPredictor,
     ReplayPredictor,
     SubspacePredictor,
+    baselines,
 )
 
 TESTS = Path(__file__).resolve().parent
@@ -223,6 +224,17 @@ PREDICTORS: dict[str, Callable[[], OldGradientPredictor]] = {
     "replay": lambda: ReplayPredictor(memory_batches=2, refresh_every=2),
     "base-default": ZeroPredictor,
 }
+
+
+# The seven baselines: the quadratic penalties, then the gradient methods.
+PENALTY_BASELINES = (
+    baselines.EWCCallback,
+    baselines.OnlineEWCCallback,
+    baselines.SICallback,
+    baselines.MASCallback,
+)
+GRADIENT_BASELINES = (baselines.GPMCallback, baselines.AGEMCallback, baselines.ERCallback)
+BASELINES = (*PENALTY_BASELINES, *GRADIENT_BASELINES)
 
 
 # --------------------------------------------------------------------------- spies

@@ -196,6 +196,8 @@ class _TaskCallback(Callback):
     first training batches since the previous boundary, kept as detached copies as they come
     (as many as the method reads: ``fisher_batches``, ``importance_batches``, ``samples``
     examples; none for SI, A-GEM and ER), since ``trainer.train_dataloader`` mixes the tasks.
+    A return to a task id seen before ends a segment that is consolidated again (unlike
+    ``MetaGradCallback``, which does not fold a revisited task in twice).
     Sources that need the engine's training signals (``"auto"``) are refused. The refusals shared
     with ``MetaGradCallback`` run in ``setup`` (``refuse_unsupported``) and ``on_fit_start``
     (``refuse_at_fit_start``). Before every optimizer step (``on_before_optimizer_step``: once

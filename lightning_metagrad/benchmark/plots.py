@@ -29,6 +29,9 @@ STORES_DATA = ("metagrad-replay", "agem", "er")  # keep batches of earlier tasks
 COLUMNS = 4
 PANEL_SIZE = (4.0, 3.1)  # inches a panel: 4 columns x 4 in x 100 dpi = 1600 px
 DPI = 100
+MATRICES_PANEL_HEIGHT = 3.7  # inches: square heatmaps about MATRIX_SIDE points a side
+MATRIX_SIDE = 190.0
+MAX_NUMBERED_TASKS = 16
 HIGHLIGHT = "#d62728"  # the default method, in every panel
 # Colours of the other methods (tab10 without its red and grey, kept for the default and
 # the references).
@@ -88,13 +91,14 @@ def grid_shape(panels: int, columns: int = COLUMNS) -> tuple[int, int]:
     return -(-panels // cols), cols
 
 
-def _grid(panels: int, **kwargs: Any) -> tuple[Figure, list[Axes]]:
-    """A figure of ``panels`` axes in a grid, the unused cells of its last row removed."""
+def _grid(panels: int, height: float = PANEL_SIZE[1], **kwargs: Any) -> tuple[Figure, list[Axes]]:
+    """A figure of ``panels`` axes in a grid (``height`` inches a row), the unused cells of
+    its last row removed."""
     rows, cols = grid_shape(panels)
     fig, axes = plt.subplots(
         rows,
         cols,
-        figsize=(PANEL_SIZE[0] * cols, PANEL_SIZE[1] * rows + 0.5),
+        figsize=(PANEL_SIZE[0] * cols, height * rows + 0.5),
         squeeze=False,
         **kwargs,
     )
@@ -236,20 +240,25 @@ def plot_curves(results: dict[str, Any], path: Path) -> Path:
             bbox_to_anchor=(0.5, 1.0 - 0.45 / fig.get_figheight()),
             frameon=False,
         )
-    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.75 / fig.get_figheight()))
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.6 / fig.get_figheight()))
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
 
 
 def cell_fontsize(tasks: int) -> float:
-    """Font size (points) of a heatmap cell's number: the largest that fits a panel's cell.
+    """Font size (points) of a heatmap cell's number: the largest that fits a cell of a
+    matrix panel (about ``MATRIX_SIDE`` points a side), with 4 characters ("0.93") up to 6
+    tasks and 3 (".93") above; 0 (no numbers) above ``MAX_NUMBERED_TASKS``.
 
     Example:
-        >>> cell_fontsize(2), cell_fontsize(5), cell_fontsize(10), cell_fontsize(20)
-        (11.0, 10.0, 7.0, 5.0)
+        >>> [cell_fontsize(n) for n in (2, 5, 6, 10, 16, 20)]
+        [12.0, 12.0, 10.5, 9.5, 6.0, 0.0]
     """
-    return float(max(5, min(11, round(50 / tasks))))
+    if tasks > MAX_NUMBERED_TASKS:
+        return 0.0
+    per_char = 2.4 if tasks <= 6 else 1.8  # text width ~0.6 em a character, 80 % of a cell
+    return float(min(12.0, max(5.0, round(2 * 0.8 * MATRIX_SIDE / tasks / per_char) / 2)))
 
 
 def plot_matrices(results: dict[str, Any], path: Path) -> Path:
@@ -269,7 +278,7 @@ def plot_matrices(results: dict[str, Any], path: Path) -> Path:
     order = method_order(methods)
     colours = method_colours(order)
     summary = len(order) > 1
-    fig, axes = _grid(len(order) + summary)
+    fig, axes = _grid(len(order) + summary, MATRICES_PANEL_HEIGHT)
     if summary:
         _acc_bars(axes[0], methods, order, colours)
     for ax, name in zip(axes[summary:], order):
@@ -277,7 +286,7 @@ def plot_matrices(results: dict[str, Any], path: Path) -> Path:
         n = len(matrix)
         ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
         size = cell_fontsize(n)
-        for i, row in enumerate(matrix):
+        for i, row in enumerate(matrix if size else []):
             for j, value in enumerate(row):
                 text = f"{value:.2f}"
                 ax.text(
@@ -310,16 +319,21 @@ def _acc_bars(ax: Axes, methods: dict[str, Any], order: list[str], colours: dict
     """Horizontal ACC ± std bars, in panel order (top to bottom), the default's ACC marked."""
     y = list(range(len(order)))
     accs = [methods[m]["acc"] for m in order]
+    stds = [methods[m]["acc_std"] for m in order]
     ax.barh(
         y,
         accs,
-        xerr=[methods[m]["acc_std"] for m in order],
+        xerr=stds,
         color=[colours[m] for m in order],
         alpha=0.85,
         error_kw={"lw": 1, "capsize": 2},
     )
-    for i, acc in enumerate(accs):
-        ax.text(0.02, i, f"{acc:.3f}", va="center", fontsize=8, color="white", fontweight="bold")
+    for i, (acc, std) in enumerate(zip(accs, stds)):
+        end = (acc if math.isfinite(acc) else 0.0) + (std if math.isfinite(std) else 0.0)
+        ax.text(end + 0.02, i, f"{acc:.3f}", va="center", fontsize=8)
+    for i in range(1, len(order)):  # a rule between two groups
+        if method_group(order[i]) != method_group(order[i - 1]):
+            ax.axhline(i - 0.5, color="grey", lw=0.6)
     if DEFAULT_METHOD in methods:
         ax.axvline(methods[DEFAULT_METHOD]["acc"], color=HIGHLIGHT, lw=1, ls="--")
     ax.set_yticks(y, order, fontsize=8)
@@ -328,7 +342,8 @@ def _acc_bars(ax: Axes, methods: dict[str, Any], order: list[str], colours: dict
         if name == DEFAULT_METHOD:
             label.set_fontweight("bold")
     ax.invert_yaxis()
-    ax.set_xlim(0.0, 1.0)
+    ax.set_xlim(0.0, 1.15)  # room for the labels
+    ax.set_xticks([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_xlabel("ACC (mean of the last row), ± std over seeds", fontsize=8)
     ax.tick_params(axis="x", labelsize=8)
     ax.set_title("all methods: ACC", fontsize=10)

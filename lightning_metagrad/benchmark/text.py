@@ -13,7 +13,7 @@ prints a table and writes ``results.json``). It is a separate entry point from
 ``metagrad-benchmark``, whose presets describe image streams and accuracy.
 
 Example:
-    >>> config = TextBenchmarkConfig(domains=("prose", "licenses"), steps=2, seeds=(0,),
+    >>> config = TextBenchmarkConfig(domains=("prose", "licenses"), steps=6, seeds=(0,),
     ...                              methods=("naive",), d_model=16, layers=1, test_windows=4)
     >>> results = run_text_benchmark(config)
     >>> entry = results["methods"]["naive"]

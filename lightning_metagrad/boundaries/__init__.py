@@ -19,6 +19,7 @@ from lightning_metagrad.boundaries.sources import (
     ManualBoundaries,
     NewFitBoundaries,
     TaskBoundarySource,
+    build_boundaries,
 )
 
 __all__ = [
@@ -30,5 +31,6 @@ __all__ = [
     "NewFitBoundaries",
     "SubspaceNovelty",
     "TaskBoundarySource",
+    "build_boundaries",
     "default_detector",
 ]

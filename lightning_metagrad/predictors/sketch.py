@@ -62,7 +62,7 @@ class FrequentDirections:
     def add(self, rows: Tensor) -> None:
         """Insert rows (``n x cols``); shrink whenever the buffer fills."""
         rows = rows.reshape(-1, self.cols)
-        self.energy += rows.double().pow(2).sum()
+        self.energy += torch.linalg.vector_norm(rows).double().square()
         start = 0
         while start < rows.shape[0]:
             if self.filled == self.buffer.shape[0]:
@@ -200,13 +200,18 @@ class PeakTensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, Tensor)
+        }
         for t in tree_flatten(out)[0]:
             if not isinstance(t, Tensor):
                 continue
             storage = t.untyped_storage()
             key = storage.data_ptr()
-            if key in self._seen or storage.nbytes() == 0:
-                continue
+            if key in self._seen or key in inputs or storage.nbytes() == 0:
+                continue  # counted already, or a view / in-place result of an input
             self._seen.add(key)
             size = storage.nbytes()
             self.live += size

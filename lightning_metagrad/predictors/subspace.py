@@ -798,7 +798,7 @@ class SubspacePredictor(OldGradientPredictor):
                 total.append(_sq_norm(wf))
             removed.append(_sq_norm(gm))  # |G M M^T|^2 = |G M|^2 (M orthonormal)
             if w.dtype == torch.float32:
-                w.sub_(gm @ mw.T)  # G <- G - (G M) M^T, in place in .grad
+                w.addmm_(gm, mw.T, alpha=-1.0)  # G <- G - (G M) M^T, in place in .grad
             else:
                 w.copy_(wf - gm @ mw.T)
         if not removed:
@@ -895,7 +895,7 @@ def _project_blocks_(
             gm.addr_(bf, m[fan_in])
             bf.sub_(gm @ m[fan_in])
         removed = removed + _sq_norm(gm)
-        wf.sub_(gm @ m[:fan_in].T)
+        wf.addmm_(gm, m[:fan_in].T, alpha=-1.0)  # in place: no gradient-sized temporary
     if wf is not w:
         w.copy_(wf)
     if b is not None and bf is not None and bf is not b:

@@ -162,7 +162,7 @@ def test_a_loss_spike_is_not_a_task_switch(signal: str) -> None:
 def test_auto_combines_with_fit_boundaries() -> None:
     cb = MetaGradCallback(predictor="anchored", task_boundaries=["fit", "auto"])
     model = MLPClassifier(input_dim=64, hidden_sizes=(16,), lr=0.03)
-    batches = silent_stream(1)[:50]
+    batches = silent_stream(1, steps=50)
     for _ in range(2):
         make_trainer([cb], max_steps=50).fit(model, DataLoader(batches, batch_size=None))
     assert cb.task_index == 1  # the second fit started a task; nothing detected

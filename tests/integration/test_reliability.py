@@ -599,14 +599,23 @@ def test_params_unfrozen_for_a_later_task_are_free(predictor: str) -> None:
     assert zeroed_elsewhere or predictor == "replay"  # the rule acted on the old parameters
 
 
-@pytest.mark.parametrize("predictor", ["paper", "anchored", "replay"])
-def test_new_head_added_for_a_later_task_is_free(predictor: str) -> None:
-    kwargs = paper_callback_kwargs() if predictor == "paper" else {"predictor": predictor}
-    cb, model = MetaGradCallback(**kwargs), MultiHead()
-    make_trainer([cb], max_steps=4).fit(model, loader(0))
+def _a_head_added_for_task_two(
+    cb: MetaGradCallback, first_steps: int
+) -> tuple[MultiHead, AppliedUpdates]:
+    """Task 1 on the body alone, then a new head and 4 steps of task 2 behind a spy."""
+    model = MultiHead()
+    make_trainer([cb], max_steps=first_steps).fit(model, loader(0))
     model.add_head()
     spy = AppliedUpdates()
     make_trainer([spy, cb], max_steps=4).fit(model, loader(1))
+    return model, spy
+
+
+@pytest.mark.parametrize("predictor", ["paper", "anchored", "replay"])
+def test_new_head_added_for_a_later_task_is_free(predictor: str) -> None:
+    kwargs = paper_callback_kwargs() if predictor == "paper" else {"predictor": predictor}
+    cb = MetaGradCallback(**kwargs)
+    model, spy = _a_head_added_for_task_two(cb, first_steps=4)
     n_head = sum(p.numel() for p in model.heads[0].parameters())
     for step in spy.flat():
         # The new head is the last trainable module: its coordinates end the flat vector.
@@ -615,11 +624,8 @@ def test_new_head_added_for_a_later_task_is_free(predictor: str) -> None:
 
 
 def test_new_head_is_free_and_the_body_projected_with_the_subspace_default() -> None:
-    cb, model = MetaGradCallback(predictor=SubspacePredictor(every=1)), MultiHead()
-    make_trainer([cb], max_steps=6).fit(model, loader(0))
-    model.add_head()
-    spy = AppliedUpdates()
-    make_trainer([spy, cb], max_steps=4).fit(model, loader(1))
+    cb = MetaGradCallback(predictor=SubspacePredictor(every=1))
+    model, spy = _a_head_added_for_task_two(cb, first_steps=6)
     n_head = sum(p.numel() for p in model.heads[0].parameters())
     for step in spy.flat():
         applied = (step.theta - step.after) / LR

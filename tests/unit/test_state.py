@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from helpers import PREDICTORS
+from helpers import BASELINES, PREDICTORS
 
 from lightning_metagrad import (
     AutoBoundaries,
@@ -21,16 +21,7 @@ from lightning_metagrad import (
     SubspacePredictor,
     TaskBoundarySource,
 )
-from lightning_metagrad.baselines import (
-    AGEMCallback,
-    EpisodicMemory,
-    ERCallback,
-    EWCCallback,
-    GPMCallback,
-    MASCallback,
-    OnlineEWCCallback,
-    SICallback,
-)
+from lightning_metagrad.baselines import EpisodicMemory
 from lightning_metagrad.boundaries.changepoint import ChangePointDetector
 from lightning_metagrad.boundaries.novelty import SubspaceNovelty
 from lightning_metagrad.diagnostics import Diagnostics
@@ -53,13 +44,7 @@ def _states() -> list[tuple[str, Callable[[], Any]]]:
         ("SubspaceNovelty", SubspaceNovelty),
         ("Diagnostics", Diagnostics),
         ("EpisodicMemory", lambda: EpisodicMemory(capacity=2)),
-        ("EWCCallback", EWCCallback),
-        ("OnlineEWCCallback", OnlineEWCCallback),
-        ("SICallback", SICallback),
-        ("MASCallback", MASCallback),
-        ("GPMCallback", GPMCallback),
-        ("AGEMCallback", AGEMCallback),
-        ("ERCallback", ERCallback),
+        *[(cls.__name__, cls) for cls in BASELINES],
     ]
 
 

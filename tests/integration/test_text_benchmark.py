@@ -83,3 +83,24 @@ def test_two_domain_run_gives_the_documented_fields():
     assert results["methods"]["metagrad"]["step_ratio"] > 0
     table = bench.format_text_table(results)
     assert "| metagrad |" in table and "Δ prose" in table
+
+
+@pytest.mark.slow
+def test_text_domains_example_prints_both_loss_matrices(capsys):
+    import importlib.util
+    import sys
+
+    from helpers import ROOT
+
+    path = ROOT / "examples" / "text_domains.py"
+    spec = importlib.util.spec_from_file_location("example_text_domains", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    results = module.main(["--steps", "10"])
+    out = capsys.readouterr().out
+    assert set(results) == {"plain", "MetaGrad"}
+    for entry in results.values():
+        assert len(entry["loss_matrix"]) == 3 and list(entry["forgetting"]) == ["python", "prose"]
+    assert "plain: test loss" in out and "forgetting:" in out

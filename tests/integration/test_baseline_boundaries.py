@@ -9,12 +9,22 @@ consolidated before the fit ends, and a warning says so.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import DictDataset, TinyClassifier, assert_same_state, make_trainer, task_data
+from helpers import (
+    ROOT,
+    DictDataset,
+    TinyClassifier,
+    assert_same_state,
+    make_trainer,
+    task_data,
+)
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader
@@ -136,6 +146,42 @@ def test_batch_ids_protect_the_first_task_in_one_fit(cls: type, kwargs: dict) ->
     ):
         per_fit = run([cls(**kwargs)])
     torch.testing.assert_close(accuracy(per_fit, 0), accuracy(plain, 0))
+
+
+def test_gpm_in_place_of_metagrad_in_the_cli_example_consolidates_each_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # LightningCLI also looks at sys.argv
+    example = ROOT / "examples" / "cli"
+    spec = importlib.util.spec_from_file_location("example_cli_gpm", example / "train.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    override = tmp_path / "gpm.yaml"
+    override.write_text(
+        "trainer:\n"
+        "  callbacks:\n"
+        "    - class_path: lightning_metagrad.baselines.GPMCallback\n"
+        "      init_args:\n"
+        "        task_boundaries: batch\n"
+        "        task_id_key: task_id\n"
+    )
+    results = module.main(
+        [
+            "fit",
+            "--config", str(example / "config.yaml"),
+            "--config", str(override),
+            "--trainer.max_epochs", "4",
+            "--trainer.logger", "false",
+            "--trainer.default_root_dir", str(tmp_path),
+            "--data.epochs_per_task", "2",
+            "--data.stream.init_args.num_tasks", "2",
+        ]
+    )  # fmt: skip
+    assert results["metagrad"] is None  # the second config replaced the callback list
+    [gpm] = [c for c in results["trainer"].callbacks if isinstance(c, GPMCallback)]
+    assert gpm.num_tasks == 1 and gpm.bases  # task 0 consolidated when the id changed
 
 
 def test_batch_ids_state_is_checkpointed_and_the_default_layout_unchanged() -> None:
