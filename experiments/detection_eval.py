@@ -2,9 +2,12 @@
 
 Each stream is flattened into one long ``fit`` whose batches carry no task id; the task
 changes at known optimizer steps, abruptly or gradually (a sample-wise linear mix of the two
-tasks over ``blur`` steps centred on the switch). Four streams: Permuted digits, Permuted
+tasks over ``blur`` steps centred on the switch). Input shifts: Permuted digits, Permuted
 Fashion-MNIST, Rotated Fashion-MNIST and a synthetic one (Gaussians in task-specific
-subspaces, below).
+subspaces, below). Concept shifts, the same inputs with new labels (issue 25): ``concept``
+(a new random linear teacher per task on 24-D standard-normal inputs, MLP 24-128-10),
+``labels`` (digits with the labels permuted per task) and ``small`` (a new random
+one-hidden-layer teacher per task on 8-D inputs, MLP 8-128-10).
 
 Three modes, each writing ``<output>/<mode>.json``:
 
@@ -39,13 +42,18 @@ from lightning_metagrad.benchmark.quiet import quiet_trainer_kwargs, silence_lig
 from lightning_metagrad.data import PermutedStream, RotatedStream
 from lightning_metagrad.metrics import average_accuracy, backward_transfer
 
-STREAMS = ("digits", "fashion", "rotated", "synthetic")
+STREAMS = ("digits", "fashion", "rotated", "synthetic", "concept", "labels", "small")
 #: name -> AutoBoundaries arguments; "novelty+loss": the loss as auxiliary evidence
 SIGNALS: dict[str, dict[str, Any]] = {
     "novelty": {"signal": "novelty"},
     "loss": {"signal": "loss"},
     "error": {"signal": "error"},
     "novelty+loss": {"signal": "novelty", "evidence": {"loss": 0.5}},
+    "novelty+loss1": {"signal": "novelty", "evidence": {"loss": 1.0}},
+    "direction": {"signal": "direction"},
+    "novelty+direction": {"signal": "novelty", "evidence": {"direction": 1.0}},
+    "direction+loss": {"signal": "direction", "evidence": {"loss": 0.5}},
+    "loss+direction": {"signal": "loss", "evidence": {"direction": 1.0}},
 }
 EVENTS = ("lr_drop", "warmup", "loss_spike", "input_spike", "batch_size")
 
@@ -94,6 +102,63 @@ class SubspaceGaussians:
         return [{"x": x[i : i + 500], "y": y[i : i + 500]} for i in range(0, len(y), 500)]
 
 
+class ConceptShift(SubspaceGaussians):
+    """A concept-shift stream: the same ``input_dim``-D standard-normal inputs in every task,
+    10-class labels of a new random teacher per task (``teacher="linear"``: ``argmax W_t x``;
+    ``"mlp"``: a random ``input_dim``-64-10 tanh network). The learner's hidden layer is
+    ``hidden_sizes``. Only the mapping changes, so a layer's input distribution does not."""
+
+    def __init__(
+        self, num_tasks: int, seed: int, input_dim: int = 24, teacher: str = "linear",
+        batch_size: int = 64,
+    ) -> None:  # fmt: skip
+        self.num_tasks, self.batch_size, self.input_dim, self.num_classes = (
+            num_tasks, batch_size, input_dim, 10,
+        )  # fmt: skip
+        self.hidden_sizes = (128,)
+        gen = torch.Generator().manual_seed(20_000 + seed)
+        self.data = {}
+        for task in range(num_tasks):
+            if teacher == "linear":
+                w = torch.randn(10, input_dim, generator=gen)
+                label = lambda x, w=w: (x @ w.T).argmax(1)  # noqa: E731
+            else:
+                w1 = torch.randn(64, input_dim, generator=gen) / input_dim**0.5
+                w2 = torch.randn(10, 64, generator=gen)
+                label = lambda x, w1=w1, w2=w2: (torch.tanh(x @ w1.T * 2) @ w2.T).argmax(1)  # noqa: E731
+            for split, n in (("train", 6400), ("test", 2000)):
+                x = torch.randn(n, input_dim, generator=gen)
+                self.data[task, split] = (x, label(x))
+        self.task = 0
+        self.gen = torch.Generator().manual_seed(seed)
+
+
+class PermutedLabels(SubspaceGaussians):
+    """The digits (8x8, flattened) with the 10 labels permuted per task (task 0: as given):
+    the same inputs, a new mapping."""
+
+    def __init__(self, num_tasks: int, seed: int, batch_size: int = 64) -> None:
+        from lightning_metagrad.data import load_splits
+
+        splits = load_splits("digits")
+        self.num_tasks, self.batch_size, self.input_dim, self.num_classes = (
+            num_tasks, batch_size, 64, 10,
+        )  # fmt: skip
+        gen = torch.Generator().manual_seed(30_000 + seed)
+        perms = [torch.arange(10)] + [
+            torch.randperm(10, generator=gen) for _ in range(1, num_tasks)
+        ]
+        self.data = {}
+        for task in range(num_tasks):
+            for split, part in (("train", splits.train), ("test", splits.test)):
+                self.data[task, split] = (
+                    part.x.reshape(len(part.y), -1).float(),
+                    perms[task][part.y],
+                )
+        self.task = 0
+        self.gen = torch.Generator().manual_seed(seed)
+
+
 def make_stream(name: str, tasks: int, seed: int, root: str) -> Any:
     if name == "digits":
         stream: Any = PermutedStream(dataset="digits", num_tasks=tasks, seed=seed)
@@ -103,6 +168,12 @@ def make_stream(name: str, tasks: int, seed: int, root: str) -> Any:
         stream = RotatedStream(dataset="fashion_mnist", root=root, num_tasks=tasks, seed=seed)
     elif name == "synthetic":
         stream = SubspaceGaussians(tasks, seed)
+    elif name == "concept":
+        stream = ConceptShift(tasks, seed, input_dim=24, teacher="linear")
+    elif name == "small":
+        stream = ConceptShift(tasks, seed, input_dim=8, teacher="mlp")
+    elif name == "labels":
+        stream = PermutedLabels(tasks, seed)
     else:
         raise ValueError(f"unknown stream {name!r}; one of {STREAMS}")
     stream.setup("fit")
@@ -197,7 +268,8 @@ def accuracy_row(model: MLPClassifier, stream: Any, tasks: int) -> list[float]:
 
 def model_for(stream: Any, lr: float, schedule: str | None = None, steps: int = 1) -> Scheduled:
     return Scheduled(
-        input_dim=stream.input_dim, num_classes=stream.num_classes, hidden_sizes=(128, 128),
+        input_dim=stream.input_dim, num_classes=stream.num_classes,
+        hidden_sizes=getattr(stream, "hidden_sizes", (128, 128)),
         lr=lr, schedule=schedule, steps=steps,
     )  # fmt: skip
 
@@ -254,7 +326,7 @@ def mode_switches(args: argparse.Namespace) -> dict[str, Any]:
     done = {(r["signal"], r["stream"], r["kind"], r["per_task"]) for r in rows}
     for signal in args.signals:
         for name in args.streams:
-            for kind in ("abrupt", "blurry"):
+            for kind in args.kinds:
                 for per_task in args.lengths:
                     if (signal, name, kind, per_task) in done:
                         continue
@@ -389,6 +461,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=4)
     parser.add_argument("--lengths", type=int, nargs="+", default=[200, 500, 1000],
                         help="optimizer steps per task")  # fmt: skip
+    parser.add_argument("--kinds", nargs="+", choices=["abrupt", "blurry"],
+                        default=["abrupt", "blurry"])  # fmt: skip
     parser.add_argument("--events", nargs="+", choices=EVENTS, default=list(EVENTS))
     parser.add_argument("--steps", type=int, default=800, help="steps of an event run")
     parser.add_argument("--lr", type=float, default=0.03)

@@ -155,6 +155,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("experiments/results/text"))
+    parser.add_argument(
+        "--timing",
+        action="store_true",
+        help="the step-time pass: domains python then prose only (the ratio is measured on "
+        "the second), writes timing.json; --steps 100 is enough",
+    )
     args = parser.parse_args(argv)
     check_routing()
     silence_lightning()
@@ -163,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         values["seeds"] = tuple(args.seeds)
     if args.steps is not None:
         values["steps"] = args.steps
+    if args.timing:
+        values["domains"] = ("python", "prose")
     config = TextBenchmarkConfig(methods=(*TEXT_METHODS, "metagrad-gradient"), **values)
 
     def progress(method: str, seed: int) -> None:
@@ -172,7 +180,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         config, extra={"metagrad-first-moment": first_moment_callbacks}, progress=progress
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    name = "timing.json" if args.timing else "results.json"
+    (args.out / name).write_text(json.dumps(results, indent=1))
+    if (args.out / "results.json").exists() and (args.out / "timing.json").exists():
+        results = merge_timing(
+            json.loads((args.out / "results.json").read_text()),
+            json.loads((args.out / "timing.json").read_text()),
+        )
+    return write_tables(results, args.out)
+
+
+def merge_timing(results: dict[str, Any], timing: dict[str, Any]) -> dict[str, Any]:
+    """The loss figures of ``results`` with the step-time ratios of the timing pass."""
+    methods = {}
+    for name, entry in results["methods"].items():
+        timed = timing["methods"].get(name, {})
+        keys = (
+            "step_ms",
+            "step_ratio",
+            "step_ratio_std",
+            "step_cpu_ms",
+            "cpu_ratio",
+            "cpu_ratio_std",
+        )
+        methods[name] = {**entry, **{k: timed[k] for k in keys if k in timed}}
+    return {**results, "methods": methods}
+
+
+def write_tables(results: dict[str, Any], out: Path) -> dict[str, Any]:
     methods = results["methods"]
     main_table = {**results, "methods": {m: methods[m] for m in TEXT_METHODS}}
     adamw = {**results, "methods": {m: methods[m] for m in ("naive", *ADAMW_VARIANTS)}}
@@ -183,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         + format_text_table(adamw)
         + "\n"
     )
-    (args.out / "tables.md").write_text(text)
+    (out / "tables.md").write_text(text)
     print(text)
     return results
 

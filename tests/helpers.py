@@ -13,10 +13,15 @@ the methods' internals:
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any, NamedTuple
+from unittest import mock
 
 import lightning.pytorch as pl
 import torch
@@ -407,7 +412,52 @@ def assert_same_params(a: nn.Module, b: nn.Module) -> None:
         assert torch.equal(p, q), name
 
 
-# --------------------------------------------------------------------------- scripts
+# --------------------------------------------------------------------------- scripts and examples
+
+
+def load_script(relative: str) -> ModuleType:
+    """A script of the repository (``experiments/variants.py``, ``examples/cli/train.py``)
+    imported as a module, to call its ``main(argv)``."""
+    path = ROOT / relative
+    name = "script_" + "_".join(path.with_suffix("").parts[-2:])  # e.g. script_cli_train
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_example(name: str) -> ModuleType:
+    """``examples/<name>.py`` (e.g. ``"cli/train"``) imported as a module."""
+    return load_script(f"examples/{name}.py")
+
+
+def run_cli_example(tmp_path: Path, *overrides: Path) -> Any:
+    """``examples/cli/train.py fit`` with its shipped ``config.yaml`` (then each override
+    config) on tiny settings: 2 tasks of 2 epochs, no logger, its files under ``tmp_path``;
+    returns what its ``main`` returns."""
+    args = ["fit", "--config", str(ROOT / "examples" / "cli" / "config.yaml")]
+    for override in overrides:
+        args += ["--config", str(override)]
+    args += ["--trainer.max_epochs", "4", "--trainer.logger", "false"]
+    args += ["--trainer.default_root_dir", str(tmp_path), "--data.epochs_per_task", "2"]
+    args += ["--data.stream.init_args.num_tasks", "2"]
+    with mock.patch.object(sys, "argv", ["train.py"]):  # LightningCLI also looks at sys.argv
+        return load_example("cli/train").main(args)
+
+
+def assert_imports_without_lightning(*modules: str) -> None:
+    """A fresh interpreter imports ``modules`` without loading Lightning (any of its
+    distributions) or torchmetrics."""
+    code = (
+        "import sys\n"
+        f"import {', '.join(modules)}\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] in "
+        "('lightning', 'pytorch_lightning', 'lightning_fabric', 'torchmetrics')]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def script_env(**extra: str) -> dict[str, str]:

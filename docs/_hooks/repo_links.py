@@ -1,10 +1,10 @@
 """MkDocs hook: links from a page to repository files outside ``docs/``.
 
-Pages such as ``supported-setups.md`` link to the tests (``../tests/test_callback.py``): the
-links work when the Markdown is read on GitHub, but those files are not part of the site, so
-``mkdocs build --strict`` would reject them. In the built site such a link becomes its text
-(the path stays visible in a code span), or a link to the file on ``repo_url`` when the
-configuration sets one. The Markdown sources are not changed.
+Pages such as ``supported-setups.md`` link to the tests
+(``../tests/integration/test_callback.py``): the links work when the Markdown is read on GitHub,
+but those files are not part of the site, so ``mkdocs build --strict`` would reject them. In the
+built site such a link becomes its text (the path stays visible in a code span), or a link to
+the file on ``repo_url`` when the configuration sets one. The Markdown sources are not changed.
 """
 
 from __future__ import annotations

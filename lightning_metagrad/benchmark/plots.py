@@ -197,7 +197,9 @@ def plot_curves(results: dict[str, Any], path: Path) -> Path:
                 label=name,
                 zorder=3 if default else 2,
             )
-        ax.set_title("all methods: mean accuracy\nover every task", fontsize=10)
+        ax.set_title(
+            f"all methods: mean accuracy over\nall {tasks} tasks (ends near ACC)", fontsize=10
+        )
         handles, labels = ax.get_legend_handles_labels()
         if handles:
             ax.legend(handles[::-1], labels[::-1], fontsize=7, loc="upper left", ncol=2)
@@ -224,8 +226,9 @@ def plot_curves(results: dict[str, Any], path: Path) -> Path:
         if i >= len(axes) - cols:
             ax.set_xlabel("iteration")
     seeds = len(next(iter(methods.values()))["per_seed"]) if methods else 0
+    seeds_text = f"mean of {seeds} seeds" if seeds > 1 else "one seed"
     fig.suptitle(
-        f"Test accuracy per task during training ({tasks} tasks, mean of {seeds} seed(s)); "
+        f"Test accuracy per task during training ({tasks} tasks, {seeds_text}); "
         "default first, then no stored data, stored data, references, each by ACC",
         fontsize=11,
     )
@@ -253,7 +256,7 @@ def cell_fontsize(tasks: int) -> float:
 
     Example:
         >>> [cell_fontsize(n) for n in (2, 5, 6, 10, 16, 20)]
-        [12.0, 12.0, 10.5, 9.5, 6.0, 0.0]
+        [12.0, 12.0, 10.5, 8.5, 5.5, 0.0]
     """
     if tasks > MAX_NUMBERED_TASKS:
         return 0.0
@@ -284,7 +287,8 @@ def plot_matrices(results: dict[str, Any], path: Path) -> Path:
     for ax, name in zip(axes[summary:], order):
         matrix = methods[name]["acc_matrix"]
         n = len(matrix)
-        ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+        cmap = plt.get_cmap("viridis")
+        ax.imshow(matrix, vmin=0, vmax=1, cmap=cmap)
         size = cell_fontsize(n)
         for i, row in enumerate(matrix if size else []):
             for j, value in enumerate(row):
@@ -296,7 +300,7 @@ def plot_matrices(results: dict[str, Any], path: Path) -> Path:
                     ha="center",
                     va="center",
                     fontsize=size,
-                    color="black" if value > 0.55 else "white",
+                    color="black" if _luminance(cmap(value)) > 0.45 else "white",
                 )
         ticks = range(n) if n <= 10 else range(0, n, max(1, n // 5))
         ax.set_xticks(list(ticks), [str(t + 1) for t in ticks], fontsize=8)
@@ -313,6 +317,12 @@ def plot_matrices(results: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
+
+
+def _luminance(rgba: Sequence[float]) -> float:
+    """Relative luminance of a colour (0 black, 1 white): black text above about 0.45."""
+    r, g, b = rgba[:3]
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
 
 
 def _acc_bars(ax: Axes, methods: dict[str, Any], order: list[str], colours: dict[str, str]) -> None:

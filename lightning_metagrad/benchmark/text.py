@@ -29,6 +29,7 @@ import math
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +43,6 @@ from torch import nn
 
 from lightning_metagrad.benchmark.methods import make_callbacks, method_specs
 from lightning_metagrad.benchmark.quiet import quiet_trainer_kwargs, silence_lightning
-from lightning_metagrad.benchmark.runner import StepTimer
 from lightning_metagrad.data.text import (
     DOMAINS,
     TextDomain,
@@ -55,6 +55,7 @@ __all__ = [
     "TEXT_METHODS",
     "TEXT_VARIANTS",
     "ByteGPT",
+    "StepClock",
     "TextBenchmarkConfig",
     "format_text_table",
     "main",
@@ -72,6 +73,32 @@ TEXT_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 #: Steps of each domain left out of the step time (warm-up).
 WARMUP_STEPS = 5
+
+
+class StepClock(Callback):
+    """Each training step's wall time and the main thread's CPU time (``time.thread_time``),
+    from batch start to batch end (put it first). With ``torch.set_num_threads(1)`` the
+    thread's CPU time is the step's compute, whatever else the machine runs; wall time is not.
+
+    Example:
+        >>> clock = StepClock()
+        >>> clock.on_train_batch_start()
+        >>> clock.on_train_batch_end()
+        >>> len(clock.wall), len(clock.cpu)
+        (1, 1)
+    """
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self._start = (0.0, 0.0)
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._start = (time.perf_counter(), time.thread_time())
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.wall.append(time.perf_counter() - self._start[0])
+        self.cpu.append(time.thread_time() - self._start[1])
 
 
 class _Block(nn.Module):
@@ -268,8 +295,9 @@ def run_text_method(
         )
         matrix: list[list[float]] = []
         step_ms: list[float] = []
+        cpu_ms: list[float] = []
         for index, domain in enumerate(domains):
-            timer = StepTimer()
+            timer = StepClock()
             trainer = pl.Trainer(
                 max_steps=config.steps,
                 accelerator="cpu",
@@ -288,11 +316,18 @@ def run_text_method(
                 seed=seed * 1000 + index,
             )
             trainer.fit(model, train_dataloaders=loader)
-            step_ms.append(1000 * statistics.median(timer.times[WARMUP_STEPS:]))
+            step_ms.append(1000 * statistics.median(timer.wall[WARMUP_STEPS:]))
+            cpu_ms.append(1000 * statistics.median(timer.cpu[WARMUP_STEPS:]))
             matrix.append([model.test_loss(t) for t in tests])
     finally:
         torch.set_num_threads(threads)
-    return {"seed": seed, "loss_matrix": matrix, "initial_loss": initial, "step_ms": step_ms}
+    return {
+        "seed": seed,
+        "loss_matrix": matrix,
+        "initial_loss": initial,
+        "step_ms": step_ms,
+        "step_cpu_ms": cpu_ms,
+    }
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -310,15 +345,19 @@ def summarise_text(
     ``forgetting[d]``: domain d's test loss after the last domain minus right after training
     on it (nats per byte; > 0 forgets), for every domain but the last; ``final_loss``: the
     mean test loss over all domains after the last, ``final_perplexity`` its ``exp``;
-    ``step_ratio``: this method's median step time over plain training's (``plain``, the same
+    ``step_ratio`` (wall time) and ``cpu_ratio`` (the thread's CPU time, robust to a busy
+    machine): this method's median step time over plain training's (``plain``, the same
     seeds' runs of ``naive``) on the domains after the first, per seed then averaged.
 
     Example:
         >>> run = {"seed": 0, "loss_matrix": [[1.0, 3.0], [1.5, 2.0]], "initial_loss": [5.5, 5.5],
-        ...        "step_ms": [10.0, 12.0]}
-        >>> entry = summarise_text([run], ["a", "b"], plain=[{**run, "step_ms": [10.0, 10.0]}])
+        ...        "step_ms": [10.0, 12.0], "step_cpu_ms": [9.0, 11.0]}
+        >>> plain = {**run, "step_ms": [10.0, 10.0], "step_cpu_ms": [9.0, 10.0]}
+        >>> entry = summarise_text([run], ["a", "b"], plain=[plain])
         >>> entry["forgetting"]["a"], entry["final_loss"], round(entry["step_ratio"], 2)
         (0.5, 1.75, 1.2)
+        >>> round(entry["cpu_ratio"], 2)
+        1.1
     """
     last = len(domains) - 1
     forgetting: dict[str, float] = {}
@@ -341,20 +380,21 @@ def summarise_text(
         "final_loss": final,
         "final_loss_std": final_std,
         "final_perplexity": math.exp(final) if math.isfinite(final) else float("nan"),
-        "step_ms": statistics.fmean(statistics.fmean(r["step_ms"][1:]) for r in runs),
-        "step_ratio": None,
-        "step_ratio_std": None,
         "per_seed": runs,
     }
-    if plain:
-        by_seed = {r["seed"]: r for r in plain}
+    by_seed = {r["seed"]: r for r in plain or []}
+    for key, name in (("step_ms", "step_ratio"), ("step_cpu_ms", "cpu_ratio")):
+        if not all(key in r for r in runs):  # files written before CPU time was recorded
+            continue
+        entry[key] = statistics.fmean(statistics.fmean(r[key][1:]) for r in runs)
+        entry[name], entry[f"{name}_std"] = None, None
         ratios = [
-            statistics.fmean(r["step_ms"][1:]) / statistics.fmean(by_seed[r["seed"]]["step_ms"][1:])
+            statistics.fmean(r[key][1:]) / statistics.fmean(by_seed[r["seed"]][key][1:])
             for r in runs
-            if r["seed"] in by_seed
+            if r["seed"] in by_seed and key in by_seed[r["seed"]]
         ]
         if ratios:
-            entry["step_ratio"], entry["step_ratio_std"] = _mean_std(ratios)
+            entry[name], entry[f"{name}_std"] = _mean_std(ratios)
     return entry
 
 
@@ -410,25 +450,29 @@ def run_text_benchmark(
 def format_text_table(results: dict[str, Any]) -> str:
     """A Markdown table, one row per method: each earlier domain's forgetting, the mean
     forgetting, the final mean test loss (± std over seeds) and perplexity, and the step-time
-    ratio against plain training.
+    ratio against plain training: thread CPU time, then wall time in brackets.
 
     Example:
         >>> run = {"seed": 0, "loss_matrix": [[1.0, 3.0], [1.5, 2.0]],
-        ...        "initial_loss": [5.5, 5.5], "step_ms": [10.0, 12.0]}
+        ...        "initial_loss": [5.5, 5.5], "step_ms": [10.0, 12.0], "step_cpu_ms": [9.0, 11.0]}
         >>> results = {"config": {"domains": ["a", "b"]},
         ...            "methods": {"naive": summarise_text([run], ["a", "b"], [run])}}
         >>> print(format_text_table(results).splitlines()[2])
-        | naive | +0.500 | +0.500 | 1.750 ± 0.000 | 5.75 | 1.00 |
+        | naive | +0.500 | +0.500 | 1.750 ± 0.000 | 5.75 | 1.00 (1.00) |
     """
     domains = list(results["config"]["domains"])
     head = (
         ["method"]
         + [f"Δ {d}" for d in domains[:-1]]
-        + ["mean Δ", "final loss", "final ppl", "step ×"]
+        + ["mean Δ", "final loss", "final ppl", "step × CPU (wall)"]
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, e in results["methods"].items():
-        ratio = "—" if e["step_ratio"] is None else f"{e['step_ratio']:.2f}"
+        ratio = "—"
+        if e.get("cpu_ratio") is not None:
+            ratio = f"{e['cpu_ratio']:.2f} ({e['step_ratio']:.2f})"
+        elif e.get("step_ratio") is not None:
+            ratio = f"— ({e['step_ratio']:.2f})"
         cells = (
             [name]
             + [f"{e['forgetting'][d]:+.3f}" for d in domains[:-1]]

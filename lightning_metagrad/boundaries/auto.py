@@ -16,21 +16,24 @@ from lightning_metagrad._validation import (
 from lightning_metagrad.boundaries.changepoint import ChangePointDetector
 from lightning_metagrad.boundaries.novelty import SubspaceNovelty
 from lightning_metagrad.boundaries.signals import (
+    SIGNALS,
     ErrorSignal,
-    LossSignal,
     NoveltySignal,
     StreamSignal,
 )
 from lightning_metagrad.boundaries.sources import TaskBoundarySource
 
 #: The main signals :class:`AutoBoundaries` can test.
-Signal = Literal["novelty", "loss", "error"]
-_AUTO_SIGNALS: tuple[Signal, ...] = ("novelty", "loss", "error")
+Signal = Literal["novelty", "loss", "error", "direction"]
+_AUTO_SIGNALS: tuple[Signal, ...] = ("novelty", "loss", "error", "direction")
+#: Main signals read every step from the gradients (observed every step, pooled).
+_PER_STEP: tuple[str, ...] = ("novelty", "direction")
 #: The auxiliary evidence (detector weights) each main signal gets by default.
 _DEFAULT_EVIDENCE: dict[str, dict[str, float]] = {
     "novelty": {},
     "loss": {"error": 1.0},
     "error": {},
+    "direction": {},
 }
 _DEFAULT_SIGNAL: Signal = "novelty"
 
@@ -55,10 +58,12 @@ def default_detector(
         (1.0, 0.5)
     """
     weights = _DEFAULT_EVIDENCE.get(signal, {}) if evidence is None else dict(evidence)
-    novelty = signal == "novelty"
-    if novelty:  # one noisy value a step: a longer window, a larger jump
+    if signal == "novelty":  # one noisy value a step: a longer window, a larger jump
         shape: dict[str, Any] = {"window": 15, "patience": 8, "min_relative_jump": 1.0}
         shape.update(halflife=100.0, fast_jump=3.0)
+    elif signal == "direction":  # in [0, 2] with a within-task level near 0.5: 1.5-fold
+        shape = {"window": 15, "patience": 8, "min_relative_jump": 0.5}
+        shape.update(halflife=100.0, fast_jump=1.0)
     else:
         shape = {"window": 9, "patience": 5, "min_relative_jump": 0.5, "halflife": 200.0}
     return ChangePointDetector(
@@ -86,20 +91,26 @@ class AutoBoundaries(TaskBoundarySource):
       1-32-32-1, the paper's h at a detector's size), trained on the step's
       ``(theta_j, target_j)`` pairs; its MSE on freshly drawn coordinates, *before* the
       update and in target units fixed at the start of each task: the paper's signal exactly.
+    * ``"direction"``: one minus the cosine of each step's gradient with the task's running
+      mean gradient direction, per tensor and energy-weighted
+      (:class:`~lightning_metagrad.boundaries.signals.DirectionSignal`; fed by
+      :meth:`on_gradients`). It sees a concept shift (the same inputs, new labels or a new
+      teacher), which turns the gradient inside a subspace the novelty finds already full.
+      Scale free like the novelty.
 
     ``evidence`` gives auxiliary signals and their weights (Stouffer's weighted z, see
     :class:`~lightning_metagrad.boundaries.changepoint.ChangePointDetector`), e.g.
     ``AutoBoundaries(signal="novelty", evidence={"loss": 0.5})``; they add evidence but cannot
     fire alone. A ``detector`` passed in decides itself: its ``signal`` and ``weights`` may
-    name ``"novelty"``, ``"loss"`` and ``"error"``.
+    name ``"novelty"``, ``"loss"``, ``"error"`` and ``"direction"``.
 
     ``signal="novelty"`` is the default (what ``task_boundaries="auto"`` builds); how the
     three signals compare on silent task streams is measured in ``docs/detection.md``.
 
     Observations are taken every ``every`` optimizer steps (None: every step for the
-    novelty, whose value is then pooled over the steps between; every 4 steps for the loss,
-    as their mean, and for the error). There is no fixed settling period or cooldown:
-    :func:`default_detector`'s warm-up (20 observations after the start and after each
+    novelty and the direction, whose values are then pooled over the steps between; every 4
+    steps for the loss, as their mean, and for the error). There is no fixed settling period
+    or cooldown: :func:`default_detector`'s warm-up (20 observations after the start and after each
     switch) is extended while the main signal still moves, up to 100 observations, so a
     network leaving its random initialisation or a blend still going on is learned as the
     level, and tasks of 200 steps are still tested. Only the paper's error gets ``settle``
@@ -162,8 +173,8 @@ class AutoBoundaries(TaskBoundarySource):
         if settle is None:  # the meta-network must first learn the gradients (see above)
             settle = 100 if detector.signal == "error" else 0
         self.settle = settle
-        if every is None:  # the novelty every step; the loss and the error every 4 steps
-            every = 1 if detector.signal == "novelty" else 4
+        if every is None:  # gradient signals every step; the loss and the error every 4
+            every = 1 if detector.signal in _PER_STEP else 4
         self.every = every
         self.detector = detector
         # Only the signals the detector names are built, fed and checkpointed.
@@ -174,7 +185,7 @@ class AutoBoundaries(TaskBoundarySource):
             elif name == "error":
                 self.signals[name] = ErrorSignal(hidden_sizes, coords_per_step, seed=seed)
             else:
-                self.signals[name] = LossSignal()
+                self.signals[name] = SIGNALS[name]()
         self.steps = 0
         self._onset = 0  # observations before the latest detection the switch began
 

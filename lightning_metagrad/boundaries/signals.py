@@ -192,9 +192,110 @@ class ErrorSignal(StreamSignal):
         self.last_error = state.get("last_error")
 
 
+class DirectionSignal(StreamSignal):
+    """A change of the gradient's **direction**: per gradient tensor, one minus the cosine of
+    the step's gradient with the current task's running mean gradient direction (the mean of
+    the task's unit-norm gradients, exponentially forgotten with a half-life of ``halflife``
+    steps), energy-weighted over the tensors and pooled over the steps between observations:
+    ``sum_l |g_l|^2 (1 - cos(g_l, m_l)) / sum_l |g_l|^2``, in [0, 2].
+
+    It sees what the novelty cannot: a concept shift (the same inputs, new labels or a new
+    teacher) on a small-input layer whose gradient subspace is already nearly full turns the
+    gradient *inside* the subspace, often against the old task's mean. Scale free: a
+    rescaled gradient (a learning-rate change, a warm-up, another batch size's mean) keeps
+    its cosine. Each step is measured before it is added to the mean; :meth:`start_task`
+    forgets the mean.
+
+    Example:
+        >>> signal = DirectionSignal()
+        >>> for _ in range(20):
+        ...     signal.on_gradients(["w"], [torch.ones(4, 3)])
+        >>> signal.take() < 1e-6  # the same direction all along
+        True
+        >>> signal.on_gradients(["w"], [-3 * torch.ones(4, 3)])
+        >>> signal.take()  # flipped: 1 - cos = 2, whatever the scale
+        2.0
+    """
+
+    name = "direction"
+    reads = "gradients"
+
+    def __init__(self, halflife: float = 100.0) -> None:
+        if not halflife > 0:
+            raise ValueError(f"`halflife` must be > 0, got {halflife!r}")
+        self.halflife = float(halflife)
+        self._alpha = 1.0 - 0.5 ** (1.0 / self.halflife)
+        self._means: dict[str, Tensor] = {}
+        self._counts: dict[str, int] = {}
+        self._changed: Tensor | None = None  # pooled sum_l |g_l|^2 (1 - cos)
+        self._energy: Tensor | None = None  # pooled sum_l |g_l|^2
+
+    @torch.no_grad()
+    def on_gradients(self, names: Sequence[str], targets: Sequence[Tensor]) -> None:
+        changed: list[Tensor] = []
+        energies: list[Tensor] = []
+        for name, target in zip(names, targets):
+            g = target.detach().reshape(-1).float()
+            energy = g.pow(2).sum()
+            norm = energy.sqrt()
+            ok = torch.isfinite(energy) & (norm > 0)  # a non-finite step is left out
+            unit = torch.where(ok, g / norm.clamp_min(1e-30), torch.zeros_like(g))
+            mean = self._means.get(name)
+            if mean is not None and mean.shape == unit.shape:
+                if mean.device != unit.device:  # e.g. restored from a checkpoint on the CPU
+                    mean = self._means[name] = mean.to(unit.device)
+                cos = (unit @ mean) / mean.norm().clamp_min(1e-30)
+                weight = torch.where(ok & (mean.norm() > 0), energy, torch.zeros_like(energy))
+                changed.append(weight * (1.0 - cos.clamp(-1.0, 1.0)))
+                energies.append(weight)
+                count = self._counts[name] + 1
+                a = max(1.0 / count, self._alpha)
+                a_t = torch.where(ok, torch.tensor(a, device=g.device), torch.zeros_like(energy))
+                mean.mul_(1.0 - a_t).add_(a_t * unit)
+                self._counts[name] = count
+            else:  # first step of the task (or a new shape): the mean starts here
+                self._means[name] = unit.clone()
+                self._counts[name] = 1
+        if energies:
+            c, e = torch.stack(changed).sum(), torch.stack(energies).sum()
+            if self._changed is None or self._energy is None:
+                self._changed, self._energy = c, e
+            else:
+                self._changed, self._energy = self._changed + c, self._energy + e
+
+    def take(self) -> float | None:
+        if self._changed is None or self._energy is None:
+            return None
+        changed, energy = float(self._changed), float(self._energy)
+        self._changed = self._energy = None
+        return max(changed, 0.0) / energy if energy > 0 else None
+
+    def start_task(self) -> None:
+        self._means, self._counts = {}, {}
+        self._changed = self._energy = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "means": {n: m.detach().clone() for n, m in self._means.items()},
+            "counts": dict(self._counts),
+            "changed": None if self._changed is None else float(self._changed),
+            "energy": None if self._energy is None else float(self._energy),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._means = {n: m.detach().clone() for n, m in state.get("means", {}).items()}
+        self._counts = {n: int(c) for n, c in state.get("counts", {}).items()}
+        changed, energy = state.get("changed"), state.get("energy")
+        if changed is None or energy is None:
+            self._changed = self._energy = None
+        else:
+            self._changed, self._energy = torch.tensor(changed), torch.tensor(energy)
+
+
 #: The signals by name.
 SIGNALS: dict[str, type[StreamSignal]] = {
     "novelty": NoveltySignal,
     "loss": LossSignal,
     "error": ErrorSignal,
+    "direction": DirectionSignal,
 }

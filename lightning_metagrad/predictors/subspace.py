@@ -277,7 +277,6 @@ class SubspacePredictor(OldGradientPredictor):
             self._hooks.append(module.register_forward_hook(hook))
             self._hooked.add(group.weight)
 
-    @torch.no_grad()
     def _read_inputs(
         self, name: str, bias: bool, module: nn.Module, args: tuple[Any, ...], output: Any
     ) -> None:
@@ -291,7 +290,12 @@ class SubspacePredictor(OldGradientPredictor):
         if group is None:
             return
         limit = self._rows_per_step(group)
-        rows = _input_rows(module, args[0].detach(), bias, limit, self.generator)
+        with torch.no_grad():  # (checked above: a training forward pass with autograd on)
+            self._keep_rows(
+                name, _input_rows(module, args[0].detach(), bias, limit, self.generator), limit
+            )
+
+    def _keep_rows(self, name: str, rows: Tensor, limit: int) -> None:
         held = self._pending.get(name)
         if held is not None:  # a second forward before the step (accumulation, tied weights)
             rows = torch.cat([held, rows])
@@ -766,13 +770,18 @@ class SubspacePredictor(OldGradientPredictor):
         for group, w, b in self._matrices(names, targets):
             blocks = self._blocks.get(group.weight)
             if blocks:
-                removed_here, total_here = _project_blocks_(blocks, w, b if group.bias else None)
+                ell, _ = self._plan(group)
+                k = sum(m.shape[1] for m in blocks)
+                chunk = max(1, _WORKSPACE * ell * group.cols // (2 * k))  # within the workspace
+                removed_here, total_here = _project_blocks_(
+                    blocks, w, b if group.bias else None, chunk
+                )
                 removed.append(removed_here)
                 total.append(total_here)
                 continue
             m = self._basis.get(group.weight)
             if m is None or self._dim(group.weight) == 0:
-                total.append(w.float().pow(2).sum() + (0 if b is None else b.float().pow(2).sum()))
+                total.append(_sq_norm(w.float()) + (0 if b is None else _sq_norm(b.float())))
                 continue
             if group.weight in self._complement:
                 removed_here, total_here = _keep_complement_(m, w, b if group.bias else None)
@@ -880,26 +889,32 @@ def _keep_complement_(n: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, T
 
 @torch.no_grad()
 def _project_blocks_(
-    blocks: Sequence[Tensor], w: Tensor, b: Tensor | None
+    blocks: Sequence[Tensor], w: Tensor, b: Tensor | None, chunk: int
 ) -> tuple[Tensor, Tensor]:
     """``G <- G - sum_i (G M_i) M_i^T`` in place for ``G = [w, b]`` and mutually orthogonal
-    blocks ``M_i`` (the same as projecting out their union); returns (removed, total) energy."""
+    blocks ``M_i`` (the same as projecting out their union), ``chunk`` rows at a time (the
+    coordinates ``G M_i`` of a tall matrix would otherwise be as large as ``G``); returns
+    (removed, total) energy."""
     fan_in = w.shape[1]
-    wf = w if w.dtype == torch.float32 else w.float()
-    bf = None if b is None else (b if b.dtype == torch.float32 else b.float())
-    total = _sq_norm(wf) + (0.0 if bf is None else _sq_norm(bf))
-    removed = wf.new_zeros(())
-    for m in blocks:
-        gm = wf @ m[:fan_in]
-        if bf is not None:
-            gm.addr_(bf, m[fan_in])
-            bf.sub_(gm @ m[fan_in])
-        removed = removed + _sq_norm(gm)
-        wf.addmm_(gm, m[:fan_in].T, alpha=-1.0)  # in place: no gradient-sized temporary
-    if wf is not w:
-        w.copy_(wf)
-    if b is not None and bf is not None and bf is not b:
-        b.copy_(bf)
+    removed = w.new_zeros((), dtype=torch.float32)
+    total = w.new_zeros((), dtype=torch.float32)
+    for start in range(0, w.shape[0], max(1, chunk)):
+        wc = w[start : start + chunk]
+        bc = None if b is None else b[start : start + chunk]
+        wf = wc if wc.dtype == torch.float32 else wc.float()
+        bf = None if bc is None else (bc if bc.dtype == torch.float32 else bc.float())
+        total += _sq_norm(wf) + (0.0 if bf is None else _sq_norm(bf))
+        for m in blocks:
+            gm = wf @ m[:fan_in]
+            if bf is not None:
+                gm.addr_(bf, m[fan_in])
+                bf.sub_(gm @ m[fan_in])
+            removed += _sq_norm(gm)
+            wf.addmm_(gm, m[:fan_in].T, alpha=-1.0)  # in place: no gradient-sized temporary
+        if wf is not wc:
+            wc.copy_(wf)
+        if bc is not None and bf is not None and bf is not bc:
+            bc.copy_(bf)
     return removed, total
 
 

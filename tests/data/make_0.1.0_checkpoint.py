@@ -1,6 +1,6 @@
 """Writes ``tests/data/metagrad-0.1.0.ckpt``: a checkpoint of release 0.1.0 (the first commit).
 
-A tiny model (``tests/conftest.py``'s ``TinyClassifier``: 10-16-3) trained for one task of 4
+A tiny model (``tests/helpers.py``'s ``TinyClassifier``: 10-16-3) trained for one task of 4
 SGD steps with 0.1.0's ``MetaGradCallback`` (a small meta-network, so the file stays small),
 saved with ``trainer.save_checkpoint`` at the end of the fit. ``tests/test_state.py`` checks
 that today's callback refuses it with a message that says what to do.
@@ -29,7 +29,7 @@ from lightning_metagrad import MetaGradCallback
 
 
 class TinyClassifier(pl.LightningModule):
-    """``tests/conftest.py``'s model (same parameter names and shapes)."""
+    """``tests/helpers.py``'s model (same parameter names and shapes)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -9,8 +9,6 @@ consolidated before the fit ends, and a warning says so.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +16,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import (
-    ROOT,
     DictDataset,
     TinyClassifier,
     assert_same_state,
     make_trainer,
+    run_cli_example,
     task_data,
 )
 from lightning.pytorch.callbacks import Callback
@@ -149,15 +147,8 @@ def test_batch_ids_protect_the_first_task_in_one_fit(cls: type, kwargs: dict) ->
 
 
 def test_gpm_in_place_of_metagrad_in_the_cli_example_consolidates_each_task(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
-    monkeypatch.setattr(sys, "argv", ["train.py"])  # LightningCLI also looks at sys.argv
-    example = ROOT / "examples" / "cli"
-    spec = importlib.util.spec_from_file_location("example_cli_gpm", example / "train.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
     override = tmp_path / "gpm.yaml"
     override.write_text(
         "trainer:\n"
@@ -167,18 +158,7 @@ def test_gpm_in_place_of_metagrad_in_the_cli_example_consolidates_each_task(
         "        task_boundaries: batch\n"
         "        task_id_key: task_id\n"
     )
-    results = module.main(
-        [
-            "fit",
-            "--config", str(example / "config.yaml"),
-            "--config", str(override),
-            "--trainer.max_epochs", "4",
-            "--trainer.logger", "false",
-            "--trainer.default_root_dir", str(tmp_path),
-            "--data.epochs_per_task", "2",
-            "--data.stream.init_args.num_tasks", "2",
-        ]
-    )  # fmt: skip
+    results = run_cli_example(tmp_path, override)
     assert results["metagrad"] is None  # the second config replaced the callback list
     [gpm] = [c for c in results["trainer"].callbacks if isinstance(c, GPMCallback)]
     assert gpm.num_tasks == 1 and gpm.bases  # task 0 consolidated when the id changed

@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from types import ModuleType
-
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, load_example, run_cli_example
 
 pytestmark = pytest.mark.slow  # the examples end to end, on real data
 
 EXAMPLES = ROOT / "examples"
-
-
-def load_example(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_permuted_quickstart_prints_both_accuracy_matrices(capsys):
@@ -47,27 +34,10 @@ def test_existing_cnn_is_trained_unchanged_with_and_without_metagrad(capsys):
     assert "plain: ACC" in out and "MetaGrad: ACC" in out and "after task 1:" in out
 
 
-def test_lightning_cli_example_trains_tasks_in_one_fit_from_the_yaml(tmp_path, monkeypatch, capsys):
+def test_lightning_cli_example_trains_tasks_in_one_fit_from_the_yaml(tmp_path, capsys):
     from lightning_metagrad import MetaGradCallback
 
-    monkeypatch.setattr(sys, "argv", ["train.py"])  # LightningCLI also looks at sys.argv
-    config = EXAMPLES / "cli" / "config.yaml"
-    spec = importlib.util.spec_from_file_location("example_cli_train", EXAMPLES / "cli/train.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    results = module.main(
-        [
-            "fit",
-            "--config", str(config),
-            "--trainer.max_epochs", "4",
-            "--trainer.logger", "false",
-            "--trainer.default_root_dir", str(tmp_path),
-            "--data.epochs_per_task", "2",
-            "--data.stream.init_args.num_tasks", "2",
-        ]
-    )  # fmt: skip
+    results = run_cli_example(tmp_path)
     cb = results["metagrad"]
     assert isinstance(cb, MetaGradCallback)  # built from the YAML's trainer.callbacks
     assert cb.task_index == 1 and cb.num_old_tasks == 1  # the batches' task id changed once

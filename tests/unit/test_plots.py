@@ -5,7 +5,7 @@ document: no Trainer."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,19 +51,21 @@ def fake_results(
 
 
 @pytest.fixture
-def figures(monkeypatch: pytest.MonkeyPatch) -> list[Figure]:
+def figures(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Figure]]:
     """The figures the plot functions make, kept open past their ``plt.close``."""
     kept: list[Figure] = []
+    close = plt.close
     monkeypatch.setattr(plots.plt, "close", kept.append)
     yield kept
     for fig in kept:
-        plt.close(fig)
+        close(fig)
 
 
 def grid(fig: Figure) -> tuple[int, int]:
-    """``(rows, columns)`` of the figure's panels, from their positions."""
-    boxes = [ax.get_position() for ax in fig.axes]
-    return len({round(b.y0, 3) for b in boxes}), len({round(b.x0, 3) for b in boxes})
+    """``(rows, columns)`` of the figure's panels, from their cells in its grid."""
+    specs = [ax.get_subplotspec() for ax in fig.axes]
+    assert all(spec is not None for spec in specs)
+    return len({s.rowspan.start for s in specs if s}), len({s.colspan.start for s in specs if s})
 
 
 PLOTS: list[Callable[[dict[str, Any], Path], Path]] = [plots.plot_curves, plots.plot_matrices]
@@ -79,9 +81,10 @@ def test_the_default_methods_figure_is_a_grid_a_screen_wide(
     width, height = Image.open(path).size
     (fig,) = figures
     # The saved PNG is the figure at plots.DPI: at most a screen wide, and not a strip.
-    assert (width, height) == (round(fig.get_figwidth() * plots.DPI), round(
-        fig.get_figheight() * plots.DPI
-    ))
+    assert (width, height) == (
+        round(fig.get_figwidth() * plots.DPI),
+        round(fig.get_figheight() * plots.DPI),
+    )
     assert width <= SCREEN_WIDTH and height <= 1200
     assert height > width / 2
     # 11 methods and the all-methods panel: 3 rows of 4.
@@ -113,7 +116,7 @@ def test_every_cell_of_a_matrix_shows_a_readable_number(
     heatmap = fig.axes[1]
     cells = [t for t in heatmap.texts if t.get_text().lstrip("0").startswith(".")]
     assert len(cells) == tasks * tasks
-    assert min(t.get_fontsize() for t in cells) >= smallest
+    assert min(float(t.get_fontsize()) for t in cells) >= smallest
     assert Image.open(tmp_path / "matrices.png").size[0] <= SCREEN_WIDTH
 
 

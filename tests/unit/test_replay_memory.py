@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 from collections import Counter
 from typing import Any, NamedTuple
 
 import pytest
 import torch
+from helpers import assert_imports_without_lightning
 
 from lightning_metagrad import ReplayPredictor
 from lightning_metagrad.baselines import AGEMCallback, EpisodicMemory, ERCallback
@@ -31,14 +30,7 @@ def test_every_memory_of_the_package_is_the_one_class() -> None:
 
 @pytest.mark.slow  # a fresh interpreter
 def test_the_memory_module_does_not_import_lightning() -> None:
-    code = (
-        "import sys\n"
-        "import lightning_metagrad.replay_memory\n"
-        "loaded = [m for m in sys.modules if m.split('.')[0] in "
-        "('lightning', 'pytorch_lightning', 'lightning_fabric')]\n"
-        "assert not loaded, loaded\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    assert_imports_without_lightning("lightning_metagrad.replay_memory")
 
 
 def test_the_reservoir_keeps_a_uniform_sample_of_the_task() -> None:

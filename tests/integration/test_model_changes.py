@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TESTS, TinyClassifier, loader, make_trainer
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.nn.utils import prune
 
 from lightning_metagrad import AnchoredPredictor, MetaGradCallback, SubspacePredictor
-from helpers import TinyClassifier, loader, make_trainer
 
 
 class Record(Callback):
@@ -120,9 +120,8 @@ def test_a_transformer_resumed_in_a_new_process_ends_with_the_uninterrupted_weig
 ) -> None:
     import subprocess
     import sys
-    from pathlib import Path
 
-    script = Path(__file__).parent / "scripts" / "resume_transformer.py"
+    script = TESTS / "scripts" / "resume_transformer.py"
     for mode in ("straight", "resume"):
         subprocess.run(
             [sys.executable, str(script), mode, predictor, str(tmp_path)],

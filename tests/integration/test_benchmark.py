@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import re
 import shlex
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import ROOT, load_script
 
 from lightning_metagrad import MetaGradCallback, ReplayPredictor
 from lightning_metagrad.benchmark import (
@@ -109,18 +107,7 @@ def test_cli_writes_the_documented_results_schema_and_plots(
 
 # ------------------------------------------------------------------ one experiment configuration
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "digits", "--tasks", "2", "--iters", "20", "--hidden", "16", "--seeds", "0"]
-
-
-def load_script(relative: str) -> ModuleType:
-    path = REPO / relative
-    spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def cli_parser() -> argparse.ArgumentParser:
@@ -236,7 +223,7 @@ def test_a_rejected_value_exits_with_the_fields_name(capsys: pytest.CaptureFixtu
 
 
 def test_the_docs_list_every_option() -> None:
-    page = (REPO / "docs" / "benchmark.md").read_text()
+    page = (ROOT / "docs" / "benchmark.md").read_text()
     for flag in ["--preset", *(config_flag(f.name) for f in dataclasses.fields(BenchmarkConfig))]:
         assert f"`{flag}" in page, f"docs/benchmark.md does not describe {flag}"
     for name in PRESETS:
@@ -403,7 +390,7 @@ GPM_THRESHOLDS = {"net.0": 0.95, "net.2": 0.99, "net.4": 0.99}
 def documented_gpm_command() -> list[str]:
     """docs/benchmark.md's GPM protocol spelled out (the command after ``metagrad-benchmark
     --dataset mnist``, with its continuation lines), as argv."""
-    page = (REPO / "docs" / "benchmark.md").read_text()
+    page = (ROOT / "docs" / "benchmark.md").read_text()
     found = re.search(r"metagrad-benchmark (--dataset mnist (?:.*\\\n)*.*)", page)
     assert found, "docs/benchmark.md lacks the spelled-out GPM protocol"
     return shlex.split(found.group(1).replace("\\\n", " "))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, load_example
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cli" / "train.py"
+EXAMPLE = ROOT / "examples" / "cli" / "train.py"
 
 NESTED = """predictor:
           class_path: lightning_metagrad.SubspacePredictor
@@ -20,11 +20,7 @@ def test_an_invalid_nested_predictor_value_exits_2_naming_the_argument(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.setattr(sys, "argv", ["train.py"])  # LightningCLI also looks at sys.argv
-    spec = importlib.util.spec_from_file_location("example_cli_config", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_example("cli/train")
     shipped = (EXAMPLE.parent / "config.yaml").read_text()
     assert "predictor: anchored" in shipped
     config = tmp_path / "config.yaml"
