@@ -39,6 +39,8 @@ from torch.utils.data import DataLoader
 from lightning_metagrad import AutoBoundaries, MetaGradCallback
 from lightning_metagrad.benchmark import MLPClassifier
 from lightning_metagrad.benchmark.quiet import quiet_trainer_kwargs, silence_lightning
+from lightning_metagrad.boundaries import ChangePointDetector, default_detector
+from lightning_metagrad.boundaries.signals import DirectionSignal
 from lightning_metagrad.data import PermutedStream, RotatedStream
 from lightning_metagrad.metrics import average_accuracy, backward_transfer
 
@@ -54,7 +56,33 @@ SIGNALS: dict[str, dict[str, Any]] = {
     "novelty+direction": {"signal": "novelty", "evidence": {"direction": 1.0}},
     "direction+loss": {"signal": "direction", "evidence": {"loss": 0.5}},
     "loss+direction": {"signal": "loss", "evidence": {"direction": 1.0}},
+    # A variant: the direction of the last ~8 steps' mean (``DirectionSignal(recent=8)``),
+    # tested for a 5-fold jump held 8 steps, or an 8-fold one held 2.
+    "direction-r8": {
+        "signal": "direction",
+        "_direction": {"recent": 8.0},
+        "_shape": {"min_relative_jump": 4.0, "fast_jump": 7.0},
+    },
 }
+
+
+def boundaries(signal: str) -> AutoBoundaries:
+    """The ``AutoBoundaries`` of a :data:`SIGNALS` entry (``_direction``: the direction
+    signal's arguments; ``_shape``: detector arguments over :func:`default_detector`'s)."""
+    spec = dict(SIGNALS[signal])
+    direction, shape = spec.pop("_direction", None), spec.pop("_shape", None)
+    if shape:
+        base = default_detector(spec["signal"], spec.pop("evidence", None))
+        keys = ("window", "patience", "min_relative_jump", "halflife", "fast_jump", "warmup")
+        kwargs = {k: getattr(base, k) for k in keys}
+        kwargs.update(max_warmup=base.max_warmup, cooldown=base.cooldown, **shape)
+        spec["detector"] = ChangePointDetector(signal=base.signal, weights=base.weights, **kwargs)
+    src = AutoBoundaries(**spec)
+    if direction:
+        src.signals["direction"] = DirectionSignal(**direction)
+    return src
+
+
 EVENTS = ("lr_drop", "warmup", "loss_spike", "input_spike", "batch_size")
 
 
@@ -287,7 +315,7 @@ def detect(
             if per_task and trainer.global_step % per_task == 0:
                 matrix.append(accuracy_row(model, stream, tasks))
 
-    cb = MetaGradCallback(task_boundaries=AutoBoundaries(**SIGNALS[signal]))
+    cb = MetaGradCallback(task_boundaries=boundaries(signal))
     pl.Trainer(max_steps=len(batches), callbacks=[cb, AtTaskEnds()], **TRAINER).fit(
         model, DataLoader(batches, batch_size=None)
     )
@@ -442,7 +470,7 @@ def report(paths: list[Path]) -> str:
             cells += [r["median_delay"], r["max_delay"], r["false_per_10k"], r["acc"]]
             cells += [g.get("acc"), r["bwt"], g.get("bwt"), source]
             out.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
-    events = [r for p, d in loaded if p.stem == "events" for r in d["table"]]
+    events = [r for p, d in loaded if p.stem.startswith("events") for r in d["table"]]
     if events:
         out += ["", "| signal | stream | event | false switches | runs |", "|---|---|---|---|---|"]
         for r in events:

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
     rows = []
-    print(f"| model | parameters | setting | peak floats/param | state after 2 tasks | boundary |")
+    print("| model | parameters | setting | peak floats/param | state after 2 tasks | boundary |")
     print("|---|---|---|---|---|---|")
     for model_name in args.models:
         for setting in args.settings:

@@ -1,6 +1,8 @@
 """What the tests of both lanes share (``from helpers import ...``; pyproject.toml puts
 ``tests/`` on the path): tiny models and data (BoringModel-style), a quiet CPU Trainer, the
-default predictor, the spies and applied-update probes, and state comparisons.
+tests' default predictor (the product's, ``SubspacePredictor``; the paper's ``MetaNetPredictor``
+only where a test is about it), the spies and applied-update probes, state comparisons, and
+the repository's scripts and examples as modules.
 
 Spies read what a method did through Lightning's hooks only, so the tests survive refactors of
 the methods' internals:

@@ -101,8 +101,10 @@ def method_parameters(name: str) -> list[str]:
     """The keyword arguments method ``name`` takes (its callback's), none without a callback.
 
     Example:
-        >>> method_parameters("gpm")
+        >>> method_parameters("gpm")[:3]
         ['threshold', 'samples', 'threshold_increment']
+        >>> "task_boundaries" in method_parameters("ewc")
+        True
         >>> method_parameters("naive")
         []
     """

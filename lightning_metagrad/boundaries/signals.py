@@ -206,6 +206,11 @@ class DirectionSignal(StreamSignal):
     its cosine. Each step is measured before it is added to the mean; :meth:`start_task`
     forgets the mean.
 
+    ``recent`` (a half-life in steps; None: each step alone) measures the mean direction of
+    the recent steps instead of each step's: within a task it then stays near 0 whatever the
+    gradient noise, so a new batch size moves it less than a new mapping does
+    (``docs/detection.md``, "Concept shift").
+
     Example:
         >>> signal = DirectionSignal()
         >>> for _ in range(20):
@@ -220,12 +225,17 @@ class DirectionSignal(StreamSignal):
     name = "direction"
     reads = "gradients"
 
-    def __init__(self, halflife: float = 100.0) -> None:
+    def __init__(self, halflife: float = 100.0, recent: float | None = None) -> None:
         if not halflife > 0:
             raise ValueError(f"`halflife` must be > 0, got {halflife!r}")
+        if recent is not None and not recent > 0:
+            raise ValueError(f"`recent` must be > 0 or None, got {recent!r}")
         self.halflife = float(halflife)
+        self.recent = None if recent is None else float(recent)
         self._alpha = 1.0 - 0.5 ** (1.0 / self.halflife)
+        self._beta = 1.0 if recent is None else 1.0 - 0.5 ** (1.0 / recent)
         self._means: dict[str, Tensor] = {}
+        self._recents: dict[str, Tensor] = {}
         self._counts: dict[str, int] = {}
         self._changed: Tensor | None = None  # pooled sum_l |g_l|^2 (1 - cos)
         self._energy: Tensor | None = None  # pooled sum_l |g_l|^2
@@ -244,7 +254,15 @@ class DirectionSignal(StreamSignal):
             if mean is not None and mean.shape == unit.shape:
                 if mean.device != unit.device:  # e.g. restored from a checkpoint on the CPU
                     mean = self._means[name] = mean.to(unit.device)
-                cos = (unit @ mean) / mean.norm().clamp_min(1e-30)
+                probe = unit
+                if self.recent is not None:  # the recent steps' mean direction
+                    rec = self._recents[name]
+                    if rec.device != unit.device:
+                        rec = self._recents[name] = rec.to(unit.device)
+                    b = torch.where(ok, torch.tensor(self._beta, device=g.device), 0.0 * energy)
+                    rec.mul_(1.0 - b).add_(b * unit)
+                    probe = rec / rec.norm().clamp_min(1e-30)
+                cos = (probe @ mean) / mean.norm().clamp_min(1e-30)
                 weight = torch.where(ok & (mean.norm() > 0), energy, torch.zeros_like(energy))
                 changed.append(weight * (1.0 - cos.clamp(-1.0, 1.0)))
                 energies.append(weight)
@@ -255,6 +273,7 @@ class DirectionSignal(StreamSignal):
                 self._counts[name] = count
             else:  # first step of the task (or a new shape): the mean starts here
                 self._means[name] = unit.clone()
+                self._recents[name] = unit.clone()
                 self._counts[name] = 1
         if energies:
             c, e = torch.stack(changed).sum(), torch.stack(energies).sum()
@@ -271,12 +290,13 @@ class DirectionSignal(StreamSignal):
         return max(changed, 0.0) / energy if energy > 0 else None
 
     def start_task(self) -> None:
-        self._means, self._counts = {}, {}
+        self._means, self._recents, self._counts = {}, {}, {}
         self._changed = self._energy = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "means": {n: m.detach().clone() for n, m in self._means.items()},
+            "recents": {n: m.detach().clone() for n, m in self._recents.items()},
             "counts": dict(self._counts),
             "changed": None if self._changed is None else float(self._changed),
             "energy": None if self._energy is None else float(self._energy),
@@ -284,6 +304,7 @@ class DirectionSignal(StreamSignal):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._means = {n: m.detach().clone() for n, m in state.get("means", {}).items()}
+        self._recents = {n: m.detach().clone() for n, m in state.get("recents", {}).items()}
         self._counts = {n: int(c) for n, c in state.get("counts", {}).items()}
         changed, energy = state.get("changed"), state.get("energy")
         if changed is None or energy is None:

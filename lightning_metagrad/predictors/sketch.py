@@ -116,9 +116,10 @@ class FrequentDirections:
 
 
 def _top_directions(b: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (decreasing, ≥ 0) and eigenvectors of ``B Bᵀ`` (float64, small)."""
-    gram = (b @ b.T).double()
-    values, vectors = torch.linalg.eigh((gram + gram.T) / 2)
+    """Eigenvalues (decreasing, ≥ 0) and eigenvectors of ``B Bᵀ`` (``rows x rows``; in the
+    sketch's float32, so that with ``ell <= cols / 8`` it stays below the sketch's size)."""
+    gram = b @ b.T
+    values, vectors = torch.linalg.eigh(gram.add_(gram.T.clone()).mul_(0.5))
     return values.flip(0).clamp_min(0), vectors.flip(1)
 
 

@@ -338,7 +338,7 @@ class SubspacePredictor(OldGradientPredictor):
 
         def shortfall(g: MatrixGroup) -> int:
             e, k = plans[g.weight]
-            return (g.cols + _WORKSPACE * min(ell, g.cols) - k - _WORKSPACE * e) * g.cols
+            return (g.cols + _WORKSPACE * _widest(ell, g) - k - _WORKSPACE * e) * g.cols
 
         for g in sorted(groups, key=shortfall):
             want = shortfall(g)
@@ -346,11 +346,11 @@ class SubspacePredictor(OldGradientPredictor):
                 continue
             e, k = plans[g.weight]
             if want <= spare:
-                plans[g.weight] = (min(ell, g.cols), g.cols)
+                plans[g.weight] = (_widest(ell, g), g.cols)
                 spare -= want
                 continue
             vectors = int(spare // g.cols)  # part of it: a wider sketch first, then the basis
-            e2 = min(ell, g.cols, e + vectors // (2 * _WORKSPACE))
+            e2 = min(_widest(ell, g), e + vectors // (2 * _WORKSPACE))
             k2 = min(g.cols, k + vectors - _WORKSPACE * (e2 - e))
             plans[g.weight] = (e2, k2)
             spare -= ((k2 - k) + _WORKSPACE * (e2 - e)) * g.cols
@@ -378,7 +378,7 @@ class SubspacePredictor(OldGradientPredictor):
                     f"{group.cols**2} floats, more than memory_budget={self.memory_budget} "
                     f"per parameter ({int(allowed)}). Set `sketch` (e.g. 32) to bound it."
                 )
-            elif self.sketch is not None and self._plan(group)[0] < min(self.sketch, group.cols):
+            elif self.sketch is not None and self._plan(group)[0] < _widest(self.sketch, group):
                 self._warned_budget.add(name)
                 self.runtime.warn(
                     f"SubspacePredictor: sketch={self.sketch} rows do not fit {name!r} "
@@ -556,7 +556,7 @@ class SubspacePredictor(OldGradientPredictor):
             self._total[name] = torch.zeros((), dtype=torch.float64, device=w.device)
         energy = _sq_norm(w) + (_sq_norm(b) if b is not None and group.bias else 0.0)
         step_energy = 1.0 if self._normalize else energy
-        inputs = self._pending.get(name) if self.statistic != "gradient" else None
+        inputs = self._pending.pop(name, None) if self.statistic != "gradient" else None
         if self.statistic != "inputs" or inputs is None:  # "inputs" falls back to gradients
             m = min(self._rows_per_step(group), group.rows)
             rows = None
@@ -577,13 +577,13 @@ class SubspacePredictor(OldGradientPredictor):
             self._add_rows(name, g, finite)
         if inputs is not None:
             scale = self.input_weight * step_energy
-            inputs = inputs * (scale / _sq_norm(inputs).clamp_min(1e-30)).sqrt()
+            inputs.mul_((scale / _sq_norm(inputs).clamp_min(1e-30)).sqrt())  # in place
             self._add_rows(name, inputs, finite)
         self._count[name] = self._count.get(name, 0) + 1
 
     def _add_rows(self, name: str, rows: Tensor, finite: Tensor | None) -> None:
-        if finite is not None:  # where, not a product: a NaN times 0 is still NaN
-            rows = torch.where(finite, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+        if finite is not None:  # a fill, not a product (a NaN times 0 is still NaN); in place
+            rows.masked_fill_(~finite, 0.0)
         self._total[name] += _sq_norm(rows).double()
         for block in self._blocks.get(name, []):  # only the part outside the stored basis
             rows = rows.addmm_(rows @ block, block.T, alpha=-1.0)
@@ -697,8 +697,8 @@ class SubspacePredictor(OldGradientPredictor):
             if block is not None:
                 blocks.append(block)
             self._shapes[name] = (rows, sketch.cols)
-            if capped and name not in self._warned_budget:
-                self._warned_budget.add(name)
+            if capped and f"{name}:full" not in self._warned_budget:
+                self._warned_budget.add(f"{name}:full")
                 self.runtime.warn(
                     f"SubspacePredictor: the basis of {name!r} reached the memory budget "
                     f"({limit} directions at memory_budget={self.memory_budget} floats per "
@@ -971,8 +971,15 @@ def _input_rows(
     return rows
 
 
-#: Workspace rows per sketch row (the sketch's 2, pending and sampled rows 1/2 each, a shrink 1).
-_WORKSPACE = 4
+#: Workspace rows per sketch row: the sketch's 2, a shrink's 2 (its new rows, and its Gram
+#: matrix and eigenvectors, 8·ell² floats with ell <= cols / 8), the pending input rows and the
+#: step's sampled rows (ell / 2 each, with a copy while they are scaled and joined).
+_WORKSPACE = 6
+
+
+def _widest(ell: int, group: MatrixGroup) -> int:
+    """The widest sketch a matrix may use: ``ell``, at most ``cols / 8`` (its Gram workspace)."""
+    return max(1, min(ell, group.cols // 8))
 
 
 def _fair_plan(group: MatrixGroup, ell: int, budget: float | None) -> tuple[int, int]:
@@ -980,7 +987,7 @@ def _fair_plan(group: MatrixGroup, ell: int, budget: float | None) -> tuple[int,
     if budget is None:
         return min(ell, group.cols), group.cols
     vectors = budget * group.rows
-    e = max(1, min(ell, group.cols, int(vectors // (2 * _WORKSPACE))))
+    e = max(1, min(ell, group.cols // 8, int(vectors // (2 * _WORKSPACE))))
     return e, max(0, min(group.cols, int(vectors) - _WORKSPACE * e))
 
 

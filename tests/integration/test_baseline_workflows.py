@@ -15,7 +15,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import (
+    BASELINES,
     LR,
+    PENALTY_BASELINES,
     AppliedUpdates,
     GradSpy,
     MultiHead,
@@ -40,8 +42,8 @@ from lightning_metagrad.baselines import (
     SICallback,
 )
 
-QUADRATIC = [EWCCallback, OnlineEWCCallback, SICallback, MASCallback]
-ALL = [*QUADRATIC, GPMCallback, AGEMCallback, ERCallback]
+QUADRATIC = list(PENALTY_BASELINES)
+ALL = list(BASELINES)
 
 
 def make(cls: type) -> Any:

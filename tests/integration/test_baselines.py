@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import (
+    PENALTY_BASELINES,
     DictDataset,
     GradSpy,
     ManualModule,
@@ -35,7 +36,7 @@ from lightning_metagrad.baselines import ewc as ewc_mod
 from lightning_metagrad.baselines import mas as mas_mod
 from lightning_metagrad.baselines import si as si_mod
 
-ALL = [EWCCallback, OnlineEWCCallback, SICallback, MASCallback]
+ALL = list(PENALTY_BASELINES)
 
 
 def make(cls: type, strength: float = 1.0) -> Any:

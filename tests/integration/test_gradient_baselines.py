@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import (
+    GRADIENT_BASELINES,
     GradSpy,
     ManualModule,
     TinyClassifier,
@@ -35,7 +36,7 @@ from lightning_metagrad.baselines import er as er_mod
 from lightning_metagrad.baselines import gpm as gpm_mod
 from lightning_metagrad.baselines import memory as memory_mod
 
-ALL = [GPMCallback, AGEMCallback, ERCallback]
+ALL = list(GRADIENT_BASELINES)
 
 
 def make(cls: type) -> Any:

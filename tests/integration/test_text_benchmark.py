@@ -104,3 +104,36 @@ def test_text_domains_example_prints_both_loss_matrices(capsys):
     for entry in results.values():
         assert len(entry["loss_matrix"]) == 3 and list(entry["forgetting"]) == ["python", "prose"]
     assert "plain: test loss" in out and "forgetting:" in out
+
+
+def test_first_moment_prototype_routes_the_projection_to_exp_avg_only():
+    """experiments/text_adamw.py's FirstMomentRouting: AdamW's moments after an adjusted step
+    (check_routing), and a tiny 2-domain run in which the second domain's steps are routed."""
+    import importlib.util
+    import sys
+
+    from helpers import ROOT
+
+    path = ROOT / "experiments" / "text_adamw.py"
+    spec = importlib.util.spec_from_file_location("experiment_text_adamw", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    module.check_routing()
+    routing = module.FirstMomentRouting()
+    routed = []
+    route = routing._route
+    routing._route = lambda opt: (routed.append(len(routing._raw)), route(opt))
+    config = bench.TextBenchmarkConfig(
+        domains=("prose", "licenses"), steps=8, batch_size=4, context=16, d_model=16,
+        layers=1, heads=2, methods=("naive",), seeds=(0,), test_windows=8,
+        max_train_bytes=1 << 13, max_test_bytes=1 << 11,
+    )  # fmt: skip
+    run = bench.run_text_method(config, "first-moment", 0, callbacks=routing.callbacks)
+    assert routed[:8] == [0] * 8 and all(n > 0 for n in routed[8:])
+    assert all(math.isfinite(x) for row in run["loss_matrix"] for x in row)
+    with pytest.raises(ValueError, match="target='gradient'"):
+        from lightning_metagrad import MetaGradCallback
+
+        module.FirstMomentRouting(MetaGradCallback(target="update"))

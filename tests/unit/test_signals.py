@@ -55,26 +55,28 @@ def test_direction_registered_and_built_by_auto() -> None:
     assert set(both.signals) == {"novelty", "direction"}
 
 
-def test_direction_fires_on_a_flip_inside_a_fixed_subspace() -> None:
+@pytest.mark.parametrize("recent", [None, 8.0])
+def test_direction_fires_on_a_flip_inside_a_fixed_subspace(recent: float | None) -> None:
     """The same subspace throughout (the novelty sees nothing); the mean gradient flips sign,
     then turns to another orientation inside the subspace."""
     basis = fixed_subspace()
     mean = task_mean(basis, 2)
     other = task_mean(basis, 3)
-    values = run(DirectionSignal(), [mean, -mean, other], [1.0, 1.0, 1.0])
+    values = run(DirectionSignal(recent=recent), [mean, -mean, other], [1.0, 1.0, 1.0])
     within = statistics.median(values[50:150])
-    flipped = statistics.median(values[150:160])
+    flipped = statistics.median(values[155:165])
     assert within < 0.5
     assert flipped > 1.5 and flipped > 3 * within
     assert statistics.median(values[300:310]) > 2 * within  # the new orientation
 
 
-def test_direction_quiet_under_a_rescaled_gradient() -> None:
+@pytest.mark.parametrize("recent", [None, 8.0])
+def test_direction_quiet_under_a_rescaled_gradient(recent: float | None) -> None:
     """A 10x smaller gradient (a learning-rate drop, a new batch size's mean) keeps its
     direction, so the signal does not move; :class:`AutoBoundaries` declares nothing."""
     basis = fixed_subspace()
     mean = task_mean(basis, 2)
-    values = run(DirectionSignal(), [mean, mean, mean], [1.0, 0.1, 30.0])
+    values = run(DirectionSignal(recent=recent), [mean, mean, mean], [1.0, 0.1, 30.0])
     before = statistics.median(values[50:150])
     for lo in (150, 300):
         assert statistics.median(values[lo : lo + 20]) == pytest.approx(before, rel=0.3)
