@@ -105,7 +105,7 @@ class AutoBoundaries(TaskBoundarySource):
     name ``"novelty"``, ``"loss"``, ``"error"`` and ``"direction"``.
 
     ``signal="novelty"`` is the default (what ``task_boundaries="auto"`` builds); how the
-    three signals compare on silent task streams is measured in ``docs/detection.md``.
+    signals compare on silent task streams is measured in ``docs/detection.md``.
 
     Observations are taken every ``every`` optimizer steps (None: every step for the
     novelty and the direction, whose values are then pooled over the steps between; every 4
