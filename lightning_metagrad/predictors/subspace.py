@@ -320,8 +320,8 @@ class SubspacePredictor(OldGradientPredictor):
         ``k`` basis columns and a workspace of ``_WORKSPACE·ell`` rows (the sketch's
         ``2·ell``, the pending input rows and the step's sampled rows, ``ell / 2`` each, and a
         shrink's ``ell``), all of ``cols`` floats. Each matrix first gets its own parameters'
-        worth (``budget·rows·cols``); what the matrices that need less leave over goes to the
-        others, the smallest need first (a thin head gets its full basis)."""
+        worth (``budget·rows·cols``) but a tenth, pooled with what the matrices that need less
+        leave over; the pool goes to the others, the thinnest first (a classifier head)."""
         self._plans = {}
         if self.sketch is None:
             return
@@ -331,7 +331,10 @@ class SubspacePredictor(OldGradientPredictor):
             self._plans = {g.weight: (min(ell, g.cols), g.cols) for g in groups}
             return
         pool = self.memory_budget * sum(g.rows * g.cols for g in groups)
-        plans = {g.weight: _fair_plan(g, ell, self.memory_budget) for g in groups}
+        # A tenth of every share is pooled for the matrices that need more than their own
+        # (a thin classifier head needs a few directions of its full fan-in).
+        share = _SHARED * self.memory_budget
+        plans = {g.weight: _fair_plan(g, ell, share) for g in groups}
         spare = pool - sum(
             (k + _WORKSPACE * e) * g.cols for g in groups for e, k in [plans[g.weight]]
         )
@@ -340,7 +343,7 @@ class SubspacePredictor(OldGradientPredictor):
             e, k = plans[g.weight]
             return (g.cols + _WORKSPACE * _widest(ell, g) - k - _WORKSPACE * e) * g.cols
 
-        for g in sorted(groups, key=shortfall):
+        for g in sorted(groups, key=lambda g: (g.rows, shortfall(g))):  # thin matrices first
             want = shortfall(g)
             if want <= 0 or spare <= 0:
                 continue
@@ -975,6 +978,10 @@ def _input_rows(
 #: matrix and eigenvectors, 8·ell² floats with ell <= cols / 8), the pending input rows and the
 #: step's sampled rows (ell / 2 each, with a copy while they are scaled and joined).
 _WORKSPACE = 6
+
+
+#: The part of each matrix's budget it keeps for itself; the rest goes to a common pool.
+_SHARED = 0.9
 
 
 def _widest(ell: int, group: MatrixGroup) -> int:
