@@ -22,7 +22,7 @@ from lightning_metagrad._validation import (
     check_int,
     check_state_version,
 )
-from lightning_metagrad.runtime import warn_once_per_call
+from lightning_metagrad.runtime import warn_user
 
 if TYPE_CHECKING:
     from lightning_metagrad.engine import StepReport
@@ -58,7 +58,7 @@ class Diagnostics:
         runaway_growth: float = 3.0,
         check_every: int = 50,
         held_back: float = 0.8,
-        emit: Callable[[str], None] = warn_once_per_call,
+        emit: Callable[[str], None] = warn_user,
     ) -> None:
         self.warn = check_bool("warn", warn)
         #: Called with each warning's message (the callback passes ``rank_zero_warn``).

@@ -255,15 +255,16 @@ class MetaGrad:
         with (a freshly built model with the same callback)."""
         if not self.params or (not self._old_shapes and self.steps_in_task == 0):
             return
-        if any(id(p) in {id(q) for q in self.params.values()} for p in params.values()):
+        bound = {id(q) for q in self.params.values()}
+        if any(id(p) in bound for p in params.values()):
             return
-        with torch.no_grad():
-            same = [
-                torch.equal(p.detach().cpu(), self.params[n].detach().cpu())
-                for n, p in params.items()
-                if n in self.params and self.params[n].shape == p.shape
-            ]
-        if same and not any(same):
+        pairs = [
+            (p.detach(), self.params[n].detach())
+            for n, p in params.items()
+            if n in self.params and self.params[n].shape == p.shape
+        ]
+        # Stops at the first tensor that still holds the previous task's values.
+        if pairs and not any(torch.equal(p, q.to(p.device)) for p, q in pairs):
             self.runtime.warn(
                 "MetaGrad: the model bound now holds none of the weights the previous task "
                 f"ended with (task {self.task_index}): a freshly built model? It is trained "
@@ -368,6 +369,14 @@ class MetaGrad:
         ``optimizer.step()``. Gradient mode: learn from the bound parameters' ``.grad`` and
         rewrite it in place; returns the report. Update mode: snapshot the parameters (the
         optimizer's step post-hook finishes the step); returns None."""
+        return self._begin_step(update=self.resolved_target == "update")
+
+    def step(self) -> StepReport | None:
+        """:meth:`before_optimizer_step` in gradient mode (whatever ``target`` says): learn
+        from and rewrite the bound parameters' ``.grad``."""
+        return self._begin_step(update=False)
+
+    def _begin_step(self, update: bool) -> StepReport | None:
         self._require_binding("before_optimizer_step()")
         self._apply_switch(False)
         names = [n for n, p in self.params.items() if p.requires_grad and p.grad is not None]
@@ -376,20 +385,11 @@ class MetaGrad:
         if not names:
             return None
         thetas = [self.params[n].detach() for n in names]
-        if self.resolved_target == "update":
+        if update:
             self._before = [t.clone() for t in thetas]
             return None
         grads: list[Tensor] = [self.params[n].grad for n in names]  # type: ignore[misc]
         return self._step(names, thetas, grads)
-
-    def step(self) -> StepReport | None:
-        """:meth:`before_optimizer_step` in gradient mode (whatever ``target`` says): learn
-        from and rewrite the bound parameters' ``.grad``."""
-        target, self.resolved_target = self.resolved_target, "gradient"
-        try:
-            return self.before_optimizer_step()
-        finally:
-            self.resolved_target = target
 
     def after_optimizer_step(self) -> StepReport | None:
         """Update mode, after ``optimizer.step()``: learn from the update it applied and

@@ -13,7 +13,7 @@ from typing import Any
 from torch import Tensor
 
 
-def warn_once_per_call(message: str) -> None:
+def warn_user(message: str) -> None:
     """The default warning: :func:`warnings.warn` with a UserWarning."""
     warnings.warn(message, UserWarning, stacklevel=3)
 
@@ -36,7 +36,7 @@ class Runtime:
         tensor([1., 1.])
     """
 
-    warn: Callable[[str], None] = warn_once_per_call
+    warn: Callable[[str], None] = warn_user
     batch_loss: Callable[[Any], Tensor | None] | None = None
     mean_over_ranks: Callable[[Tensor], Tensor] | None = None
 

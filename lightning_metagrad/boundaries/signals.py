@@ -48,6 +48,46 @@ class StreamSignal:
         """Restore a :meth:`state_dict`."""
 
 
+class _Pooled:
+    """A numerator and a denominator summed on the device between observations, so that
+    feeding a signal never syncs with the host; read (and reset) once per observation."""
+
+    def __init__(self, keys: tuple[str, str]) -> None:
+        self.keys = keys  # their names in the signal's state
+        self.num: Tensor | None = None
+        self.den: Tensor | None = None
+
+    def add(self, num: Tensor, den: Tensor) -> None:
+        if self.num is None or self.den is None:
+            self.num, self.den = num, den
+        else:
+            self.num, self.den = self.num + num, self.den + den
+
+    def take(self) -> tuple[float, float] | None:
+        if self.num is None or self.den is None:
+            return None
+        pooled = float(self.num), float(self.den)
+        self.reset()
+        return pooled
+
+    def reset(self) -> None:
+        self.num = self.den = None
+
+    def state_dict(self) -> dict[str, float | None]:
+        num, den = self.keys
+        return {
+            num: None if self.num is None else float(self.num),
+            den: None if self.den is None else float(self.den),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        num, den = (state.get(k) for k in self.keys)
+        if num is None or den is None:
+            self.reset()
+        else:
+            self.num, self.den = torch.tensor(num), torch.tensor(den)
+
+
 class NoveltySignal(StreamSignal):
     """The share of each step's gradient energy outside the current task's gradient subspace
     (:class:`~lightning_metagrad.boundaries.novelty.SubspaceNovelty`), pooled over the steps
@@ -98,40 +138,28 @@ class LossSignal(StreamSignal):
     reads = "loss"
 
     def __init__(self) -> None:
-        self._sum: Tensor | None = None
-        self._finite: Tensor | None = None
+        self._pooled = _Pooled(("sum", "finite"))  # the finite losses and their count
 
     def on_loss(self, loss: Tensor) -> None:
         loss = loss.detach().float().reshape(())
         finite = torch.isfinite(loss)  # a non-finite loss is left out by zero weight
-        value = torch.where(finite, loss, torch.zeros_like(loss))
-        if self._sum is None or self._finite is None:
-            self._sum, self._finite = value, finite.float()
-        else:
-            self._sum, self._finite = self._sum + value, self._finite + finite
+        self._pooled.add(torch.where(finite, loss, torch.zeros_like(loss)), finite.float())
 
     def take(self) -> float | None:
-        if self._sum is None or self._finite is None:
+        pooled = self._pooled.take()
+        if pooled is None:
             return None
-        total, count = float(self._sum), float(self._finite)
-        self._sum = self._finite = None
+        total, count = pooled
         return total / count if count > 0 else None
 
     def start_task(self) -> None:
-        self._sum = self._finite = None
+        self._pooled.reset()
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "sum": None if self._sum is None else float(self._sum),
-            "finite": None if self._finite is None else float(self._finite),
-        }
+        return self._pooled.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        total, finite = state.get("sum"), state.get("finite")
-        if total is None or finite is None:
-            self._sum = self._finite = None
-        else:
-            self._sum, self._finite = torch.tensor(total), torch.tensor(finite)
+        self._pooled.load_state_dict(state)
 
 
 class ErrorSignal(StreamSignal):
@@ -237,8 +265,8 @@ class DirectionSignal(StreamSignal):
         self._means: dict[str, Tensor] = {}
         self._recents: dict[str, Tensor] = {}
         self._counts: dict[str, int] = {}
-        self._changed: Tensor | None = None  # pooled sum_l |g_l|^2 (1 - cos)
-        self._energy: Tensor | None = None  # pooled sum_l |g_l|^2
+        # Pooled sum_l |g_l|^2 (1 - cos) and sum_l |g_l|^2.
+        self._pooled = _Pooled(("changed", "energy"))
 
     @torch.no_grad()
     def on_gradients(self, names: Sequence[str], targets: Sequence[Tensor]) -> None:
@@ -276,41 +304,32 @@ class DirectionSignal(StreamSignal):
                 self._recents[name] = unit.clone()
                 self._counts[name] = 1
         if energies:
-            c, e = torch.stack(changed).sum(), torch.stack(energies).sum()
-            if self._changed is None or self._energy is None:
-                self._changed, self._energy = c, e
-            else:
-                self._changed, self._energy = self._changed + c, self._energy + e
+            self._pooled.add(torch.stack(changed).sum(), torch.stack(energies).sum())
 
     def take(self) -> float | None:
-        if self._changed is None or self._energy is None:
+        pooled = self._pooled.take()
+        if pooled is None:
             return None
-        changed, energy = float(self._changed), float(self._energy)
-        self._changed = self._energy = None
+        changed, energy = pooled
         return max(changed, 0.0) / energy if energy > 0 else None
 
     def start_task(self) -> None:
         self._means, self._recents, self._counts = {}, {}, {}
-        self._changed = self._energy = None
+        self._pooled.reset()
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "means": {n: m.detach().clone() for n, m in self._means.items()},
             "recents": {n: m.detach().clone() for n, m in self._recents.items()},
             "counts": dict(self._counts),
-            "changed": None if self._changed is None else float(self._changed),
-            "energy": None if self._energy is None else float(self._energy),
+            **self._pooled.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._means = {n: m.detach().clone() for n, m in state.get("means", {}).items()}
         self._recents = {n: m.detach().clone() for n, m in state.get("recents", {}).items()}
         self._counts = {n: int(c) for n, c in state.get("counts", {}).items()}
-        changed, energy = state.get("changed"), state.get("energy")
-        if changed is None or energy is None:
-            self._changed = self._energy = None
-        else:
-            self._changed, self._energy = torch.tensor(changed), torch.tensor(energy)
+        self._pooled.load_state_dict(state)
 
 
 #: The signals by name.
