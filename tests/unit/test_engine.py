@@ -247,3 +247,13 @@ def test_short_tasks_are_learned_from_and_never_block_the_next(steps: list[int])
         _fit_task(core, model, seed=task, steps=n)
     core.begin_fit(model)
     assert core.num_old_tasks == len(steps)  # each task's first step was observed
+
+
+def test_parameters_the_old_tasks_trained_that_disappear_are_warned_about() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    core = MetaGrad(SubspacePredictor(every=1), boundaries=NewFitBoundaries())
+    _fit_task(core, model, seed=0)
+    shorter = nn.Sequential(nn.Linear(8, 3))  # the hidden layer and head are gone
+    with pytest.warns(UserWarning, match=r"no longer in the model: \['2.bias', '2.weight'\]"):
+        core.begin_fit(shorter)
