@@ -45,7 +45,8 @@ from lightning_metagrad.data import PermutedStream, RotatedStream
 from lightning_metagrad.metrics import average_accuracy, backward_transfer
 
 STREAMS = ("digits", "fashion", "rotated", "synthetic", "concept", "labels", "small")
-#: name -> AutoBoundaries arguments; "novelty+loss": the loss as auxiliary evidence
+#: name -> AutoBoundaries arguments; "novelty+loss": the loss as auxiliary evidence;
+#: "novelty+direction": either detector fires (not evidence)
 SIGNALS: dict[str, dict[str, Any]] = {
     "novelty": {"signal": "novelty"},
     "loss": {"signal": "loss"},
@@ -53,7 +54,6 @@ SIGNALS: dict[str, dict[str, Any]] = {
     "novelty+loss": {"signal": "novelty", "evidence": {"loss": 0.5}},
     "novelty+loss1": {"signal": "novelty", "evidence": {"loss": 1.0}},
     "direction": {"signal": "direction"},
-    "novelty+direction": {"signal": "novelty", "evidence": {"direction": 1.0}},
     "direction+loss": {"signal": "direction", "evidence": {"loss": 0.5}},
     "loss+direction": {"signal": "loss", "evidence": {"direction": 1.0}},
     # A variant: the direction of the last ~8 steps' mean (``DirectionSignal(recent=8)``),
@@ -63,6 +63,9 @@ SIGNALS: dict[str, dict[str, Any]] = {
         "_direction": {"recent": 8.0},
         "_shape": {"min_relative_jump": 4.0, "fast_jump": 7.0},
     },
+    # Either detector (issue 25): a switch when the novelty's detector or direction-r8's fires
+    # (``AutoBoundaries(signal="novelty+direction")``, both restart at a switch).
+    "novelty+direction": {"signal": "novelty+direction"},
 }
 
 
@@ -319,7 +322,11 @@ def detect(
     pl.Trainer(max_steps=len(batches), callbacks=[cb, AtTaskEnds()], **TRAINER).fit(
         model, DataLoader(batches, batch_size=None)
     )
-    return {"switches": list(cb.detected_switches), "matrix": matrix}
+    out: dict[str, Any] = {"switches": list(cb.detected_switches), "matrix": matrix}
+    detector = getattr(cb.boundaries, "detector", None)
+    if hasattr(detector, "switch_signals"):  # an EitherDetector: which detector fired
+        out["fired_by"] = list(detector.switch_signals)
+    return out
 
 
 def score(switches: list[int], true: list[int], blur: int, per_task: int) -> dict[str, Any]:

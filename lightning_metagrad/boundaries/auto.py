@@ -14,18 +14,28 @@ from lightning_metagrad._validation import (
     check_state_version,
 )
 from lightning_metagrad.boundaries.changepoint import ChangePointDetector
+from lightning_metagrad.boundaries.either import EitherDetector
 from lightning_metagrad.boundaries.novelty import SubspaceNovelty
 from lightning_metagrad.boundaries.signals import (
     SIGNALS,
+    DirectionSignal,
     ErrorSignal,
     NoveltySignal,
     StreamSignal,
 )
 from lightning_metagrad.boundaries.sources import TaskBoundarySource
 
-#: The main signals :class:`AutoBoundaries` can test.
-Signal = Literal["novelty", "loss", "error", "direction"]
-_AUTO_SIGNALS: tuple[Signal, ...] = ("novelty", "loss", "error", "direction")
+#: The main signals :class:`AutoBoundaries` can test; ``"novelty+direction"``: either the
+#: novelty's detector or the (recent-steps) direction's fires.
+Signal = Literal["novelty", "loss", "error", "direction", "novelty+direction"]
+_AUTO_SIGNALS: tuple[Signal, ...] = ("novelty", "loss", "error", "direction", "novelty+direction")
+#: The signals a detector may name (the single ones).
+_SINGLE: tuple[str, ...] = ("novelty", "loss", "error", "direction")
+#: Combined signals: a switch when any of these signals' detectors fires.
+_EITHER: dict[str, tuple[str, ...]] = {"novelty+direction": ("novelty", "direction")}
+#: The half-life, in steps, of the recent mean direction the combined signal tests
+#: (``DirectionSignal(recent=8)``; the per-step direction fires on a batch-size change).
+_RECENT = 8.0
 #: Main signals read every step from the gradients (observed every step, pooled).
 _PER_STEP: tuple[str, ...] = ("novelty", "direction")
 #: The auxiliary evidence (detector weights) each main signal gets by default.
@@ -38,9 +48,15 @@ _DEFAULT_EVIDENCE: dict[str, dict[str, float]] = {
 _DEFAULT_SIGNAL: Signal = "novelty"
 
 
+Detector = ChangePointDetector | EitherDetector
+
+
 def default_detector(
-    signal: str = _DEFAULT_SIGNAL, evidence: Mapping[str, float] | None = None
-) -> ChangePointDetector:
+    signal: str = _DEFAULT_SIGNAL,
+    evidence: Mapping[str, float] | None = None,
+    *,
+    recent: float | None = None,
+) -> Detector:
     """The :class:`~lightning_metagrad.boundaries.changepoint.ChangePointDetector` an
     :class:`AutoBoundaries` builds for a main ``signal``: an adaptive warm-up (20
     observations after the start and after each switch, extended while the signal still
@@ -50,13 +66,41 @@ def default_detector(
     (``fast_jump=3``) for 4; the loss and the meta-network's error, observed every 4 steps,
     must grow 1.5-fold for 5 observations against one with a half-life of 200.
 
+    The direction (in [0, 2]) must grow 1.5-fold for 8 observations, or 2-fold for 4. With
+    ``recent`` (the :class:`~lightning_metagrad.boundaries.signals.DirectionSignal`'s
+    ``recent``: the recent steps' mean direction, near 0.05-0.15 within a task) it must grow
+    5-fold for 8, or 8-fold for 4. ``"novelty+direction"`` gives an
+    :class:`~lightning_metagrad.boundaries.either.EitherDetector` of the novelty's detector
+    (with ``evidence``) and the direction's (``recent``, default 8), which restart together.
+
     Example:
         >>> det = default_detector("novelty", {"loss": 0.5})
         >>> det.signal, det.weights, det.warmup, det.max_warmup, det.cooldown
         ('novelty', {'loss': 0.5}, 20, 100, 0)
         >>> det.min_relative_jump, default_detector("loss").min_relative_jump
         (1.0, 0.5)
+        >>> either = default_detector("novelty+direction")
+        >>> either.mains, either.detectors[1].min_relative_jump
+        (['novelty', 'direction'], 4.0)
     """
+    if signal in _EITHER and recent is None:
+        recent = _RECENT
+    return _detector(signal, evidence, recent)
+
+
+def _detector(signal: str, evidence: Mapping[str, float] | None, recent: float | None) -> Detector:
+    """:func:`default_detector` for a direction whose ``recent`` is exactly ``recent``."""
+    if signal in _EITHER:  # the evidence goes to the first (main) signal's detector
+        first, *others = _EITHER[signal]
+        singles = [_single_detector(first, evidence, recent)]
+        singles += [_single_detector(name, None, recent) for name in others]
+        return EitherDetector(singles)
+    return _single_detector(signal, evidence, recent)
+
+
+def _single_detector(
+    signal: str, evidence: Mapping[str, float] | None, recent: float | None
+) -> ChangePointDetector:
     weights = _DEFAULT_EVIDENCE.get(signal, {}) if evidence is None else dict(evidence)
     if signal == "novelty":  # one noisy value a step: a longer window, a larger jump
         shape: dict[str, Any] = {"window": 15, "patience": 8, "min_relative_jump": 1.0}
@@ -64,6 +108,8 @@ def default_detector(
     elif signal == "direction":  # in [0, 2] with a within-task level near 0.5: 1.5-fold
         shape = {"window": 15, "patience": 8, "min_relative_jump": 0.5}
         shape.update(halflife=100.0, fast_jump=1.0)
+        if recent is not None:  # the recent steps' mean: near 0.05-0.15 within a task
+            shape.update(min_relative_jump=4.0, fast_jump=7.0)
     else:
         shape = {"window": 9, "patience": 5, "min_relative_jump": 0.5, "halflife": 200.0}
     return ChangePointDetector(
@@ -97,12 +143,22 @@ class AutoBoundaries(TaskBoundarySource):
       :meth:`on_gradients`). It sees a concept shift (the same inputs, new labels or a new
       teacher), which turns the gradient inside a subspace the novelty finds already full.
       Scale free like the novelty.
+    * ``"novelty+direction"``: either of the two: a switch is declared when the novelty's
+      detector or the direction's fires, and both then restart, so a switch both see counts
+      once (:class:`~lightning_metagrad.boundaries.either.EitherDetector`). The direction here
+      is the recent steps' mean direction (``DirectionSignal(recent=8)``, tested for a 5-fold
+      jump): the per-step direction also fires on a batch-size change or a warm-up. The
+      novelty finds input shifts, the direction concept shifts; ``docs/detection.md``
+      ("Either detector") has the measurements.
 
     ``evidence`` gives auxiliary signals and their weights (Stouffer's weighted z, see
     :class:`~lightning_metagrad.boundaries.changepoint.ChangePointDetector`), e.g.
     ``AutoBoundaries(signal="novelty", evidence={"loss": 0.5})``; they add evidence but cannot
-    fire alone. A ``detector`` passed in decides itself: its ``signal`` and ``weights`` may
-    name ``"novelty"``, ``"loss"``, ``"error"`` and ``"direction"``.
+    fire alone (with ``"novelty+direction"`` they go to the novelty's detector). A
+    ``detector`` passed in decides itself (a
+    :class:`~lightning_metagrad.boundaries.changepoint.ChangePointDetector`, or an
+    :class:`~lightning_metagrad.boundaries.either.EitherDetector` of several): its ``signal``
+    and ``weights`` may name ``"novelty"``, ``"loss"``, ``"error"`` and ``"direction"``.
 
     ``signal="novelty"`` is the default (what ``task_boundaries="auto"`` builds); how the
     signals compare on silent task streams is measured in ``docs/detection.md``.
@@ -119,8 +175,12 @@ class AutoBoundaries(TaskBoundarySource):
     else 0). At a detected switch (or any new task) the detector restarts, the meta-network
     is re-initialised and the novelty's subspaces are rebuilt from the new task's gradients.
     ``novelty`` passes a configured
-    :class:`~lightning_metagrad.boundaries.novelty.SubspaceNovelty`. Only the signals the
-    detector names are built (:mod:`~lightning_metagrad.boundaries.signals`, one object each).
+    :class:`~lightning_metagrad.boundaries.novelty.SubspaceNovelty` and ``direction`` a
+    configured :class:`~lightning_metagrad.boundaries.signals.DirectionSignal` (default:
+    ``DirectionSignal()`` for ``signal="direction"``, ``DirectionSignal(recent=8)`` for
+    ``"novelty+direction"``; the default detector follows its ``recent``). Only the signals
+    the detector names are built (:mod:`~lightning_metagrad.boundaries.signals`, one object
+    each).
 
     Example:
         >>> import torch
@@ -132,6 +192,8 @@ class AutoBoundaries(TaskBoundarySource):
         False
         >>> AutoBoundaries(signal="error").uses_pairs
         True
+        >>> sorted(AutoBoundaries(signal="novelty+direction").signals)
+        ['direction', 'novelty']
     """
 
     name = "auto"
@@ -143,12 +205,13 @@ class AutoBoundaries(TaskBoundarySource):
         every: int | None = None,
         hidden_sizes: Sequence[int] = (32, 32),
         coords_per_step: int = 1024,
-        detector: ChangePointDetector | None = None,
+        detector: Detector | None = None,
         settle: int | None = None,
         seed: int = 0,
         signal: Signal = _DEFAULT_SIGNAL,
         evidence: Mapping[str, float] | None = None,
         novelty: SubspaceNovelty | None = None,
+        direction: DirectionSignal | None = None,
     ) -> None:
         every = check_int("every", every, minimum=1, optional=True)
         settle = check_int("settle", settle, minimum=0, optional=True)
@@ -158,32 +221,47 @@ class AutoBoundaries(TaskBoundarySource):
         seed = check_int("seed", seed)
         if evidence is not None and not isinstance(evidence, Mapping):
             raise ValueError(f"`evidence` must map signal names to weights, got {evidence!r}")
-        if detector is None:
-            detector = default_detector(signal, evidence)
-        elif evidence is not None:
-            raise ValueError("pass `evidence` or a `detector` (whose `weights` are the evidence)")
-        names = {detector.signal, *detector.weights}
-        if not names <= set(_AUTO_SIGNALS):
-            raise ValueError(
-                f"`detector` may only use the signals {_AUTO_SIGNALS} (as `signal` or in "
-                f"`weights`), got {sorted(names)}"
-            )
         if novelty is not None and not isinstance(novelty, SubspaceNovelty):
             raise ValueError(f"`novelty` must be a SubspaceNovelty, got {type(novelty).__name__}")
+        if direction is not None and not isinstance(direction, DirectionSignal):
+            raise ValueError(
+                f"`direction` must be a DirectionSignal, got {type(direction).__name__}"
+            )
+        if direction is None and signal in _EITHER and "direction" in _EITHER[signal]:
+            direction = DirectionSignal(recent=_RECENT)
+        if detector is None:
+            recent = None if direction is None else direction.recent
+            detector = _detector(signal, evidence, recent)
+        elif evidence is not None:
+            raise ValueError("pass `evidence` or a `detector` (whose `weights` are the evidence)")
+        if not isinstance(detector, (ChangePointDetector, EitherDetector)):
+            raise ValueError(
+                f"`detector` must be a ChangePointDetector or an EitherDetector, "
+                f"got {type(detector).__name__}"
+            )
+        mains, named = _mains(detector), _named(detector)
+        if not set(named) <= set(_SINGLE):
+            raise ValueError(
+                f"`detector` may only use the signals {_SINGLE} (as `signal` or in "
+                f"`weights`), got {sorted(named)}"
+            )
         if settle is None:  # the meta-network must first learn the gradients (see above)
-            settle = 100 if detector.signal == "error" else 0
+            settle = 100 if "error" in mains else 0
         self.settle = settle
         if every is None:  # gradient signals every step; the loss and the error every 4
-            every = 1 if detector.signal in _PER_STEP else 4
+            every = 1 if any(m in _PER_STEP for m in mains) else 4
         self.every = every
-        self.detector = detector
+        self.detector: Detector = detector
+        self._mains = mains
         # Only the signals the detector names are built, fed and checkpointed.
         self.signals: dict[str, StreamSignal] = {}
-        for name in (detector.signal, *detector.weights):
+        for name in named:
             if name == "novelty":
                 self.signals[name] = NoveltySignal(novelty, seed=seed)
             elif name == "error":
                 self.signals[name] = ErrorSignal(hidden_sizes, coords_per_step, seed=seed)
+            elif name == "direction" and direction is not None:
+                self.signals[name] = direction
             else:
                 self.signals[name] = SIGNALS[name]()
         self.steps = 0
@@ -251,7 +329,7 @@ class AutoBoundaries(TaskBoundarySource):
         signals = {name: value for name, value in values.items() if value is not None}
         if step < self.settle * self.every:
             return False  # settling: the signals learn, the detector does not
-        if self.detector.signal not in signals:
+        if not any(main in signals for main in self._mains):
             return False  # e.g. no loss since the last observation: nothing to test
         switched = self.detector.update(**signals)
         self._onset = self.detector.last_onset if switched else 0
@@ -259,10 +337,7 @@ class AutoBoundaries(TaskBoundarySource):
 
     @property
     def max_onset_steps(self) -> int:
-        det = self.detector
-        slow = det.patience + det.window // 2
-        fast = det._fast_patience + det._fast_window // 2 if det.fast_jump is not None else 0
-        return max(slow, fast) * self.every
+        return self.detector.max_onset * self.every
 
     def onset_steps(self) -> int:
         return self._onset * self.every
@@ -286,11 +361,30 @@ class AutoBoundaries(TaskBoundarySource):
         if state.get("version", 1) == 1:
             state = _from_version_1(state)
         check_state_version(type(self).__name__, state, self._state_version)
+        either = "detectors" in state["detector"]  # an EitherDetector's state
+        if either != isinstance(self.detector, EitherDetector):
+            raise ValueError(
+                f"state has {'several' if either else 'one'} detectors, this source "
+                f"{'several' if not either else 'one'}: build the AutoBoundaries with the "
+                "same `signal` (or `detector`)"
+            )
         self.detector.load_state_dict(state["detector"])
         self.steps = int(state["steps"])
         for name, signal in self.signals.items():
             if name in state["signals"]:
                 signal.load_state_dict(state["signals"][name])
+
+
+def _mains(detector: Detector) -> list[str]:
+    """The main signals of a detector (each can declare a switch)."""
+    return detector.mains if isinstance(detector, EitherDetector) else [detector.signal]
+
+
+def _named(detector: Detector) -> list[str]:
+    """Every signal a detector names, main or auxiliary, each once."""
+    if isinstance(detector, EitherDetector):
+        return detector.signals
+    return [detector.signal, *detector.weights]
 
 
 def _from_version_1(state: dict) -> dict:

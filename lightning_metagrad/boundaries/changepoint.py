@@ -338,6 +338,19 @@ class ChangePointDetector:
     def _names(self) -> list[str]:
         return [self.signal, *self.weights]
 
+    @property
+    def max_onset(self) -> int:
+        """The most observations before its detection that :attr:`last_onset` can place a
+        switch's start: the longer rule's patience plus half its window.
+
+        Example:
+            >>> ChangePointDetector(window=9, patience=5).max_onset
+            9
+        """
+        slow = self.patience + self.window // 2
+        fast = self._fast_patience + self._fast_window // 2 if self.fast_jump is not None else 0
+        return max(slow, fast)
+
     def state_dict(self) -> dict[str, Any]:
         """The detector's state as plain ints, floats, strings, lists and dicts.
 

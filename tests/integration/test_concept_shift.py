@@ -1,6 +1,7 @@
 """Concept shift through a real Trainer (issue 25): the same standard-normal inputs in every
 task, a new random teacher per task. The novelty does not see it (the first layer's gradient
-subspace is already full); the direction of the gradient does. Also: a detected task of one
+subspace is already full); the direction of the gradient does, alone or in the either
+detector ``signal="novelty+direction"``. Also: a detected task of one
 step is skipped with a warning and never breaks the run."""
 
 from __future__ import annotations
@@ -48,6 +49,17 @@ def test_direction_finds_every_concept_switch() -> None:
     assert len(cb.detected_switches) == len(true), cb.detected_switches
     for found, switch in zip(cb.detected_switches, true):
         assert switch <= found <= switch + 30
+
+
+def test_novelty_or_direction_finds_a_concept_switch() -> None:
+    """The either detector (``signal="novelty+direction"``) on a concept switch after 200 steps:
+    the novelty sees nothing, the recent-steps direction fires, once."""
+    source = AutoBoundaries(signal="novelty+direction")
+    cb = fit(source, concept_stream()[: PER_TASK + 40])
+    assert len(cb.detected_switches) == 1, cb.detected_switches
+    assert PER_TASK <= cb.detected_switches[0] <= PER_TASK + 30
+    assert cb.task_index == 1
+    assert source.detector.switch_signals == ["direction"]  # type: ignore[union-attr]
 
 
 class ForcedSwitches(AutoBoundaries):
