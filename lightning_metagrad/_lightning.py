@@ -25,8 +25,10 @@ try:  # Lightning >= 2.4: FSDP2 / tensor parallelism, also sharded.
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     _SHARDED: tuple[type[Strategy], ...] = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+    _MODEL_PARALLEL: type[Strategy] | None = ModelParallelStrategy
 except ImportError:  # pragma: no cover - Lightning 2.2 / 2.3
     _SHARDED = (FSDPStrategy, DeepSpeedStrategy)
+    _MODEL_PARALLEL = None
 
 
 def runs_in_worker_processes(trainer: pl.Trainer) -> bool:
@@ -43,6 +45,20 @@ def shards_parameters(strategy: Strategy) -> bool:
     rank holds whole tensors. Public API: ``isinstance``, as Lightning's own
     ``StochasticWeightAveraging`` refuses these strategies."""
     return isinstance(strategy, _SHARDED)
+
+
+def is_model_parallel(strategy: Strategy) -> bool:
+    """Whether the strategy is Lightning's ``ModelParallelStrategy`` (FSDP2 / tensor
+    parallelism on a device mesh). Public API: ``isinstance``."""
+    return _MODEL_PARALLEL is not None and isinstance(strategy, _MODEL_PARALLEL)
+
+
+def tensor_parallel_size(strategy: Strategy) -> int:
+    """The size of a ``ModelParallelStrategy``'s tensor-parallel mesh dimension (1 for any
+    other strategy). Public API: the strategy's ``device_mesh`` (set up before ``setup``)."""
+    if not is_model_parallel(strategy):
+        return 1
+    return int(strategy.device_mesh["tensor_parallel"].size())  # type: ignore[attr-defined]
 
 
 def logs_this_step(trainer: pl.Trainer) -> bool:

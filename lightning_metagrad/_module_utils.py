@@ -14,7 +14,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 
-from lightning_metagrad._lightning import runs_in_worker_processes, shards_parameters
+from lightning_metagrad._lightning import (
+    is_model_parallel,
+    runs_in_worker_processes,
+    shards_parameters,
+    tensor_parallel_size,
+)
 
 _ONE_OPTIMIZER = (
     "Return a single optimizer from `configure_optimizers` (use parameter groups for "
@@ -30,6 +35,7 @@ def refuse_unsupported(
     edit: str,
     alternative: str = "",
     refuse_spawn: bool = True,
+    fsdp2: bool = False,
 ) -> None:
     """The ``setup`` (stage ``"fit"``) refusals of ``MetaGradCallback`` and the baselines:
     manual optimization, spawned/forked processes (if ``refuse_spawn``) and sharded
@@ -54,10 +60,26 @@ def refuse_unsupported(
             "ddp_notebook): the callback's state stays in the worker processes and is lost when "
             "they exit. Use strategy='ddp', or devices=1."
         )
-    if shards_parameters(trainer.strategy):
+    strategy = trainer.strategy
+    if fsdp2 and is_model_parallel(strategy):
+        if tensor_parallel_size(strategy) > 1:
+            raise MisconfigurationException(
+                f"{name} supports ModelParallelStrategy with data parallelism only (FSDP2's "
+                f"fully_shard); tensor_parallel_size is {tensor_parallel_size(strategy)}. Use "
+                "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1), "
+                "with N the number of devices."
+            )
+        return
+    if shards_parameters(strategy):
+        fix = (
+            "use ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with "
+            "fully_shard in configure_model (FSDP2), strategy='ddp', or a single device."
+            if fsdp2
+            else "use a single device or strategy='ddp'."
+        )
         raise MisconfigurationException(
-            f"{name} does not support the {type(trainer.strategy).__name__} (sharded "
-            "parameters); use a single device or strategy='ddp'."
+            f"{name} does not support the {type(strategy).__name__} (sharded parameters that "
+            f"it cannot read between backward and the optimizer step); {fix}"
         )
 
 

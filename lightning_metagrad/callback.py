@@ -227,7 +227,9 @@ class MetaGradCallback(Callback):
         # (Lightning skips teardown after an exception: reset here too, not only there.)
         self._evaluating = stage != "fit"
         if stage == "fit":
-            refuse_unsupported("MetaGradCallback", trainer, pl_module, edit="rewrites gradients")
+            refuse_unsupported(
+                "MetaGradCallback", trainer, pl_module, edit="rewrites gradients", fsdp2=True
+            )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

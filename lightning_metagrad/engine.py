@@ -39,6 +39,7 @@ from lightning_metagrad.predictors import PredictorName, build_predictor
 from lightning_metagrad.predictors.base import NothingToFold, OldGradientPredictor, rename_keys
 from lightning_metagrad.predictors.rules import joint_average_, sign_agreement_
 from lightning_metagrad.runtime import Runtime
+from lightning_metagrad.sharding import Shards, local, shards_of
 
 _STATE_VERSION = 2
 Target = Literal["gradient", "update"]
@@ -134,6 +135,7 @@ class MetaGrad:
         self.predictor.connect(self.runtime)
         self.params: dict[str, Tensor] = {}
         self.groups: list[MatrixGroup] = []  # the weight matrices, by owner module
+        self.shards = Shards()  # the parameters' row shards over processes (FSDP2), if any
         # Task bookkeeping (in the state).
         self.task_index = 0
         self.num_tasks = 1  # distinct tasks so far (task_index may return to an old one)
@@ -222,12 +224,38 @@ class MetaGrad:
                 "tensor) and call `core.observe_batch(batch)` with every training batch, or "
                 "use MetaGradCallback, which does both."
             )
+        shards = self._check_shards(params)
         self._warn_changed_names(params)
         self._warn_fresh_model(params)
         self.params = params
+        self.shards = shards
         self.groups = matrix_groups(params, modules)
-        self.predictor.bind(self.params, groups=self.groups, modules=modules)
+        self.predictor.shards = shards
+        # The predictor sees each process's rows (the groups keep the global shapes).
+        local_params = {n: local(p) for n, p in params.items()}
+        self.predictor.bind(local_params, groups=self.groups, modules=modules)
         self._decide_sync()
+
+    def _check_shards(self, params: dict[str, Tensor]) -> Shards:
+        """The parameters' row shards (FSDP2), refusing what cannot run on them."""
+        shards = shards_of(params)
+        if not shards.active:
+            return shards
+        why = self.predictor.sharding_unsupported()
+        if why is not None:
+            raise ValueError(
+                f"{type(self.predictor).__name__} cannot learn from parameters sharded over "
+                f"processes (FSDP2): {why}. Use the default SubspacePredictor(), or train "
+                "without sharding (a single device or strategy='ddp')."
+            )
+        if self.boundaries.uses_gradients or self.boundaries.uses_pairs:
+            raise ValueError(
+                "task-switch detection from gradients (task_boundaries='auto') reads whole "
+                "gradients, which sharded parameters (FSDP2) split over processes. Give the "
+                "boundaries instead: a new fit per task ('fit'), a task id in the batch "
+                "('batch'), or start_task() by hand ('manual')."
+            )
+        return shards
 
     def _require_binding(self, call: str) -> None:
         if not self.params:
@@ -259,7 +287,7 @@ class MetaGrad:
         if any(id(p) in bound for p in params.values()):
             return
         pairs = [
-            (p.detach(), self.params[n].detach())
+            (local(p.detach()), local(self.params[n].detach()))
             for n, p in params.items()
             if n in self.params and self.params[n].shape == p.shape
         ]
@@ -384,11 +412,11 @@ class MetaGrad:
         self._before = None
         if not names:
             return None
-        thetas = [self.params[n].detach() for n in names]
+        thetas = [local(self.params[n].detach()) for n in names]
         if update:
             self._before = [t.clone() for t in thetas]
             return None
-        grads: list[Tensor] = [self.params[n].grad for n in names]  # type: ignore[misc]
+        grads = [local(self.params[n].grad) for n in names]  # type: ignore[arg-type]
         return self._step(names, thetas, grads)
 
     def after_optimizer_step(self) -> StepReport | None:
@@ -400,7 +428,7 @@ class MetaGrad:
         before, self._before = self._before, None
         names = self._step_names
         with torch.no_grad():
-            after = [self.params[n].detach() for n in names]
+            after = [local(self.params[n].detach()) for n in names]
             update = torch._foreach_sub(before, after)  # gradient-like: theta' = theta - update
             report = self._step(names, before, update)
             if report.rewritten:
@@ -428,12 +456,12 @@ class MetaGrad:
         """
         report = StepReport(names=list(names))
         if self._sync_free:
-            finite: Tensor | None = finite_flag(targets)
+            finite: Tensor | None = self.shards.all_true(finite_flag(targets))  # type: ignore[assignment]
             self._skipped = (~finite).to(torch.int64) + self._skipped  # type: ignore[operator]
             report.finite = finite  # type: ignore[assignment]
         else:
             finite = None
-            if not all_finite(targets):
+            if not self.shards.all_true(all_finite(targets)):
                 self._skipped = int(self._skipped) + 1
                 report.finite = False
                 self._report(report)
@@ -542,9 +570,16 @@ class MetaGrad:
         shape they trained. The rest (a new head, a layer unfrozen later) is free."""
         if self.predictor.num_old_tasks == 0:
             return []
+        # Global shapes: a sharded parameter's local rows are not the shape it trained in.
         return [
-            i for i, n in enumerate(names) if self._old_shapes.get(n) == tuple(tensors[i].shape)
+            i
+            for i, n in enumerate(names)
+            if self._old_shapes.get(n) == tuple(self._shape_of(n, tensors[i]))
         ]
+
+    def _shape_of(self, name: str, tensor: Tensor) -> tuple[int, ...]:
+        bound = self.params.get(name)
+        return tuple(bound.shape if bound is not None else tensor.shape)
 
     # ------------------------------------------------------------------ task lifecycle
 
@@ -577,8 +612,8 @@ class MetaGrad:
         if not self.learning or self.steps_in_task == 0:
             return False
         names = [n for n in self.params if n in self._trained]
-        thetas = [self.params[n].detach() for n in names]
-        if not all_finite(thetas):
+        thetas = [local(self.params[n].detach()) for n in names]
+        if not self.shards.all_true(all_finite(thetas)):
             raise RuntimeError(
                 f"MetaGrad, task {self.task_index}: the model's parameters are non-finite at "
                 "the end of the task; it cannot be folded into the old-task predictor, which "
@@ -597,8 +632,8 @@ class MetaGrad:
             )
             self.steps_in_task, self._trained = 0, set()
             return False
-        for n, t in zip(names, thetas):
-            self._old_shapes[n] = tuple(t.shape)
+        for n in names:
+            self._old_shapes[n] = tuple(self.params[n].shape)
         self.steps_in_task = 0
         self._trained = set()
         return True

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from lightning_metagrad._validation import check_state_version
 from lightning_metagrad.matrices import MatrixGroup
 from lightning_metagrad.runtime import Runtime
+from lightning_metagrad.sharding import Shards
 
 
 class NothingToFold(RuntimeError):
@@ -85,6 +86,15 @@ class OldGradientPredictor:
     #: The services of the loop around the engine (warnings, a batch loss, a cross-rank
     #: mean); set by :meth:`connect`.
     runtime: Runtime = Runtime()
+    #: How the bound parameters are split over processes (FSDP2 row shards); set by the
+    #: engine before :meth:`bind`, which then gets each process's local rows.
+    shards: Shards = Shards()
+
+    def sharding_unsupported(self) -> str | None:
+        """Why this predictor cannot learn from row-sharded parameters (FSDP2), or None if it
+        can: it must reduce what it learns over :attr:`shards` so that every process holds
+        the same state. The default: it cannot."""
+        return "it learns elementwise from whole tensors"
 
     @property
     def num_old_tasks(self) -> int:

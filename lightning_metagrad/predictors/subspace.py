@@ -220,6 +220,7 @@ class SubspacePredictor(OldGradientPredictor):
         self._hooked: set[str] = set()
         self._warned_budget: set[str] = set()
         self._plans: dict[str, tuple[int, int]] = {}  # per weight: (ell, most basis columns)
+        self._summed_state = False  # loaded a task statistic summed over row shards
 
     # ------------------------------------------------------------------ binding
 
@@ -251,6 +252,7 @@ class SubspacePredictor(OldGradientPredictor):
         self._blocks = {n: [b.to(device) for b in bs] for n, bs in self._blocks.items()}
         for fd in self._sketches.values():
             fd.to(device)
+        self._split_summed_state()
         self._hook_inputs(params, modules)
         self._allocate()
         self._check_budget()
@@ -413,6 +415,18 @@ class SubspacePredictor(OldGradientPredictor):
             adaptive = target == "update" and not isinstance(optimizer, torch.optim.SGD)
             self._normalize = not adaptive
 
+    def sharding_unsupported(self) -> str | None:
+        """Row-sharded parameters (FSDP2) are supported for the gradient statistic with the
+        projection rule (see :mod:`~lightning_metagrad.sharding`)."""
+        if self.statistic != "gradient":
+            return (
+                f"statistic={self.statistic!r} reads each process's own layer inputs; use "
+                "statistic='gradient' (the default)"
+            )
+        if self.in_basis != "project":
+            return "in_basis='sign' keeps a per-row Taylor model; use in_basis='project'"
+        return None
+
     @property
     def normalizes_steps(self) -> bool:
         """Whether observed steps enter the second moment with unit energy (``"auto"``
@@ -486,8 +500,10 @@ class SubspacePredictor(OldGradientPredictor):
             if w is None:
                 continue
             b = by_name.get(group.bias) if group.bias is not None else None
-            # A per-row tensor as a column (a bias, or a rows x 1 scale), a view of it.
-            out.append((group, w.reshape(group.rows, -1), None if b is None else b.view(-1)))
+            # A per-row tensor as a column (a bias, or a rows x 1 scale), a view of it. ``w``
+            # holds this process's rows of a sharded parameter (all of them otherwise).
+            fan_in = group.cols - (group.bias is not None)
+            out.append((group, w.reshape(w.shape[0], fan_in), None if b is None else b.view(-1)))
         return out
 
     def observe(
@@ -505,12 +521,18 @@ class SubspacePredictor(OldGradientPredictor):
             self._pending = {}
             return {}
         if self.sketch is not None:
-            for group, w, b in self._matrices(names, targets):
-                self._observe_sketch(group, w, b, finite)
+            matrices = self._matrices(names, targets)
+            energies = self._step_energies(matrices, reduce=self._normalize)
+            for group, w, b in matrices:
+                self._observe_sketch(group, w, b, energies[group.weight], finite)
             self._pending = {}
             return {}
         added: dict[str, Tensor] = {}
-        for group, g in self._matrix_views(names, targets):  # a missing bias grad counts as 0
+        views = self._matrix_views(names, targets)  # a missing bias grad counts as 0
+        energies = (
+            self._step_energies([(group, g, None) for group, g in views]) if self._normalize else {}
+        )
+        for group, g in views:
             inputs = self._pending.pop(group.weight, None)
             if inputs is not None and self.statistic != "gradient":
                 # The layer's input rows, with the step's energy (times input_weight); for
@@ -520,13 +542,13 @@ class SubspacePredictor(OldGradientPredictor):
                 if finite is not None:
                     inputs = torch.where(finite, inputs, torch.zeros((), device=g.device))
             if self._normalize:  # unit energy; a non-finite step stays non-finite
-                energy = _sq_norm(g)
+                energy = energies[group.weight]
                 g = g * energy.clamp_min(1e-30).rsqrt()
                 if self.in_basis == "sign":  # only its Taylor model needs the raw scale
                     self._add_energy(group.weight, energy, finite)
             if self.sample_rows is not None and self.sample_rows < group.rows:
                 rows = torch.randint(group.rows, (self.sample_rows,), generator=self.generator)
-                g = g[_to_device(rows, g.device)]
+                g = self.shards.pick(group.weight, _to_device(rows, g.device), g)
             if finite is not None:  # where, not a product: a NaN times 0 is still NaN
                 g = torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device))
             if inputs is not None and self.statistic != "gradient":
@@ -546,7 +568,12 @@ class SubspacePredictor(OldGradientPredictor):
         return {}
 
     def _observe_sketch(
-        self, group: MatrixGroup, w: Tensor, b: Tensor | None, finite: Tensor | None
+        self,
+        group: MatrixGroup,
+        w: Tensor,
+        b: Tensor | None,
+        energy: Tensor,
+        finite: Tensor | None,
     ) -> None:
         """One observed step into the matrix's sketch: ``m`` sampled gradient rows (scaled
         by ``sqrt(rows/m)``, so their expected energy is the step's) and the hooks' input rows,
@@ -557,7 +584,6 @@ class SubspacePredictor(OldGradientPredictor):
         if sketch is None:
             sketch = self._sketches[name] = FrequentDirections(group.cols, ell, device=w.device)
             self._total[name] = torch.zeros((), dtype=torch.float64, device=w.device)
-        energy = _sq_norm(w) + (_sq_norm(b) if b is not None and group.bias else 0.0)
         step_energy = 1.0 if self._normalize else energy
         inputs = self._pending.pop(name, None) if self.statistic != "gradient" else None
         if self.statistic != "inputs" or inputs is None:  # "inputs" falls back to gradients
@@ -567,11 +593,15 @@ class SubspacePredictor(OldGradientPredictor):
                 rows = _to_device(
                     torch.randint(group.rows, (m,), generator=self.generator), w.device
                 )
-            g = w.float() if rows is None else w[rows].float()
+            pick = self.shards.pick
+            # A copy: the rows are scaled and projected in place below, not the gradient.
+            g = w.to(torch.float32, copy=True) if rows is None else pick(name, rows, w).float()
             if group.bias is not None:
-                column = b if b is not None else w.new_zeros(group.rows)
-                column = (column if rows is None else column[rows]).float()
+                column = b if b is not None else w.new_zeros(w.shape[0])
+                column = (column if rows is None else pick(name, rows, column)).float()
                 g = torch.cat([g, column[:, None]], 1)
+            # Every process sketches the whole matrix's rows (the same sketch everywhere).
+            g = self.shards.gather(name, g, rows)
             scale = (group.rows / m) ** 0.5
             if self._normalize:
                 g.mul_(energy.clamp_min(1e-30).rsqrt() * scale)
@@ -583,6 +613,25 @@ class SubspacePredictor(OldGradientPredictor):
             inputs.mul_((scale / _sq_norm(inputs).clamp_min(1e-30)).sqrt())  # in place
             self._add_rows(name, inputs, finite)
         self._count[name] = self._count.get(name, 0) + 1
+
+    def _step_energies(
+        self, matrices: Sequence[tuple[MatrixGroup, Tensor, Tensor | None]], reduce: bool = True
+    ) -> dict[str, Tensor]:
+        """Each matrix's step energy ``|[G, b]|^2`` (where steps are normalized), summed over
+        the processes that hold its rows: one all-reduce for all matrices."""
+        if not matrices:
+            return {}
+        energies = [
+            _sq_norm(w) + (_sq_norm(b) if b is not None and group.bias else 0.0)
+            for group, w, b in matrices
+        ]
+        if reduce and self.shards.active:
+            stacked = torch.stack([e.float() for e in energies])
+            sharded = [self.shards.sharded(group.weight) for group, _, _ in matrices]
+            mask = torch.tensor(sharded, device=stacked.device)
+            summed = self.shards.sum_(torch.where(mask, stacked, torch.zeros_like(stacked)))
+            energies = list(torch.where(mask, summed, stacked).unbind())
+        return {group.weight: e for (group, _, _), e in zip(matrices, energies)}
 
     def _add_rows(self, name: str, rows: Tensor, finite: Tensor | None) -> None:
         if finite is not None:  # a fill, not a product (a NaN times 0 is still NaN); in place
@@ -657,6 +706,8 @@ class SubspacePredictor(OldGradientPredictor):
                 continue
             group = self._groups.get(name)
             rows = group.rows if group is not None else self._shapes.get(name, (0, 0))[0]
+            if self.shards.sharded(name):  # sum_r G_r^T G_r: the whole matrix's moment
+                self.shards.sum_(cov)
             basis = self.basis(name) if name in self._basis else None
             grown = grow_basis(basis, cov, self.threshold_of(name))
             if grown is None:  # nothing to add and nothing stored yet
@@ -842,7 +893,21 @@ class SubspacePredictor(OldGradientPredictor):
             "blocks": {k: [b.detach().clone() for b in bs] for k, bs in self._blocks.items()},
             "sketch": {k: fd.state_dict() for k, fd in self._sketches.items()},
             "total": {k: v.detach().clone() for k, v in self._total.items()},
+            **self._task_state_over_shards(),
         }
+
+    def _task_state_over_shards(self) -> dict[str, Any]:
+        """Under row sharding the running task's second moment is split over the processes:
+        the state holds it summed (every process saves the same; a collective, so every
+        process must call :meth:`state_dict`), and on loading only the first process keeps it.
+        (A sketch is the same on every process already.)"""
+        if not self.shards.active or not self._cov:
+            return {}
+        cov = {k: v.detach().clone() for k, v in self._cov.items()}
+        for name in cov:
+            if self.shards.sharded(name):
+                self.shards.sum_(cov[name])
+        return {"cov": cov, "summed_over_shards": True}
 
     def load_state_dict(self, state: dict) -> None:
         check_state_version(type(self).__name__, state, (1, 2, 3), unversioned=1)
@@ -871,6 +936,20 @@ class SubspacePredictor(OldGradientPredictor):
         self._sketches = {k: FrequentDirections.from_state(v) for k, v in sketches.items()}
         self._total = {k: v.clone() for k, v in total.items()}
         self._pending = {}
+        self._summed_state = bool(state.get("summed_over_shards", False))
+
+    def _split_summed_state(self) -> None:
+        """After loading a state saved under row sharding (its task's second moment summed over
+        the processes), at bind: the first process keeps the sum, the others start from zero, so
+        the next reduction counts it once."""
+        if not self._summed_state:
+            return
+        self._summed_state = False
+        if not self.shards.active or self.shards.rank == 0:
+            return
+        for name in self._cov:
+            if self.shards.sharded(name):
+                self._cov[name].zero_()
 
 
 @torch.no_grad()
