@@ -49,6 +49,7 @@ if TYPE_CHECKING:
         GPMCallback,
         MASCallback,
         OnlineEWCCallback,
+        SGPCallback,
         SICallback,
     )
     from lightning_metagrad.callback import MetaGradCallback
@@ -74,6 +75,7 @@ __all__ = [
     "OnlineEWCCallback",
     "ReplayPredictor",
     "Runtime",
+    "SGPCallback",
     "SICallback",
     "StepReport",
     "SubspacePredictor",
@@ -95,6 +97,7 @@ _LAZY = {
             "GPMCallback",
             "MASCallback",
             "OnlineEWCCallback",
+            "SGPCallback",
             "SICallback",
         )
     },

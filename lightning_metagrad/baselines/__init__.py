@@ -3,7 +3,8 @@
 Each ``trainer.fit`` with the same callback instance is one task. EWC, online EWC, SI and MAS
 add the gradient of a quadratic penalty towards old-task parameters (weighted by a
 per-parameter importance) before every optimizer step; GPM projects each layer's gradient out
-of the subspace of old tasks' inputs; A-GEM and ER replay a stored old-task batch every step
+of the subspace of old tasks' inputs, and SGP removes only an importance-scaled share of it
+along each of that subspace's directions; A-GEM and ER replay a stored old-task batch every step
 and project onto / average with its gradient.
 
 Example:
@@ -19,6 +20,7 @@ from lightning_metagrad.baselines.ewc import EWCCallback, OnlineEWCCallback
 from lightning_metagrad.baselines.gpm import GPMCallback
 from lightning_metagrad.baselines.mas import MASCallback
 from lightning_metagrad.baselines.memory import EpisodicMemory
+from lightning_metagrad.baselines.sgp import SGPCallback
 from lightning_metagrad.baselines.si import SICallback
 
 __all__ = [
@@ -29,5 +31,6 @@ __all__ = [
     "GPMCallback",
     "MASCallback",
     "OnlineEWCCallback",
+    "SGPCallback",
     "SICallback",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -99,17 +99,22 @@ class _Protected:
     layers with a tied weight are embedded in that space and merged into an orthonormal basis
     of their union, so that the update is orthogonal to every layer's basis (projecting by one
     after the other would not be).
+
+    ``importance`` (SGP; None: GPM's hard projection, every direction 1) scales each basis
+    direction's share that is removed, ``G <- G - (G M) diag(importance) Mᵀ``. Tied layers with
+    importances are merged as the eigenvectors of ``Σ M_i diag(importance_i) M_iᵀ``, their
+    eigenvalues clipped to 1: a direction one layer holds with importance 1 is still removed.
     """
 
-    __slots__ = ("basis", "biases", "fan_in", "names", "weight")
+    __slots__ = ("basis", "biases", "fan_in", "importance", "names", "weight")
 
-    def __init__(self, members: list[tuple[str, nn.Module, Tensor]]) -> None:
-        self.names = [name for name, _, _ in members]
+    def __init__(self, members: list[tuple[str, nn.Module, Tensor, Tensor | None]]) -> None:
+        self.names = [name for name, _, _, _ in members]
         self.weight: Tensor = members[0][1].weight  # type: ignore[assignment]
         self.fan_in = self.weight[0].numel()
         self.biases: list[Tensor] = []
         slots: list[int | None] = []  # each member's bias column (after the fan-in)
-        for _, module, _ in members:
+        for _, module, _, _ in members:
             bias = module.bias
             if bias is None:
                 slots.append(None)
@@ -119,18 +124,29 @@ class _Protected:
                 self.biases.append(bias)  # type: ignore[arg-type]
             slots.append(found[0] if found else len(self.biases) - 1)
         if len(members) == 1:
-            self.basis = members[0][2]
+            self.basis, self.importance = members[0][2], members[0][3]
             return
         features = self.fan_in + len(self.biases)
         columns = []
-        for (_, _, basis), slot in zip(members, slots):
+        for (_, _, basis, _), slot in zip(members, slots):
             embedded = basis.new_zeros(features, basis.shape[1])
             embedded[: self.fan_in] = basis[: self.fan_in]
             if slot is not None:
                 embedded[self.fan_in + slot] = basis[self.fan_in]
             columns.append(embedded)
-        u, values, _ = torch.linalg.svd(torch.cat(columns, 1).double(), full_matrices=False)
-        self.basis = u[:, values > 1e-7 * len(members)].to(members[0][2].dtype)
+        dtype = members[0][2].dtype
+        if all(importance is None for *_, importance in members):
+            u, values, _ = torch.linalg.svd(torch.cat(columns, 1).double(), full_matrices=False)
+            self.basis, self.importance = u[:, values > 1e-7 * len(members)].to(dtype), None
+            return
+        weighted = sum(
+            (c.double() * (1.0 if i is None else i.double())) @ c.double().T
+            for c, (*_, i) in zip(columns, members)
+        )
+        values, vectors = torch.linalg.eigh(weighted)  # type: ignore[arg-type]
+        keep = values > 1e-7
+        self.basis = vectors[:, keep].to(dtype)
+        self.importance = values[keep].clamp_max(1.0).to(dtype)
 
 
 class GPMCallback(_TaskCallback):
@@ -166,9 +182,12 @@ class GPMCallback(_TaskCallback):
 
     Args:
         threshold: ε in (0, 1], the fraction of each task's input energy the bases must
-            explain; a dict ``{layer name: ε}`` protects only the layers it names (names as in
-            ``named_modules()``). The paper uses 0.95 for the first layer and 0.99 for the
-            others on permuted MNIST, 0.97 (+0.003 per task) on CIFAR-100.
+            explain: one float for every protected layer; a sequence of floats, one per
+            protected layer in model order (``named_modules()``; its length is checked when
+            the model is bound at the fit start, and the error names the layers found); or a
+            dict ``{layer name: ε}`` that protects only the layers it names. The paper uses
+            ``[0.95, 0.99, 0.99]`` on permuted MNIST (first layer 0.95), 0.97 (+0.003 per
+            task) on CIFAR-100.
         samples: examples (along dim 0 of each layer's input) collected per task.
         threshold_increment: added to ε per finished task (task ``t``, 0-based, uses
             ``min(1, ε + t·increment)``).
@@ -185,6 +204,8 @@ class GPMCallback(_TaskCallback):
         >>> trainer = Trainer(callbacks=[gpm], max_steps=1, logger=False)
         >>> gpm.num_tasks, gpm.bases
         (0, {})
+        >>> GPMCallback(threshold=[0.95, 0.99, 0.99]).threshold  # 784-100-100-10: 3 layers
+        (0.95, 0.99, 0.99)
     """
 
     _edit = "projects gradients"
@@ -192,7 +213,7 @@ class GPMCallback(_TaskCallback):
     def __init__(
         self,
         *,
-        threshold: float | Mapping[str, float] = 0.97,
+        threshold: float | Sequence[float] | Mapping[str, float] = 0.97,
         samples: int = 300,
         threshold_increment: float = 0.0,
         task_boundaries: BoundarySpec = "fit",
@@ -204,14 +225,23 @@ class GPMCallback(_TaskCallback):
             task_id_key=task_id_key,
             task_id_fn=task_id_fn,
         )
+        self.threshold: float | tuple[float, ...] | dict[str, float]
         if isinstance(threshold, Mapping):
             if not threshold:
                 raise ValueError("`threshold` must name at least one layer, got {}")
-            self.threshold: float | dict[str, float] = {}
+            self.threshold = {}
             for name, value in threshold.items():
                 if not isinstance(name, str):
                     raise ValueError(f"`threshold` keys must be layer names, got {name!r}")
                 self.threshold[name] = check_fraction(f"threshold[{name!r}]", value)
+        elif isinstance(threshold, Sequence) and not isinstance(threshold, str):
+            if not threshold:
+                raise ValueError(
+                    "`threshold` must give one value per protected layer, got an empty sequence"
+                )
+            self.threshold = tuple(
+                check_fraction(f"threshold[{i}]", value) for i, value in enumerate(threshold)
+            )
         else:
             self.threshold = check_fraction("threshold", threshold)
         self.samples = check_int("samples", samples, minimum=1)
@@ -221,6 +251,8 @@ class GPMCallback(_TaskCallback):
         self._bases: TensorDict = {}
         self._full: set[str] = set()  # layers already warned about
         self._layers: list[_Protected] = []
+        # A sequence `threshold`: the protected layers it maps to, in order (found at binding).
+        self._threshold_layers: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ public API
 
@@ -230,14 +262,18 @@ class GPMCallback(_TaskCallback):
         return self._bases
 
     def threshold_for(self, layer: str, task: int) -> float | None:
-        """ε used for ``layer`` at the end of task ``task`` (0-based); None: not protected."""
+        """ε used for ``layer`` at the end of task ``task`` (0-based); None: not protected
+        (with a sequence ``threshold``: not one of the layers found when the model was bound).
+        """
+        base: float | None
         if isinstance(self.threshold, dict):
-            if layer not in self.threshold:
-                return None
-            base = self.threshold[layer]
+            base = self.threshold.get(layer)
+        elif isinstance(self.threshold, tuple):
+            thresholds = dict(zip(self._threshold_layers, self.threshold))
+            base = thresholds.get(layer)
         else:
             base = self.threshold
-        return min(1.0, base + task * self.threshold_increment)
+        return None if base is None else min(1.0, base + task * self.threshold_increment)
 
     # ------------------------------------------------------------------ task end
 
@@ -246,7 +282,18 @@ class GPMCallback(_TaskCallback):
         return examples < self.samples
 
     def _candidates(self, pl_module: pl.LightningModule) -> dict[str, nn.Module]:
+        """The layers to protect, by name in model order (checks ``threshold`` against them)."""
         modules = dict(pl_module.named_modules())
+        if isinstance(self.threshold, tuple):
+            found = [name for name, m in modules.items() if _supported(m)]
+            if len(found) != len(self.threshold):
+                raise MisconfigurationException(
+                    f"{type(self).__name__}: `threshold` gives {len(self.threshold)} values, one "
+                    f"per protected layer in model order, but the model has {len(found)} "
+                    f"protected layers (trainable Linear/Conv1d/Conv2d with groups=1): {found}. "
+                    "Give one value per layer, a dict {layer name: value}, or one float."
+                )
+            self._threshold_layers = tuple(found)
         if isinstance(self.threshold, dict):
             unknown = sorted(n for n in self.threshold if n not in modules)
             unsupported = sorted(
@@ -254,7 +301,7 @@ class GPMCallback(_TaskCallback):
             )
             if unknown or unsupported:
                 raise MisconfigurationException(
-                    f"GPMCallback: `threshold` names layers that are not in the model "
+                    f"{type(self).__name__}: `threshold` names layers that are not in the model "
                     f"({unknown}) or are not trainable Linear/Conv1d/Conv2d layers with "
                     f"groups=1 ({unsupported})."
                 )
@@ -276,8 +323,8 @@ class GPMCallback(_TaskCallback):
             covariances = dict(zip(names, means))
         if not any(rows.values()):
             rank_zero_warn(
-                "GPMCallback: no protected layer saw an input at the end of this task; no "
-                "basis was added."
+                f"{type(self).__name__}: no protected layer saw an input at the end of this "
+                "task; no basis was added."
             )
         for name, cov in covariances.items():
             threshold = self.threshold_for(name, self.num_tasks)
@@ -285,20 +332,25 @@ class GPMCallback(_TaskCallback):
             old = self._bases.get(name)
             if old is not None and old.shape[0] != cov.shape[0]:
                 raise MisconfigurationException(
-                    f"GPMCallback: layer {name!r} now has {cov.shape[0]} input features, its "
-                    f"stored basis {old.shape[0]}."
+                    f"{type(self).__name__}: layer {name!r} now has {cov.shape[0]} input "
+                    f"features, its stored basis {old.shape[0]}."
                 )
             new = grow_basis(None if old is None else old.to(cov.device), cov, threshold)
             if new is None:
                 continue
             self._bases[name] = new
+            self._basis_grown(name, new, cov)
             if new.shape[1] >= new.shape[0] and name not in self._full:
                 self._full.add(name)
                 rank_zero_warn(
-                    f"GPMCallback: the basis of layer {name!r} spans all its {new.shape[0]} "
-                    "input features: its weights cannot change any more (nothing left to "
-                    "learn). Lower `threshold`."
+                    f"{type(self).__name__}: the basis of layer {name!r} spans all its "
+                    f"{new.shape[0]} input features: its weights cannot change any more "
+                    "(nothing left to learn). Lower `threshold`."
                 )
+
+    def _basis_grown(self, name: str, basis: Tensor, covariance: Tensor) -> None:
+        """After a task end set ``name``'s basis (grown, or unchanged when it already explained
+        enough) from the task's input covariance; SGP updates its importances here."""
 
     def _collect(
         self,
@@ -339,9 +391,8 @@ class GPMCallback(_TaskCallback):
         seen = 0
         try:
             with quiet_eval(pl_module), extra_pass_context(trainer), torch.no_grad():
-                batches = training_batches(
-                    "GPMCallback", trainer, pl_module, dataloader, "to find the layers' inputs"
-                )
+                who, purpose = type(self).__name__, "to find the layers' inputs"
+                batches = training_batches(who, trainer, pl_module, dataloader, purpose)
                 for batch_idx, batch in enumerate(batches):
                     window["remaining"], window["taken"] = self.samples - seen, 0
                     pl_module.training_step(batch, batch_idx)
@@ -363,12 +414,13 @@ class GPMCallback(_TaskCallback):
     @override
     def _bind(self, pl_module: pl.LightningModule, check: bool) -> None:
         """The protected layers with a stored basis, aligned with the live modules; ``check``
-        (the fit start): a ``threshold`` dict naming no layer fails now, not at the task end."""
+        (the fit start): a ``threshold`` that does not fit the model (a dict naming no layer,
+        a sequence of the wrong length) fails now, not at the task end."""
         if check:
             self._candidates(pl_module)
         super()._bind(pl_module, check)
         modules = dict(pl_module.named_modules())
-        shared: dict[int, list[tuple[str, nn.Module, Tensor]]] = {}  # by weight tensor
+        shared: dict[int, list[tuple[str, nn.Module, Tensor, Tensor | None]]] = {}  # by weight
         missing = []
         for name, basis in self._bases.items():
             module = modules.get(name)
@@ -377,18 +429,19 @@ class GPMCallback(_TaskCallback):
                 continue
             if basis.shape[0] != _num_features(module):
                 raise MisconfigurationException(
-                    f"GPMCallback: layer {name!r} has {_num_features(module)} input features, "
-                    f"its stored basis {basis.shape[0]}."
+                    f"{type(self).__name__}: layer {name!r} has {_num_features(module)} input "
+                    f"features, its stored basis {basis.shape[0]}."
                 )
             basis = basis.to(device=module.weight.device, dtype=torch.float32)
             self._bases[name] = basis
             if module.weight.requires_grad:
-                shared.setdefault(id(module.weight), []).append((name, module, basis))
+                importance = self._importance_of(name, basis.device)
+                shared.setdefault(id(module.weight), []).append((name, module, basis, importance))
         self._layers = [_Protected(members) for members in shared.values()]
         if missing:
             rank_zero_warn(
-                "GPMCallback: stored bases name layers the model does not have (or that are "
-                f"not Linear/Conv); they are not protected: {sorted(missing)[:5]}"
+                f"{type(self).__name__}: stored bases name layers the model does not have (or "
+                f"that are not Linear/Conv); they are not protected: {sorted(missing)[:5]}"
             )
 
     @override
@@ -416,12 +469,19 @@ class GPMCallback(_TaskCallback):
                 for b in layer.biases
             ]
             g = torch.cat([g, torch.stack(columns, 1)], 1)
-        m = layer.basis
-        g = g - (g @ m) @ m.T
+        m, coefficients = layer.basis, g @ layer.basis
+        if layer.importance is not None:  # SGP: each direction's share that is removed
+            coefficients = coefficients * layer.importance
+        g = g - coefficients @ m.T
         dw.copy_(g[:, : layer.fan_in].reshape(dw.shape))
         for j, b in enumerate(layer.biases):
             if b.grad is not None:
                 b.grad.copy_(g[:, layer.fan_in + j])
+
+    def _importance_of(self, name: str, device: torch.device) -> Tensor | None:
+        """Per direction of ``name``'s basis, the share of the gradient removed (float32 on
+        ``device``); None: all of it (GPM)."""
+        return None
 
     # ------------------------------------------------------------------ state
 

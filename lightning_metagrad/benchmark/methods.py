@@ -53,8 +53,10 @@ def method_specs() -> dict[str, MethodSpec]:
         "online-ewc": MethodSpec(b.OnlineEWCCallback, strength=100.0),
         "si": MethodSpec(b.SICallback, strength=1.0),
         "mas": MethodSpec(b.MASCallback, strength=1.0),
-        # No strength: GPM's threshold and the memory size are their knobs.
+        # No strength: GPM's threshold (SGP's too, and its scale) and the memory size are
+        # their knobs.
         "gpm": MethodSpec(b.GPMCallback),
+        "sgp": MethodSpec(b.SGPCallback),
         "agem": MethodSpec(b.AGEMCallback),
         "er": MethodSpec(b.ERCallback),
     }
@@ -94,7 +96,9 @@ METHOD_NAMES = (
     "er",
 )
 VARIANT_NAMES = ("metagrad-paper", "metagrad-anchored")
-ALL_METHODS = METHOD_NAMES + VARIANT_NAMES
+# Further baselines, run when named (the default set stays as its recorded results have it).
+EXTRA_NAMES = ("sgp",)
+ALL_METHODS = METHOD_NAMES + VARIANT_NAMES + EXTRA_NAMES
 
 
 def method_parameters(name: str) -> list[str]:
@@ -103,6 +107,8 @@ def method_parameters(name: str) -> list[str]:
     Example:
         >>> method_parameters("gpm")[:3]
         ['threshold', 'samples', 'threshold_increment']
+        >>> method_parameters("sgp")[:2]
+        ['threshold', 'scale']
         >>> "task_boundaries" in method_parameters("ewc")
         True
         >>> method_parameters("naive")
