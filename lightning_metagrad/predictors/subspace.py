@@ -221,6 +221,10 @@ class SubspacePredictor(OldGradientPredictor):
         self._warned_budget: set[str] = set()
         self._plans: dict[str, tuple[int, int]] = {}  # per weight: (ell, most basis columns)
         self._summed_state = False  # loaded a task statistic summed over row shards
+        # Embedding weights: the ids the training forwards looked up since the last rewrite
+        # (gradient mode only: their gradient is zero outside those rows).
+        self._lookups: dict[str, list[Tensor]] = {}
+        self._target: Literal["gradient", "update"] = "gradient"
 
     # ------------------------------------------------------------------ binding
 
@@ -254,6 +258,7 @@ class SubspacePredictor(OldGradientPredictor):
             fd.to(device)
         self._split_summed_state()
         self._hook_inputs(params, modules)
+        self._hook_lookups(modules)
         self._allocate()
         self._check_budget()
 
@@ -263,7 +268,55 @@ class SubspacePredictor(OldGradientPredictor):
         """Remove the forward hooks (:meth:`bind` calls it before hooking again)."""
         for handle in self._hooks:
             handle.remove()
-        self._hooks, self._hooked, self._pending = [], set(), {}
+        self._hooks, self._hooked, self._pending, self._lookups = [], set(), {}, {}
+
+    def _hook_lookups(self, modules: Mapping[str, nn.Module] | None) -> None:
+        """A forward hook on each embedding (dense gradient) that keeps the ids a training
+        forward looked up: its weight's gradient is zero on every other row."""
+        for group in self._groups.values():
+            module = (modules or {}).get(owner_of(group.weight))
+            if not isinstance(module, nn.Embedding) or module.sparse or group.bias is not None:
+                continue
+            if group.weight != f"{owner_of(group.weight)}.weight".lstrip("."):
+                continue
+            hook = partial(self._read_lookups, group.weight)
+            self._hooks.append(module.register_forward_hook(hook))
+
+    def _read_lookups(
+        self, name: str, module: nn.Module, args: tuple[Any, ...], output: Any
+    ) -> None:
+        if not module.training or not torch.is_grad_enabled() or not self._old_tasks:
+            return
+        if self._target != "gradient" or not args or not isinstance(args[0], Tensor):
+            return
+        held = self._lookups.setdefault(name, [])
+        held.append(args[0].detach().reshape(-1))
+        if sum(t.numel() for t in held) > self._groups[name].rows:  # no saving left: dense
+            held[:] = [torch.arange(self._groups[name].rows, device=args[0].device)]
+
+    def _looked_up_rows(self, group: MatrixGroup, w: Tensor) -> Tensor | None:
+        """The distinct rows of an embedding's gradient ``w`` that its training forwards
+        looked up since the last rewrite, if the gradient is zero on every other row (checked:
+        a weight also used elsewhere, e.g. tied to an output layer, fails it); else None.
+
+        The check reads one value on the host, so it runs on the CPU only: on an accelerator
+        the whole matrix is projected, without a sync."""
+        ids = self._lookups.pop(group.weight, None)
+        if (
+            not ids
+            or self._target != "gradient"
+            or self.in_basis != "project"
+            or w.device.type != "cpu"
+            or self.shards.sharded(group.weight)
+        ):
+            return None
+        used = torch.cat(ids).unique()
+        if used.numel() * 2 > w.shape[0]:  # too many rows for a gather/scatter to pay
+            return None
+        seen = torch.zeros(w.shape[0], dtype=torch.bool, device=w.device)
+        seen[used] = True
+        outside = torch.linalg.vector_norm(w, dim=1).masked_fill_(seen, 0.0).sum()
+        return used if float(outside) == 0.0 else None
 
     def _hook_inputs(
         self, params: Mapping[str, Tensor], modules: Mapping[str, nn.Module] | None
@@ -411,6 +464,7 @@ class SubspacePredictor(OldGradientPredictor):
     ) -> None:
         """Resolve ``normalize_steps="auto"``: unit-energy steps except for the update vectors
         of optimizers other than SGD (measured: Adam on digits, docs/science.md)."""
+        self._target = target
         if self.normalize_steps == "auto":
             adaptive = target == "update" and not isinstance(optimizer, torch.optim.SGD)
             self._normalize = not adaptive
@@ -822,51 +876,68 @@ class SubspacePredictor(OldGradientPredictor):
             else {}
         )
         for group, w, b in self._matrices(names, targets):
-            blocks = self._blocks.get(group.weight)
-            if blocks:
-                ell, _ = self._plan(group)
-                k = sum(m.shape[1] for m in blocks)
-                chunk = max(1, _WORKSPACE * ell * group.cols // (2 * k))  # within the workspace
-                removed_here, total_here = _project_blocks_(
-                    blocks, w, b if group.bias else None, chunk
-                )
-                removed.append(removed_here)
-                total.append(total_here)
+            used = self._looked_up_rows(group, w)
+            if used is None:
+                self._rewrite_matrix(group, w, b, anchors, removed, total)
                 continue
-            m = self._basis.get(group.weight)
-            if m is None or self._dim(group.weight) == 0:
-                total.append(_sq_norm(w.float()) + (0 if b is None else _sq_norm(b.float())))
-                continue
-            if group.weight in self._complement:
-                removed_here, total_here = _keep_complement_(m, w, b if group.bias else None)
-                removed.append(removed_here)
-                total.append(total_here)
-                continue
-            mw = m[: w.shape[1]]
-            wf = w.float()
-            gm = wf @ mw  # rows x k: the gradient's coordinates in the protected basis
-            if group.bias is not None and b is not None:
-                gm.addr_(b.float(), m[w.shape[1]])
-            if self.in_basis == "sign" and group.weight in self._k:
-                # Eq. 5 in the basis: remove a coordinate only where it disagrees in sign
-                # with the modelled mean old-task gradient there.
-                old = anchors[group.weight] @ self._k[group.weight] - self._d[group.weight]
-                gm.mul_(torch.mul(gm, old).le_(0).to(gm.dtype))
-            # Energies by norms: a reduction, no squared temporary of G.
-            if group.bias is not None and b is not None:
-                mb = m[w.shape[1]]
-                total.append(_sq_norm(wf) + _sq_norm(b.float()))
-                b.sub_((gm @ mb).to(b.dtype))
-            else:
-                total.append(_sq_norm(wf))
-            removed.append(_sq_norm(gm))  # |G M M^T|^2 = |G M|^2 (M orthonormal)
-            if w.dtype == torch.float32:
-                w.addmm_(gm, mw.T, alpha=-1.0)  # G <- G - (G M) M^T, in place in .grad
-            else:
-                w.copy_(wf - gm @ mw.T)
+            # A row-sparse gradient (an embedding's): only the rows the step looked up.
+            rows = w.index_select(0, used)
+            self._rewrite_matrix(group, rows, None, anchors, removed, total)
+            w.index_copy_(0, used, rows)
         if not removed:
             return None
         return torch.stack(removed).sum() / torch.stack(total).sum().clamp_min(1e-30)
+
+    def _rewrite_matrix(
+        self,
+        group: MatrixGroup,
+        w: Tensor,
+        b: Tensor | None,
+        anchors: Mapping[str, Tensor],
+        removed: list[Tensor],
+        total: list[Tensor],
+    ) -> None:
+        """The rule on one matrix ``[w, b]`` in place; appends its removed and total energy."""
+        blocks = self._blocks.get(group.weight)
+        if blocks:
+            ell, _ = self._plan(group)
+            k = sum(m.shape[1] for m in blocks)
+            chunk = max(1, _WORKSPACE * ell * group.cols // (2 * k))  # within the workspace
+            removed_here, total_here = _project_blocks_(blocks, w, b if group.bias else None, chunk)
+            removed.append(removed_here)
+            total.append(total_here)
+            return
+        m = self._basis.get(group.weight)
+        if m is None or self._dim(group.weight) == 0:
+            total.append(_sq_norm(w.float()) + (0 if b is None else _sq_norm(b.float())))
+            return
+        if group.weight in self._complement:
+            removed_here, total_here = _keep_complement_(m, w, b if group.bias else None)
+            removed.append(removed_here)
+            total.append(total_here)
+            return
+        mw = m[: w.shape[1]]
+        wf = w.float()
+        gm = wf @ mw  # rows x k: the gradient's coordinates in the protected basis
+        if group.bias is not None and b is not None:
+            gm.addr_(b.float(), m[w.shape[1]])
+        if self.in_basis == "sign" and group.weight in self._k:
+            # Eq. 5 in the basis: remove a coordinate only where it disagrees in sign
+            # with the modelled mean old-task gradient there.
+            old = anchors[group.weight] @ self._k[group.weight] - self._d[group.weight]
+            gm.mul_(torch.mul(gm, old).le_(0).to(gm.dtype))
+        # Energies by norms: a reduction, no squared temporary of G.
+        if group.bias is not None and b is not None:
+            mb = m[w.shape[1]]
+            total.append(_sq_norm(wf) + _sq_norm(b.float()))
+            b.sub_((gm @ mb).to(b.dtype))
+        else:
+            total.append(_sq_norm(wf))
+        removed.append(_sq_norm(gm))  # |G M M^T|^2 = |G M|^2 (M orthonormal)
+        if w.dtype == torch.float32:
+            w.addmm_(gm, mw.T, alpha=-1.0)  # G <- G - (G M) M^T, in place in .grad
+        else:
+            w.copy_(wf - gm @ mw.T)
 
     # ------------------------------------------------------------------ state
 
