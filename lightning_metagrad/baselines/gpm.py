@@ -209,6 +209,8 @@ class GPMCallback(_TaskCallback):
     """
 
     _edit = "projects gradients"
+    #: What a basis that spans all of a layer's input features means (warned once a layer).
+    _when_full = "its weights cannot change any more (nothing left to learn). Lower `threshold`."
 
     def __init__(
         self,
@@ -344,8 +346,7 @@ class GPMCallback(_TaskCallback):
                 self._full.add(name)
                 rank_zero_warn(
                     f"{type(self).__name__}: the basis of layer {name!r} spans all its "
-                    f"{new.shape[0]} input features: its weights cannot change any more "
-                    "(nothing left to learn). Lower `threshold`."
+                    f"{new.shape[0]} input features: {self._when_full}"
                 )
 
     def _basis_grown(self, name: str, basis: Tensor, covariance: Tensor) -> None:

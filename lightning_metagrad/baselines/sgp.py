@@ -105,6 +105,11 @@ class SGPCallback(GPMCallback):
         (10.0, {})
     """
 
+    _when_full = (
+        "new tasks move its weights only along the directions whose importance is below 1, "
+        "by 1 - importance (they add up towards 1 with every task). Lower `threshold`."
+    )
+
     def __init__(
         self,
         *,

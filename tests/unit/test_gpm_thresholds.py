@@ -1,6 +1,6 @@
 """GPM's per-layer thresholds without a Trainer: a sequence of floats, one per protected layer
 in model order, checked at construction (each value) and when the model is bound (the count).
-Through real Trainers: ``tests/integration/test_sgp.py``."""
+Through real Trainers: ``tests/integration/test_sgp_training.py``."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """SGP without a Trainer: the importance formula against the official code's ``update_SGP``,
 the scaled projection ``G - G M diag(λ) Mᵀ``, its state and arguments. Through real Trainers:
-``tests/integration/test_sgp.py``."""
+``tests/integration/test_sgp_training.py``."""
 
 from __future__ import annotations
 
