@@ -11,6 +11,8 @@ fsdp-run DIR``); rank 0 writes the whole weights and the callback's state to ``D
   and a Frequent-Directions sketch), and both ranks hold the same callback state;
 * the engine refuses, naming the fix, what cannot run on row shards (the paper's
   elementwise predictor, the layer-input statistic, detection from gradients);
+* a small Transformer fine-tuned with AdamW under ``bf16-mixed`` gets its protected
+  subspaces, the same on both ranks;
 * a run checkpointed in the middle of task 2 (a distributed checkpoint, a directory) and
   resumed by a fresh callback and model ends where the uninterrupted run ends.
 """
@@ -27,7 +29,7 @@ import pytest
 import torch
 from helpers import TinyClassifier, loader, make_trainer, script_env
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lightning_metagrad import AutoBoundaries, MetaGrad, MetaGradCallback, SubspacePredictor
 
@@ -72,6 +74,54 @@ class ShardedMLP(TinyClassifier):
         data = loader(self.task, n=SAMPLES).dataset
         shard = Subset(data, range(rank, len(data), world))  # type: ignore[arg-type]
         return DataLoader(shard, batch_size=GLOBAL_BATCH // world, shuffle=False)
+
+
+class ShardedLM(pl.LightningModule):
+    """A small ``lightning.pytorch.demos.Transformer`` (vocabulary 100), each layer and the
+    whole model fully sharded, fine-tuned with AdamW under ``bf16-mixed``; task t reads tokens
+    of its own range."""
+
+    task = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        from lightning.pytorch.demos import Transformer
+
+        self.model = Transformer(vocab_size=100, ninp=32, nhead=2, nhid=64, nlayers=1)
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if self.device_mesh is None or isinstance(self.model, FSDPModule):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        layers = self.model.transformer.encoder.layers, self.model.transformer.decoder.layers
+        for layer in (*layers[0], *layers[1]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.nll_loss(self.model(x, y), y.reshape(-1))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(self.task)
+        tokens = torch.randint(self.task * 50, self.task * 50 + 50, (64, 13), generator=g)
+        return DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=8)
+
+
+def run_transformer() -> dict[str, Any]:
+    pl.seed_everything(0, verbose=False)
+    model, cb = ShardedLM(), MetaGradCallback()
+    for task in range(TASKS):
+        model.task = task
+        kwargs = trainer_kwargs(2) | {"use_distributed_sampler": True, "precision": "bf16-mixed"}
+        trainer = make_trainer([cb], max_steps=6, **kwargs)
+        trainer.fit(model)
+    return {"rank": trainer.global_rank, "callback": cb.state_dict()}
 
 
 def predictor(name: str) -> SubspacePredictor:
@@ -161,6 +211,8 @@ def _fsdp_run(out: Path) -> None:
     result = resume(out / "ckpt" / "step=4.ckpt", devices=2)
     torch.save(result, out / f"resumed-rank{result['rank']}.pt")
     torch.save(refusals(), out / f"refusals-rank{result['rank']}.pt")
+    result = run_transformer()
+    torch.save(result, out / f"transformer-rank{result['rank']}.pt")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -182,7 +234,7 @@ def fsdp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dic
     results = {"refusals": [torch.load(out / f"refusals-rank{r}.pt") for r in range(2)]}
     return results | {
         name: [torch.load(out / f"{name}-rank{r}.pt", weights_only=False) for r in range(2)]
-        for name in (*SCENARIOS, "resumed")
+        for name in (*SCENARIOS, "resumed", "transformer")
     }
 
 
@@ -223,7 +275,7 @@ def test_fsdp2_matches_one_process_with_the_same_global_batch(
         torch.testing.assert_close(projector, m @ m.T, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("scenario", (*SCENARIOS, "resumed"))
+@pytest.mark.parametrize("scenario", (*SCENARIOS, "resumed", "transformer"))
 def test_fsdp2_ranks_hold_the_same_callback_state(
     fsdp_results: dict[str, list[dict[str, Any]]], scenario: str
 ) -> None:
@@ -234,6 +286,16 @@ def test_fsdp2_ranks_hold_the_same_callback_state(
         if "generator" in path:
             continue
         assert torch.equal(t, states[1][path]), path
+
+
+def test_fsdp2_protects_a_transformer_fine_tuned_with_adamw_in_bf16(
+    fsdp_results: dict[str, list[dict[str, Any]]],
+) -> None:
+    state = fsdp_results["transformer"][0]["callback"]
+    assert state["engine"]["num_tasks"] == TASKS
+    bases = _bases(fsdp_results["transformer"][0])
+    assert "model.embedding.weight" in bases
+    assert all(m.shape[1] > 0 for m in bases.values())
 
 
 def test_fsdp2_resumed_mid_task_ends_where_the_uninterrupted_run_ends(
