@@ -18,6 +18,7 @@ from typing import Literal
 from lightning_metagrad.predictors.anchored import AnchoredPredictor
 from lightning_metagrad.predictors.base import OldGradientPredictor, Prediction
 from lightning_metagrad.predictors.paper import MetaNetPredictor
+from lightning_metagrad.predictors.relaxed import RelaxedSubspacePredictor
 from lightning_metagrad.predictors.replay import ReplayPredictor
 from lightning_metagrad.predictors.subspace import SubspacePredictor
 
@@ -40,6 +41,7 @@ PREDICTORS: dict[str, type[OldGradientPredictor]] = {
     "paper": MetaNetPredictor,
     "anchored": AnchoredPredictor,
     "replay": ReplayPredictor,
+    "relaxed": RelaxedSubspacePredictor,
 }
 
 
