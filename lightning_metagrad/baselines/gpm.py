@@ -350,8 +350,8 @@ class GPMCallback(_TaskCallback):
                 )
 
     def _basis_grown(self, name: str, basis: Tensor, covariance: Tensor) -> None:
-        """After a task end set ``name``'s basis (grown, or unchanged when it already explained
-        enough) from the task's input covariance; SGP updates its importances here."""
+        """Called once a task end has set ``name``'s basis (grown, or unchanged when it already
+        explained enough) from the task's input covariance; SGP updates its importances here."""
 
     def _collect(
         self,
