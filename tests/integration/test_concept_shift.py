@@ -1,7 +1,7 @@
 """Concept shift through a real Trainer (issue 25): the same standard-normal inputs in every
 task, a new random teacher per task. The novelty does not see it (the first layer's gradient
 subspace is already full); the direction of the gradient does, alone or in the either
-detector ``signal="novelty+direction"``. Also: a detected task of one
+detector ``signal="novelty+direction"``, the default of ``"auto"``. Also: a detected task of one
 step is skipped with a warning and never breaks the run."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from lightning_metagrad import AutoBoundaries, MetaGradCallback
 from lightning_metagrad.benchmark import MLPClassifier
+from lightning_metagrad.boundaries.either import EitherDetector
 
 DIM, PER_TASK, TASKS = 24, 200, 3
 
@@ -33,7 +34,7 @@ def concept_stream(seed: int = 0) -> list[dict[str, Any]]:
     return batches
 
 
-def fit(source: AutoBoundaries, batches: list[dict[str, Any]]) -> MetaGradCallback:
+def fit(source: AutoBoundaries | str, batches: list[dict[str, Any]]) -> MetaGradCallback:
     torch.manual_seed(0)
     model = MLPClassifier(input_dim=DIM, num_classes=10, hidden_sizes=(128,), lr=0.03)
     cb = MetaGradCallback(task_boundaries=source)
@@ -51,15 +52,17 @@ def test_direction_finds_every_concept_switch() -> None:
         assert switch <= found <= switch + 30
 
 
-def test_novelty_or_direction_finds_a_concept_switch() -> None:
-    """The either detector (``signal="novelty+direction"``) on a concept switch after 200 steps:
-    the novelty sees nothing, the recent-steps direction fires, once."""
-    source = AutoBoundaries(signal="novelty+direction")
-    cb = fit(source, concept_stream()[: PER_TASK + 40])
+def test_auto_finds_a_concept_switch_with_the_novelty_or_the_direction() -> None:
+    """``task_boundaries="auto"`` (the either detector, ``signal="novelty+direction"``) on a
+    concept switch after 200 steps: the novelty sees nothing, the recent-steps direction
+    fires, once."""
+    cb = fit("auto", concept_stream()[: PER_TASK + 40])
     assert len(cb.detected_switches) == 1, cb.detected_switches
     assert PER_TASK <= cb.detected_switches[0] <= PER_TASK + 30
     assert cb.task_index == 1
-    assert source.detector.switch_signals == ["direction"]  # type: ignore[union-attr]
+    source = cb.boundaries
+    assert isinstance(source, AutoBoundaries) and isinstance(source.detector, EitherDetector)
+    assert source.detector.switch_signals == ["direction"]
 
 
 class ForcedSwitches(AutoBoundaries):
