@@ -240,7 +240,12 @@ PENALTY_BASELINES = (
     baselines.SICallback,
     baselines.MASCallback,
 )
-GRADIENT_BASELINES = (baselines.GPMCallback, baselines.AGEMCallback, baselines.ERCallback)
+GRADIENT_BASELINES = (
+    baselines.GPMCallback,
+    baselines.SGPCallback,
+    baselines.AGEMCallback,
+    baselines.ERCallback,
+)
 BASELINES = (*PENALTY_BASELINES, *GRADIENT_BASELINES)
 
 

@@ -39,6 +39,7 @@ from lightning_metagrad.baselines import (
     GPMCallback,
     MASCallback,
     OnlineEWCCallback,
+    SGPCallback,
     SICallback,
 )
 
@@ -48,7 +49,7 @@ ALL = list(BASELINES)
 
 def make(cls: type) -> Any:
     """A baseline configured to be fast (few importance batches, a small memory)."""
-    if cls is GPMCallback:
+    if cls in (GPMCallback, SGPCallback):
         return cls(threshold=0.8, samples=32)
     if cls in (AGEMCallback, ERCallback):
         return cls(memory_batches=2)
@@ -366,6 +367,7 @@ LAYOUTS = {
     MASCallback: {"terms"},
     SICallback: {"terms", "omega", "start"},
     GPMCallback: {"bases"},
+    SGPCallback: {"bases", "importance"},
     AGEMCallback: {"memory", "old_shapes", "trained", "num_projections"},
     ERCallback: {"memory", "old_shapes", "trained"},
 }

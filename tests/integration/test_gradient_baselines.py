@@ -30,6 +30,7 @@ from lightning_metagrad.baselines import (
     EpisodicMemory,
     ERCallback,
     GPMCallback,
+    SGPCallback,
 )
 from lightning_metagrad.baselines import agem as agem_mod
 from lightning_metagrad.baselines import er as er_mod
@@ -40,7 +41,9 @@ ALL = list(GRADIENT_BASELINES)
 
 
 def make(cls: type) -> Any:
-    return cls(threshold=0.8, samples=64) if cls is GPMCallback else cls(memory_batches=2)
+    if cls in (GPMCallback, SGPCallback):
+        return cls(threshold=0.8, samples=64)
+    return cls(memory_batches=2)
 
 
 class Classifier(pl.LightningModule):
