@@ -291,7 +291,7 @@ class SubspacePredictor(OldGradientPredictor):
     def _read_lookups(
         self, name: str, module: nn.Module, args: tuple[Any, ...], output: Any
     ) -> None:
-        if not module.training or not torch.is_grad_enabled() or not self._old_tasks:
+        if not module.training or not torch.is_grad_enabled():
             return
         if self._target != "gradient" or not args or not isinstance(args[0], Tensor):
             return
@@ -299,6 +299,21 @@ class SubspacePredictor(OldGradientPredictor):
         held.append(args[0].detach().reshape(-1))
         if sum(t.numel() for t in held) > self._groups[name].rows:  # no saving left: dense
             held[:] = [torch.arange(self._groups[name].rows, device=args[0].device)]
+
+    def _sample_rows(self, group: MatrixGroup, m: int, device: torch.device) -> Tensor:
+        """``m`` global row indices for the statistic: drawn among the rows the step's forwards
+        looked up where the matrix is an embedding in gradient mode (its gradient is zero on
+        the others), else among all rows. No host sync."""
+        ids = self._lookups.get(group.weight) if self._target == "gradient" else None
+        if not ids:
+            return _to_device(torch.randint(group.rows, (m,), generator=self.generator), device)
+        looked = torch.cat(ids) if len(ids) > 1 else ids[0]
+        pick = torch.randint(looked.numel(), (m,), generator=self.generator)
+        return looked.to(device)[_to_device(pick, device)]
+
+    def _forget_lookups(self) -> None:
+        """The step is over: the next forwards look up rows of the next step."""
+        self._lookups = {}
 
     def _looked_up_rows(self, group: MatrixGroup, w: Tensor) -> Tensor | None:
         """The distinct rows of an embedding's gradient ``w`` that its training forwards
@@ -581,6 +596,14 @@ class SubspacePredictor(OldGradientPredictor):
     ) -> dict[str, Tensor]:
         """Add the step's (sampled) gradient rows to each matrix's second moment, every
         ``every`` steps; ``finite`` (a 0-dim bool tensor) False leaves the step out."""
+        figures = self._observe(names, targets, finite)
+        if not self._old_tasks:  # no rewrite follows in the first task
+            self._forget_lookups()
+        return figures
+
+    def _observe(
+        self, names: Sequence[str], targets: Sequence[Tensor], finite: Tensor | None
+    ) -> dict[str, Tensor]:
         step = self._steps
         self._steps += 1
         if step % self.every != 0:
@@ -613,8 +636,8 @@ class SubspacePredictor(OldGradientPredictor):
                 if self.in_basis == "sign":  # only its Taylor model needs the raw scale
                     self._add_energy(group.weight, energy, finite)
             if self.sample_rows is not None and self.sample_rows < group.rows:
-                rows = torch.randint(group.rows, (self.sample_rows,), generator=self.generator)
-                g = self.shards.pick(group.weight, _to_device(rows, g.device), g)
+                rows = self._sample_rows(group, self.sample_rows, g.device)
+                g = self.shards.pick(group.weight, rows, g)
             if finite is not None:  # where, not a product: a NaN times 0 is still NaN
                 g = torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device))
             if inputs is not None and self.statistic != "gradient":
@@ -656,9 +679,7 @@ class SubspacePredictor(OldGradientPredictor):
             m = min(self._rows_per_step(group), group.rows)
             rows = None
             if m < group.rows:
-                rows = _to_device(
-                    torch.randint(group.rows, (m,), generator=self.generator), w.device
-                )
+                rows = self._sample_rows(group, m, w.device)
             pick = self.shards.pick
             # A copy: the rows are scaled and projected in place below, not the gradient.
             g = w.to(torch.float32, copy=True) if rows is None else pick(name, rows, w).float()
@@ -896,6 +917,7 @@ class SubspacePredictor(OldGradientPredictor):
             rows = w.index_select(0, used)
             self._rewrite_matrix(group, rows, None, anchors, removed, total)
             w.index_copy_(0, used, rows)
+        self._forget_lookups()
         if not removed:
             return None
         return torch.stack(removed).sum() / torch.stack(total).sum().clamp_min(1e-30)

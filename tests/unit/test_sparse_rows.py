@@ -1,6 +1,7 @@
-"""An embedding's gradient is row-sparse: the default predictor projects only the rows a step
-looked up (gradient mode, CPU), and gives the same gradient as projecting the whole matrix,
-also when the weight is used elsewhere too (tied to the output layer)."""
+"""An embedding's gradient is row-sparse: in gradient mode the default predictor samples its
+statistic among the rows a step looked up, and (on CPU) projects only those rows, giving the
+same gradient as projecting the whole matrix, also when the weight is used elsewhere too (tied
+to the output layer)."""
 
 from __future__ import annotations
 
@@ -89,3 +90,44 @@ def test_a_weight_tied_elsewhere_falls_back_to_the_whole_matrix() -> None:
     _loss(model, torch.tensor([[2, 9, 9]])).backward()
     group = next(g for g in core.groups if g.weight == "embed.weight")
     assert predictor._looked_up_rows(group, model.embed.weight.grad) is None
+
+
+class BagOfIds(nn.Module):
+    """A 2,000-row embedding, mean-pooled, and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(2000, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(self.embed(ids).mean(1))
+
+
+def test_an_embeddings_subspace_is_learned_from_the_rows_the_task_looked_up() -> None:
+    # Uniform row sampling would draw 32 of 2,000 rows, almost all with a zero gradient; the
+    # statistic samples among the looked-up ones, so the task's gradient is in the subspace.
+    torch.manual_seed(0)
+    model, core = BagOfIds(), MetaGrad(predictor=SubspacePredictor())
+    core.bind(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    core.use_optimizer(opt)
+
+    def batch() -> tuple[Tensor, Tensor]:
+        ids = torch.randint(0, 40, (8, 6))  # the task uses 40 of the 2,000 rows
+        return ids, ids[:, 0] % 4
+
+    for _ in range(12):
+        opt.zero_grad()
+        ids, y = batch()
+        nn.functional.cross_entropy(model(ids), y).backward()
+        core.before_optimizer_step()
+        opt.step()
+    core.start_task()
+    opt.zero_grad()
+    ids, y = batch()
+    nn.functional.cross_entropy(model(ids), y).backward()
+    grad = model.embed.weight.grad
+    basis = core.predictor.basis("embed.weight")  # type: ignore[attr-defined]
+    inside = (grad @ basis).pow(2).sum() / grad.pow(2).sum()
+    assert inside > 0.9  # uniform row sampling: 0.46
