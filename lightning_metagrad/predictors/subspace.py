@@ -132,12 +132,6 @@ class SubspacePredictor(OldGradientPredictor):
     # Versions 1 and 2 still load.
     _state_version: ClassVar[int] = 3
 
-    #: The narrowest stored basis (columns) for which an embedding's gradient is projected on
-    #: its looked-up rows only: below it, projecting the whole matrix costs less than finding
-    #: those rows (measured on the demo Transformer's 33,278 x 200 embedding, one CPU thread:
-    #: 5 ms slower at 8 columns, even at 16-32, 20 ms faster at 64).
-    sparse_min_width: int = 24
-
     def __init__(
         self,
         threshold: float = 0.97,
@@ -330,12 +324,6 @@ class SubspacePredictor(OldGradientPredictor):
             or w.device.type != "cpu"
             or self.shards.sharded(group.weight)
         ):
-            return None
-        blocks = self._blocks.get(group.weight)
-        stored = self._basis.get(group.weight)
-        width = sum(b.shape[1] for b in blocks) if blocks else 0
-        width += 0 if stored is None else stored.shape[1]
-        if width < self.sparse_min_width:  # products this thin cost less than the check
             return None
         used = torch.cat(ids).unique()
         if used.numel() * 2 > w.shape[0]:  # too many rows for a gather/scatter to pay

@@ -31,9 +31,7 @@ def _loss(model: nn.Module, ids: Tensor) -> Tensor:
 def _after_one_task(tied: bool) -> tuple[nn.Module, MetaGrad, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = TinyLM(tied)
-    predictor = SubspacePredictor(every=1, threshold=0.9)
-    predictor.sparse_min_width = 1  # this embedding's basis is a few columns wide
-    core = MetaGrad(predictor=predictor)
+    core = MetaGrad(predictor=SubspacePredictor(every=1, threshold=0.9))
     core.bind(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     core.use_optimizer(opt)
