@@ -457,7 +457,7 @@ def report(paths: list[Path]) -> str:
     loaded = [(p, json.loads(p.read_text())) for p in paths]
     given = {
         (r["stream"], r["per_task"]): r
-        for p, d in loaded if p.stem == "given" for r in d["table"]
+        for p, d in loaded if p.stem.startswith("given") for r in d["table"]
     }  # fmt: skip
     out = []
     switches: dict[tuple, tuple[dict[str, Any], str]] = {}
