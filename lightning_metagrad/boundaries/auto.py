@@ -364,12 +364,12 @@ class AutoBoundaries(TaskBoundarySource):
         if state.get("version", 1) == 1:
             state = _from_version_1(state)
         check_state_version(type(self).__name__, state, self._state_version)
-        either = "detectors" in state["detector"]  # an EitherDetector's state
-        if either != isinstance(self.detector, EitherDetector):
+        # A single detector's state (e.g. from when "auto" tested the novelty alone) loads
+        # into the either detector's detector on the same signals; not the other way round.
+        if "detectors" in state["detector"] and not isinstance(self.detector, EitherDetector):
             raise ValueError(
-                f"state has {'several' if either else 'one'} detectors, this source "
-                f"{'several' if not either else 'one'}: build the AutoBoundaries with the "
-                "same `signal` (or `detector`)"
+                "state has several detectors (an EitherDetector), this source one: build the "
+                "AutoBoundaries with the same `signal` (or `detector`)"
             )
         self.detector.load_state_dict(state["detector"])
         self.steps = int(state["steps"])

@@ -144,6 +144,23 @@ class EitherDetector:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`. A single
+        :class:`~lightning_metagrad.boundaries.changepoint.ChangePointDetector`'s state (e.g.
+        a checkpoint from when ``"auto"`` tested the novelty alone) loads into the detector
+        with the same signals; the others start afresh.
+
+        Example:
+            >>> old = ChangePointDetector(signal="a", warmup=5)
+            >>> _ = [old.update(a=1.0) for _ in range(7)]
+            >>> det = EitherDetector([ChangePointDetector(signal="a", warmup=5),
+            ...                       ChangePointDetector(signal="b", warmup=5)])
+            >>> det.load_state_dict(old.state_dict())
+            >>> det.num_observations, det.detectors[0].num_observations
+            (7, 7)
+        """
+        if "detectors" not in state and "signals" in state:
+            self._load_single(state)
+            return
         check_state_version("EitherDetector", state, _STATE_VERSION)
         if set(state["detectors"]) != set(self.mains):
             raise ValueError(
@@ -157,3 +174,19 @@ class EitherDetector:
         self.switch_steps = [int(s) for s in state["switch_steps"]]
         self.last_onset = int(state["last_onset"])
         self.switch_signals = [str(s) for s in state["switch_signals"]]
+
+    def _load_single(self, state: Mapping[str, Any]) -> None:
+        names = set(state["signals"])
+        match = [d for d in self.detectors if {d.signal, *d.weights} == names]
+        if not match:
+            raise ValueError(
+                f"state is a single detector's on {sorted(names)}; none of this one's "
+                f"detectors tests exactly those signals ({self.signals})"
+            )
+        self.reset()
+        match[0].load_state_dict(state)
+        self.num_observations = match[0].num_observations
+        self.num_switches = match[0].num_switches
+        self.switch_steps = list(match[0].switch_steps)
+        self.last_onset = match[0].last_onset
+        self.switch_signals = [match[0].signal] * len(self.switch_steps)

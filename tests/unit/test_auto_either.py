@@ -133,3 +133,23 @@ def test_either_detector_counts_a_switch_both_see_once() -> None:
         EitherDetector([ChangePointDetector(signal="a"), ChangePointDetector(signal="a")])
     with pytest.raises(ValueError, match="same detectors"):
         EitherDetector([ChangePointDetector(signal="c")]).load_state_dict(det.state_dict())
+
+
+def test_a_novelty_only_state_loads_into_the_default() -> None:
+    """A checkpoint from when ``"auto"`` tested the novelty alone: its detector and signal
+    load into the either detector's novelty part, the direction starts afresh, and a new
+    gradient subspace is still found once."""
+    old, new = subspace(0), subspace(5)
+    before = AutoBoundaries(signal="novelty")
+    feed(before, [(old, task_mean(old, 2))])
+    src = AutoBoundaries()  # the default: novelty+direction
+    src.load_state_dict(before.state_dict())
+    assert isinstance(src.detector, EitherDetector)
+    novelty_detector = src.detector.detectors[0]
+    assert novelty_detector.state_dict() == before.detector.state_dict()
+    assert src.detector.detectors[1].num_observations == 0
+    assert src.detector.num_observations == before.detector.num_observations
+    hits = feed(src, [(new, task_mean(new, 3))], seed=2)
+    assert len(hits) == 1 and hits[0] <= 15, hits
+    with pytest.raises(ValueError, match="none of this one's"):
+        AutoBoundaries().load_state_dict(AutoBoundaries(signal="loss").state_dict())
