@@ -256,6 +256,16 @@ class SubspacePredictor(OldGradientPredictor):
         self._blocks = {n: [b.to(device) for b in bs] for n, bs in self._blocks.items()}
         for fd in self._sketches.values():
             fd.to(device)
+        if (
+            self.sketch is not None
+            and self.statistic != "gradient"
+            and self.runtime.mean_over_ranks is not None
+        ):
+            raise ValueError(
+                f"SubspacePredictor(statistic={self.statistic!r}, sketch={self.sketch}) under "
+                "several data-parallel processes would need every process's input rows at each "
+                "step; use the dense statistic (sketch=None) or statistic='gradient'"
+            )
         self._split_summed_state()
         self._hook_inputs(params, modules)
         self._hook_lookups(modules)
@@ -485,12 +495,13 @@ class SubspacePredictor(OldGradientPredictor):
             self._normalize = not adaptive
 
     def sharding_unsupported(self) -> str | None:
-        """Row-sharded parameters (FSDP2) are supported for the gradient statistic with the
-        projection rule (see :mod:`~lightning_metagrad.sharding`)."""
-        if self.statistic != "gradient":
+        """Row-sharded parameters (FSDP2) are supported with the projection rule (see
+        :mod:`~lightning_metagrad.sharding`); the layer inputs' sketch is not."""
+        if self.statistic != "gradient" and self.sketch is not None:
             return (
-                f"statistic={self.statistic!r} reads each process's own layer inputs; use "
-                "statistic='gradient' (the default)"
+                f"statistic={self.statistic!r} with sketch= would need every process's input "
+                "rows at each step; use the dense statistic (sketch=None) or "
+                "statistic='gradient'"
             )
         if self.in_basis != "project":
             return "in_basis='sign' keeps a per-row Taylor model; use in_basis='project'"
@@ -606,15 +617,21 @@ class SubspacePredictor(OldGradientPredictor):
             return {}
         added: dict[str, Tensor] = {}
         views = self._matrix_views(names, targets)  # a missing bias grad counts as 0
+        needs_energy = self._normalize or (self.statistic != "gradient" and bool(self._pending))
         energies = (
-            self._step_energies([(group, g, None) for group, g in views]) if self._normalize else {}
+            self._step_energies([(group, g, None) for group, g in views], reduce=True)
+            if needs_energy
+            else {}
         )
         for group, g in views:
             inputs = self._pending.pop(group.weight, None)
             if inputs is not None and self.statistic != "gradient":
                 # The layer's input rows, with the step's energy (times input_weight); for
                 # "inputs" they replace the gradient rows.
-                scale = self.input_weight * (1.0 if self._normalize else _sq_norm(g))
+                scale = self.input_weight * (1.0 if self._normalize else energies[group.weight])
+                # Each process reads its own data's inputs; their moments are summed over
+                # row-sharded processes, so each carries its share of the step's energy.
+                scale = scale / self.shards.world if self.shards.sharded(group.weight) else scale
                 inputs = inputs * (scale / _sq_norm(inputs).clamp_min(1e-30)).sqrt()
                 if finite is not None:
                     inputs = torch.where(finite, inputs, torch.zeros((), device=g.device))
@@ -781,8 +798,7 @@ class SubspacePredictor(OldGradientPredictor):
                 continue
             group = self._groups.get(name)
             rows = group.rows if group is not None else self._shapes.get(name, (0, 0))[0]
-            if self.shards.sharded(name):  # sum_r G_r^T G_r: the whole matrix's moment
-                self.shards.sum_(cov)
+            cov = self._whole_moment(name, cov)
             basis = self.basis(name) if name in self._basis else None
             grown = grow_basis(basis, cov, self.threshold_of(name))
             if grown is None:  # nothing to add and nothing stored yet
@@ -989,13 +1005,31 @@ class SubspacePredictor(OldGradientPredictor):
             **self._task_state_over_shards(),
         }
 
+    def _whole_moment(self, name: str, cov: Tensor) -> Tensor:
+        """The task's second moment of matrix ``name`` over all processes: summed over row
+        shards (FSDP2: ``sum_r G_r^T G_r``, and each process's inputs); averaged over
+        data-parallel processes for the layer inputs (DDP: each reads its own data, while the
+        gradients are already the same everywhere). A collective: every process calls it."""
+        if self.shards.sharded(name):
+            return self.shards.sum_(cov)
+        if self.statistic != "gradient" and name in self._hooked:
+            return self.runtime.mean(cov)
+        return cov
+
     def _task_state_over_shards(self) -> dict[str, Any]:
         """Under row sharding the running task's second moment is split over the processes:
         the state holds it summed (every process saves the same; a collective, so every
         process must call :meth:`state_dict`), and on loading only the first process keeps it.
         (A sketch is the same on every process already.)"""
-        if not self.shards.active or not self._cov:
+        if not self._cov:
             return {}
+        if not self.shards.active:
+            if self.statistic == "gradient" or self.runtime.mean_over_ranks is None:
+                return {}
+            # DDP: the layer inputs' moments averaged, so a resumed run counts every
+            # process's part once (each process loads this same state).
+            cov = {k: self._whole_moment(k, v.detach().clone()) for k, v in self._cov.items()}
+            return {"cov": cov}
         cov = {k: v.detach().clone() for k, v in self._cov.items()}
         for name in cov:
             if self.shards.sharded(name):

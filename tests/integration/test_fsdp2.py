@@ -9,8 +9,10 @@ fsdp-run DIR``); rank 0 writes the whole weights and the callback's state to ``D
 
 * after two tasks the weights equal the single process's within 1e-4 (plain SGD, AdamW,
   and a Frequent-Directions sketch), and both ranks hold the same callback state;
+* with the layer inputs' statistic (each rank reads its own samples) the ranks hold the same
+  state;
 * the engine refuses, naming the fix, what cannot run on row shards (the paper's
-  elementwise predictor, the layer-input statistic, detection from gradients);
+  elementwise predictor, the layer inputs' sketch, detection from gradients);
 * a small Transformer fine-tuned with AdamW under ``bf16-mixed`` gets its protected
   subspaces, the same on both ranks;
 * a run checkpointed in the middle of task 2 (a distributed checkpoint, a directory) and
@@ -41,6 +43,9 @@ GLOBAL_BATCH, STEPS, TASKS = 16, 8, 2
 SAMPLES = GLOBAL_BATCH
 ATOL = 1e-4
 SCENARIOS = ("sgd", "adamw", "sketch")
+# The layer inputs: each rank reads its own samples, so one process with the same global batch
+# samples other input rows; the ranks agree with each other (their moments are summed).
+PER_RANK_DATA = ("inputs",)
 
 
 class ShardedMLP(TinyClassifier):
@@ -125,6 +130,8 @@ def run_transformer() -> dict[str, Any]:
 
 
 def predictor(name: str) -> SubspacePredictor:
+    if name == "inputs":
+        return SubspacePredictor(statistic="inputs")
     return SubspacePredictor(sketch=4, every=1) if name == "sketch" else SubspacePredictor()
 
 
@@ -194,7 +201,7 @@ def refusals() -> dict[str, str]:
     errors = {}
     for name, core in {
         "paper": MetaGrad(predictor="paper"),
-        "inputs": MetaGrad(predictor=SubspacePredictor(statistic="inputs")),
+        "inputs-sketch": MetaGrad(predictor=SubspacePredictor(statistic="inputs", sketch=8)),
         "auto": MetaGrad(boundaries=AutoBoundaries()),
     }.items():
         try:
@@ -205,7 +212,7 @@ def refusals() -> dict[str, str]:
 
 
 def _fsdp_run(out: Path) -> None:
-    for name in SCENARIOS:
+    for name in (*SCENARIOS, *PER_RANK_DATA):
         result = run(name, devices=2, checkpoints=out / "ckpt" if name == "sgd" else None)
         torch.save(result, out / f"{name}-rank{result['rank']}.pt")
     result = resume(out / "ckpt" / "step=4.ckpt", devices=2)
@@ -234,7 +241,7 @@ def fsdp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dic
     results = {"refusals": [torch.load(out / f"refusals-rank{r}.pt") for r in range(2)]}
     return results | {
         name: [torch.load(out / f"{name}-rank{r}.pt", weights_only=False) for r in range(2)]
-        for name in (*SCENARIOS, "resumed", "transformer")
+        for name in (*SCENARIOS, *PER_RANK_DATA, "resumed", "transformer")
     }
 
 
@@ -275,7 +282,7 @@ def test_fsdp2_matches_one_process_with_the_same_global_batch(
         torch.testing.assert_close(projector, m @ m.T, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("scenario", (*SCENARIOS, "resumed", "transformer"))
+@pytest.mark.parametrize("scenario", (*SCENARIOS, *PER_RANK_DATA, "resumed", "transformer"))
 def test_fsdp2_ranks_hold_the_same_callback_state(
     fsdp_results: dict[str, list[dict[str, Any]]], scenario: str
 ) -> None:
@@ -315,7 +322,7 @@ def test_fsdp2_refuses_what_cannot_run_on_row_shards_naming_the_fix(
     assert errors == fsdp_results["refusals"][1]
     assert "MetaNetPredictor cannot learn from parameters sharded" in errors["paper"]
     assert "SubspacePredictor()" in errors["paper"]
-    assert "statistic='inputs'" in errors["inputs"] and "statistic='gradient'" in errors["inputs"]
+    assert "sketch=" in errors["inputs-sketch"] and "sketch=None" in errors["inputs-sketch"]
     assert "task_boundaries='auto'" in errors["auto"] and "('fit')" in errors["auto"]
 
 

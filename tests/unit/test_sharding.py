@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-from lightning_metagrad import MetaNetPredictor, SubspacePredictor
+from lightning_metagrad import MetaGrad, MetaNetPredictor, Runtime, SubspacePredictor
 from lightning_metagrad._module_utils import refuse_unsupported
 from lightning_metagrad.sharding import RowShard, Shards, local, shards_of
 
@@ -63,12 +63,22 @@ def test_a_two_dimensional_mesh_is_refused(one_process_group: Any) -> None:
         shards_of({"w": w})
 
 
-def test_the_default_predictor_runs_sharded_and_its_dense_variants_say_why_not() -> None:
+def test_the_default_predictor_runs_sharded_and_the_variants_that_cannot_say_why() -> None:
     assert SubspacePredictor().sharding_unsupported() is None
     assert SubspacePredictor(sketch=8).sharding_unsupported() is None
-    assert "statistic='gradient'" in str(SubspacePredictor(statistic="both").sharding_unsupported())
+    assert SubspacePredictor(statistic="both").sharding_unsupported() is None
+    inputs_sketch = SubspacePredictor(statistic="inputs", sketch=8).sharding_unsupported()
+    assert "sketch=None" in str(inputs_sketch)
     assert "in_basis='project'" in str(SubspacePredictor(in_basis="sign").sharding_unsupported())
     assert MetaNetPredictor().sharding_unsupported() is not None
+
+
+def test_the_inputs_sketch_over_several_processes_is_refused_at_bind() -> None:
+    # Each process reads its own data's inputs; a sketch of them would differ per process.
+    ddp = Runtime(mean_over_ranks=lambda t: t)
+    core = MetaGrad(predictor=SubspacePredictor(statistic="inputs", sketch=8), runtime=ddp)
+    with pytest.raises(ValueError, match=r"sketch=None.*statistic='gradient'"):
+        core.bind(torch.nn.Linear(4, 3))
 
 
 def _trainer(strategy: Any) -> Any:
