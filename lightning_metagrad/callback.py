@@ -81,7 +81,8 @@ class MetaGradCallback(Callback):
             plain SGD, else the update.
         task_boundaries: ``"fit"`` (each new ``trainer.fit`` starts a task), ``"batch"`` (a
             change of the task id read from the batch), ``"auto"`` (switches detected from
-            the gradients' novelty against the current task's subspace, section 5.1; see
+            the gradients, section 5.1: their novelty against the current task's subspace, or
+            a change of the recent steps' mean direction, a concept shift; see
             :class:`~lightning_metagrad.boundaries.auto.AutoBoundaries`), ``"manual"`` (only
             :meth:`start_new_task`), a
             :class:`~lightning_metagrad.boundaries.sources.TaskBoundarySource`, or a list of

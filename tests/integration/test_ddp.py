@@ -61,7 +61,8 @@ def scenario_kwargs(name: str) -> dict[str, Any]:
     prediction are compared), except
 
     * ``auto-loss``: detection on the training loss, which differs per rank unless reduced;
-    * ``auto-novelty``: detection on the gradient-subspace novelty (the default of ``"auto"``),
+    * ``auto-novelty``: detection on the gradient-subspace novelty (and, in the default of
+      ``"auto"``, the recent steps' mean direction, from the same reduced gradients),
       whose per-layer moments and bases are built from the reduced gradients;
     * ``replay``: each rank stores its own shard of the batches; the replayed old gradient
       (and the rule's mask from it) must be averaged over ranks to be the same everywhere.

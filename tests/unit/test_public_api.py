@@ -75,7 +75,13 @@ def test_names_are_literal_typed() -> None:
     assert literals(hints["task_boundaries"]) == {"fit", "batch", "manual", "auto"}
     assert literals(hints["combine"]) == {"sign", "average"}
     auto = typing.get_type_hints(lm.AutoBoundaries.__init__)
-    assert literals(auto["signal"]) == {"novelty", "loss", "error", "direction"}
+    assert literals(auto["signal"]) == {
+        "novelty",
+        "loss",
+        "error",
+        "direction",
+        "novelty+direction",
+    }
 
 
 def test_lightning_cli_refuses_an_unknown_predictor_name() -> None:
