@@ -63,7 +63,8 @@ class OldTaskProbe(Callback):
     probed steps and weight matrices, ``<a_in, o>`` and ``<a_out, o>`` (``a``'s parts inside
     and outside the protected basis: positive means the step lowers the old tasks' loss to
     first order), averages the cosine of the relaxed predictor's reference with ``o``'s
-    coordinates per block, and sums the probed steps' actual change of the old tasks' loss and
+    coordinates (``cos``; with ``outside=True`` also of its part outside the basis with ``o``'s,
+    ``cos_out``), and sums the probed steps' actual change of the old tasks' loss and
     its first-order prediction (plain SGD)."""
 
     def __init__(self, stream: Any, predictor: SubspacePredictor, every: int, samples: int) -> None:
@@ -87,7 +88,8 @@ class OldTaskProbe(Callback):
         self.task += 1
         if self.task >= 1:
             self.data.append(first_samples(self.stream, self.task - 1, self.samples))
-            self.rows.append(dict.fromkeys(("in", "out", "cos", "first", "actual", "n"), 0.0))
+            keys = ("in", "out", "cos", "cos_out", "first", "actual", "n")
+            self.rows.append(dict.fromkeys(keys, 0.0))
             self.rows[-1]["task"] = self.task
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
@@ -100,6 +102,7 @@ class OldTaskProbe(Callback):
             grads = torch.autograd.grad(torch.stack(losses).mean(), [params[n] for n in names])
         row = self.rows[-1]
         ref = getattr(self.predictor, "_ref", {})
+        ref_out = getattr(self.predictor, "_ref_out", {})
         lr = float(optimizer.param_groups[0]["lr"])
         self._before = float(torch.stack(losses).mean())
         for name, old in zip(names, grads):
@@ -116,6 +119,10 @@ class OldTaskProbe(Callback):
             if r is not None and r.shape[1] == m.shape[1] and float(r.norm()) > 0:
                 oc = o @ m
                 row["cos"] += float((r * oc).sum() / (r.norm() * oc.norm()).clamp_min(1e-30))
+            r = ref_out.get(name)
+            if r is not None and r.shape == o.shape and float(r.norm()) > 0:
+                oo = o - (o @ m) @ m.T
+                row["cos_out"] += float((r * oo).sum() / (r.norm() * oo.norm()).clamp_min(1e-30))
         row["n"] += 1
 
 

@@ -72,6 +72,8 @@ Granularity = Literal["block", "layer"]
 Reference = Literal["mean", "late"]
 #: What of an agreeing block's component is kept.
 Keep = Literal["component", "reference"]
+#: How the part of a step outside the basis is guarded (``"none"``: as the default, free).
+Outside = Literal["none", "matrix", "row"]
 
 
 class RelaxedSubspacePredictor(SubspacePredictor):
@@ -95,6 +97,12 @@ class RelaxedSubspacePredictor(SubspacePredictor):
         keep: ``"component"``: an agreeing block keeps its whole component (CUBER);
             ``"reference"``: only its component along the reference (the one direction the
             first-order argument vouches for; the rest of the block is projected out).
+        outside: ``"matrix"`` / ``"row"`` also guard the part of the step outside the basis
+            (where the default lets the old tasks' loss leak): the running reference's part
+            outside the basis is kept (rows x fan-in per matrix), and where the step disagrees
+            with it (negative inner product, per matrix or per row) the step's component
+            along it is removed: A-GEM's test with a stored reference instead of replayed
+            data. ``"none"``: the part outside the basis is free, as in the default.
         **kwargs: :class:`SubspacePredictor`'s arguments (``sketch`` must stay None,
             ``in_basis`` ``"project"``).
 
@@ -127,6 +135,7 @@ class RelaxedSubspacePredictor(SubspacePredictor):
         reference: Reference = "late",
         horizon: int = 100,
         keep: Keep = "component",
+        outside: Outside = "none",
         **kwargs: Any,
     ) -> None:
         if kwargs.get("sketch") is not None:
@@ -143,6 +152,11 @@ class RelaxedSubspacePredictor(SubspacePredictor):
         self.reference: Reference = check_choice("reference", reference, ("mean", "late"))
         self.horizon = check_int("horizon", horizon, minimum=1)
         self.keep: Keep = check_choice("keep", keep, ("component", "reference"))
+        self.outside: Outside = check_choice("outside", outside, ("none", "matrix", "row"))
+        # outside=True: per matrix the running reference's part outside the basis (rows x
+        # cols, orthogonal to M) and the tasks folded into it.
+        self._ref_out: dict[str, Tensor] = {}
+        self._out_tasks: dict[str, int] = {}
         # Per weight name: the task's summed gradient [dW, db] (rows x cols) and its count.
         self._gsum: dict[str, Tensor] = {}
         self._gcount: dict[str, int] = {}
@@ -174,14 +188,15 @@ class RelaxedSubspacePredictor(SubspacePredictor):
         device = next(iter(params.values())).device if params else torch.device("cpu")
         for name in [n for n in self._edges if n not in self._basis]:
             # The matrix changed shape: the parent dropped its basis, so its reference goes.
-            for store in (self._ref, self._anchor, self._ema, self._edges, self._ref_tasks):
+            stores: tuple[dict, ...] = (self._ref, self._anchor, self._ema, self._edges)
+            for store in (*stores, self._ref_tasks, self._ref_out, self._out_tasks):
                 store.pop(name, None)
         for group in self._groups.values():
             total = self._gsum.get(group.weight)
             if total is not None and total.shape != (group.rows, group.cols):
                 self._gsum.pop(group.weight)
                 self._gcount.pop(group.weight, None)
-        for tensors in (self._ref, self._anchor, self._gsum, self._ema):
+        for tensors in (self._ref, self._anchor, self._gsum, self._ema, self._ref_out):
             for name, value in tensors.items():
                 tensors[name] = value.to(device)
         for name in list(self._basis):
@@ -193,12 +208,23 @@ class RelaxedSubspacePredictor(SubspacePredictor):
 
     def rename(self, renamed: Mapping[str, str]) -> None:
         super().rename(renamed)
-        for attr in ("_gsum", "_gcount", "_ref", "_ref_tasks", "_anchor", "_edges", "_ema"):
+        for attr in (
+            "_gsum",
+            "_gcount",
+            "_ref",
+            "_ref_tasks",
+            "_anchor",
+            "_edges",
+            "_ema",
+            "_ref_out",
+            "_out_tasks",
+        ):
             setattr(self, attr, rename_keys(getattr(self, attr), renamed))
         self._inside, self._kept_energy, self._block_ids = {}, {}, {}
 
     def memory_floats(self) -> int:
         extra = [*self._gsum.values(), *self._ref.values(), *self._anchor.values()]
+        extra += list(self._ref_out.values())
         return super().memory_floats() + sum(t.numel() for t in [*extra, *self._ema.values()])
 
     def task_figures(self) -> dict[str, float]:
@@ -265,6 +291,8 @@ class RelaxedSubspacePredictor(SubspacePredictor):
                     ref = (n * ref + coords / norm) / (n + 1)
                     self._ref_tasks[name] = n + 1
             self._ref[name] = ref
+            if self.outside != "none":
+                self._fold_outside(name, m, total, count)
             if name in ends:
                 self._anchor[name] = ends[name] @ m
         self.kept_shares = {
@@ -274,6 +302,52 @@ class RelaxedSubspacePredictor(SubspacePredictor):
         self.kept_history.append(dict(self.kept_shares))
         self._gsum, self._gcount, self._ema, self._inside, self._kept_energy = {}, {}, {}, {}, {}
         self._block_ids = {}
+
+    def _fold_outside(self, name: str, m: Tensor, total: Tensor | None, count: int) -> None:
+        """The running reference's part outside the (grown) basis: the old part without the
+        new directions, and the finished task's mean gradient outside the basis, scaled by
+        that mean's whole norm."""
+        rows, cols = self._shapes[name]
+        prev = self._ref_out.get(name)
+        if prev is None or prev.shape != (rows, cols):
+            prev = m.new_zeros(rows, cols)
+        else:
+            prev = prev - (prev @ m) @ m.T
+        if total is not None and count:
+            mean = total / count
+            norm = torch.linalg.vector_norm(mean)
+            if float(norm) > 0:
+                n = self._out_tasks.get(name, 0)
+                part = (mean - (mean @ m) @ m.T) / norm
+                prev = (n * prev + part) / (n + 1)
+                self._out_tasks[name] = n + 1
+        self._ref_out[name] = prev
+
+    def _guard_outside_(
+        self, name: str, w: Tensor, b: Tensor | None, removed: list[Tensor]
+    ) -> None:
+        """``G <- G - min(0, <G, r>) / |r|^2 · r`` with ``r`` the reference outside the basis
+        (orthogonal to it, so the in-basis rule is untouched), over the whole matrix or per
+        row; no host sync."""
+        r = self._ref_out.get(name)
+        if self.outside == "none" or r is None or self._out_tasks.get(name, 0) == 0:
+            return
+        fan_in = w.shape[1]
+        rw = r[:, :fan_in]
+        rb = r[:, fan_in] if b is not None and r.shape[1] > fan_in else None
+        dot = (w.float() * rw).sum(1)
+        size = rw.square().sum(1)
+        if rb is not None and b is not None:
+            dot = dot + b.float() * rb
+            size = size + rb.square()
+        if self.outside == "matrix":
+            dot, size = dot.sum(), size.sum()
+        coef = dot.clamp(max=0.0) / size.clamp_min(1e-30)
+        column = coef[:, None] if coef.dim() else coef
+        w.sub_((column * rw).to(w.dtype))
+        if rb is not None and b is not None:
+            b.sub_((coef * rb).to(b.dtype))
+        removed.append((coef.square() * size).sum())
 
     def _explicit(self, name: str) -> None:
         """Hold a basis stored as its complement as the basis itself (one block)."""
@@ -330,6 +404,7 @@ class RelaxedSubspacePredictor(SubspacePredictor):
             m = self._basis.get(name)
             if m is None or m.shape[1] == 0:
                 total.append(energy)
+                self._guard_outside_(name, w, b if group.bias is not None else None, removed)
                 continue
             self._explicit(name)
             m = self._basis[name]
@@ -359,6 +434,7 @@ class RelaxedSubspacePredictor(SubspacePredictor):
                 w.addmm_(delta, mw.T)  # in place in .grad
             else:
                 w.copy_(wf + delta @ mw.T)
+            self._guard_outside_(name, w, b if group.bias is not None else None, removed)
         if not removed:
             return None
         return torch.stack(removed).sum() / torch.stack(total).sum().clamp_min(1e-30)
@@ -407,6 +483,8 @@ class RelaxedSubspacePredictor(SubspacePredictor):
             "edges": {k: list(v) for k, v in self._edges.items()},
             "ema": {k: v.detach().clone() for k, v in self._ema.items()},
             "kept_history": [dict(h) for h in self.kept_history],
+            "ref_out": {k: v.detach().clone() for k, v in self._ref_out.items()},
+            "out_tasks": dict(self._out_tasks),
         }
         return state
 
@@ -423,6 +501,8 @@ class RelaxedSubspacePredictor(SubspacePredictor):
         self._edges = {k: [int(e) for e in v] for k, v in relaxed["edges"].items()}
         self._ema = {k: v.clone() for k, v in relaxed["ema"].items()}
         self.kept_history = [dict(h) for h in relaxed["kept_history"]]
+        self._ref_out = {k: v.clone() for k, v in relaxed.get("ref_out", {}).items()}
+        self._out_tasks = {k: int(v) for k, v in relaxed.get("out_tasks", {}).items()}
         self.kept_shares = dict(self.kept_history[-1]) if self.kept_history else {}
         self._inside, self._kept_energy, self._block_ids = {}, {}, {}
 
