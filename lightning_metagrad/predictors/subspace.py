@@ -916,26 +916,37 @@ class SubspacePredictor(OldGradientPredictor):
     def rewrite_(
         self, names: Sequence[str], thetas: Sequence[Tensor], targets: Sequence[Tensor]
     ) -> Tensor | None:
-        removed: list[Tensor] = []
-        total: list[Tensor] = []
+        removed: list[Tensor] = []  # energies the rule removed, 0-dim
+        coordinates: list[Tensor] = []  # or the removed parts' coordinates (G M), measured below
         anchors = (
             {g.weight: theta for g, theta in self._matrix_views(names, thetas)}
             if self.in_basis == "sign"
             else {}
         )
-        for group, w, b in self._matrices(names, targets):
+        matrices = self._matrices(names, targets)
+        if not matrices:
+            self._forget_lookups()
+            return None
+        # The energies before the rule, in one multi-tensor reduction (a few launches on a
+        # GPU, not three per matrix).
+        parts = [w for _, w, _ in matrices]
+        parts += [b for group, _, b in matrices if b is not None and group.bias is not None]
+        total = _sq_norms(parts)
+        for group, w, b in matrices:
             used = self._looked_up_rows(group, w)
             if used is None:
-                self._rewrite_matrix(group, w, b, anchors, removed, total)
+                self._rewrite_matrix(group, w, b, anchors, removed, coordinates)
                 continue
             # A row-sparse gradient (an embedding's): only the rows the step looked up.
             rows = w.index_select(0, used)
-            self._rewrite_matrix(group, rows, None, anchors, removed, total)
+            self._rewrite_matrix(group, rows, None, anchors, removed, coordinates)
             w.index_copy_(0, used, rows)
         self._forget_lookups()
+        if coordinates:
+            removed.append(_sq_norms(coordinates))
         if not removed:
             return None
-        return torch.stack(removed).sum() / torch.stack(total).sum().clamp_min(1e-30)
+        return torch.stack(removed).sum() / total.clamp_min(1e-30)
 
     def _rewrite_matrix(
         self,
@@ -944,26 +955,22 @@ class SubspacePredictor(OldGradientPredictor):
         b: Tensor | None,
         anchors: Mapping[str, Tensor],
         removed: list[Tensor],
-        total: list[Tensor],
+        coordinates: list[Tensor],
     ) -> None:
-        """The rule on one matrix ``[w, b]`` in place; appends its removed and total energy."""
+        """The rule on one matrix ``[w, b]`` in place; appends the energy it removed (or the
+        removed part's coordinates in the orthonormal basis, whose energy is the same)."""
         blocks = self._blocks.get(group.weight)
         if blocks:
             ell, _ = self._plan(group)
             k = sum(m.shape[1] for m in blocks)
             chunk = max(1, _WORKSPACE * ell * group.cols // (2 * k))  # within the workspace
-            removed_here, total_here = _project_blocks_(blocks, w, b if group.bias else None, chunk)
-            removed.append(removed_here)
-            total.append(total_here)
+            removed.append(_project_blocks_(blocks, w, b if group.bias else None, chunk)[0])
             return
         m = self._basis.get(group.weight)
         if m is None or self._dim(group.weight) == 0:
-            total.append(_sq_norm(w.float()) + (0 if b is None else _sq_norm(b.float())))
             return
         if group.weight in self._complement:
-            removed_here, total_here = _keep_complement_(m, w, b if group.bias else None)
-            removed.append(removed_here)
-            total.append(total_here)
+            removed.append(_keep_complement_(m, w, b if group.bias else None)[0])
             return
         mw = m[: w.shape[1]]
         wf = w.float()
@@ -975,14 +982,9 @@ class SubspacePredictor(OldGradientPredictor):
             # with the modelled mean old-task gradient there.
             old = anchors[group.weight] @ self._k[group.weight] - self._d[group.weight]
             gm.mul_(torch.mul(gm, old).le_(0).to(gm.dtype))
-        # Energies by norms: a reduction, no squared temporary of G.
         if group.bias is not None and b is not None:
-            mb = m[w.shape[1]]
-            total.append(_sq_norm(wf) + _sq_norm(b.float()))
-            b.sub_((gm @ mb).to(b.dtype))
-        else:
-            total.append(_sq_norm(wf))
-        removed.append(_sq_norm(gm))  # |G M M^T|^2 = |G M|^2 (M orthonormal)
+            b.sub_((gm @ m[w.shape[1]]).to(b.dtype))
+        coordinates.append(gm)  # |G M M^T|^2 = |G M|^2 (M orthonormal)
         if w.dtype == torch.float32:
             w.addmm_(gm, mw.T, alpha=-1.0)  # G <- G - (G M) M^T, in place in .grad
         else:
@@ -1225,3 +1227,9 @@ def _to_device(index: Tensor, device: torch.device) -> Tensor:
 
 def _sq_norm(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t).square()
+
+
+def _sq_norms(tensors: list[Tensor]) -> Tensor:
+    """``sum |t|^2`` over ``tensors`` (float32), in one multi-tensor reduction."""
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    return torch.stack(norms).square().sum()
