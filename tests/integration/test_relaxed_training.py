@@ -16,7 +16,9 @@ from lightning_metagrad.predictors.relaxed import RelaxedSubspacePredictor
 @pytest.mark.filterwarnings("ignore:MetaGrad. the protected subspace")
 def test_relaxed_predictor_trains_and_protects_block_by_block() -> None:
     torch.manual_seed(0)
-    pred = RelaxedSubspacePredictor(every=1, proximal=0.0)
+    pred = RelaxedSubspacePredictor(
+        every=1, proximal=0.0, keep="component", granularity="block", outside="none"
+    )
     cb, model = MetaGradCallback(predictor=pred), TinyClassifier(lr=LR)
     spy = train_then_watch(cb, model, loader(0), loader(1), steps=(8, 8))
     assert pred.num_old_tasks == 1 and all(torch.isfinite(p).all() for p in model.parameters())

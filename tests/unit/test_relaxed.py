@@ -29,9 +29,14 @@ def _task(pred: SubspacePredictor, w: Tensor, directions: Tensor, sign: float, s
     pred.end_task(["w"], [w])
 
 
+# CUBER's rule alone (whole component, one test per block, nothing guarded outside the basis);
+# the tests of the other settings name them.
+CUBER = {"keep": "component", "granularity": "block", "outside": "none"}
+
+
 def _pair(**kwargs: Any) -> tuple[RelaxedSubspacePredictor, SubspacePredictor, Tensor]:
     """A relaxed predictor and the default, each after the same first task along e0, e1."""
-    relaxed = RelaxedSubspacePredictor(every=1, sample_rows=None, **kwargs)
+    relaxed = RelaxedSubspacePredictor(every=1, sample_rows=None, **{**CUBER, **kwargs})
     default = SubspacePredictor(every=1, sample_rows=None)
     w = torch.zeros(ROWS, COLS)
     for pred in (relaxed, default):
@@ -83,6 +88,9 @@ def test_a_disagreeing_component_is_removed_exactly_as_the_default_removes_it() 
     never, default, w = _pair(agree=1.0, proximal=0.0)
     grad = _grad(1.0)
     assert torch.allclose(_rewritten(never, w, grad), _rewritten(default, w, grad), atol=1e-6)
+    # ... also per row, where a one-column block's cosine is 1 up to rounding.
+    never, default, w = _pair(agree=1.0, proximal=0.0, granularity="row")
+    assert torch.allclose(_rewritten(never, w, grad), _rewritten(default, w, grad), atol=1e-6)
 
 
 def test_reference_mode_keeps_only_the_component_along_the_reference() -> None:
@@ -98,7 +106,7 @@ def test_reference_mode_keeps_only_the_component_along_the_reference() -> None:
 
 
 def test_blocks_are_tested_apart_and_keep_their_columns_when_the_basis_grows() -> None:
-    relaxed = RelaxedSubspacePredictor(every=1, sample_rows=None, proximal=0.0)
+    relaxed = RelaxedSubspacePredictor(every=1, sample_rows=None, proximal=0.0, **CUBER)
     w = torch.zeros(ROWS, COLS)
     relaxed.bind({"w": w})
     eye = torch.eye(COLS)
@@ -115,20 +123,62 @@ def test_blocks_are_tested_apart_and_keep_their_columns_when_the_basis_grows() -
     assert torch.allclose(out @ m[:, :2], grad @ m[:, :2], atol=1e-5)
     assert (out @ m[:, 2:]).abs().max() < 1e-5
     # One test over the whole basis: the disagreement outweighs nothing here (cosine 0).
-    layer = RelaxedSubspacePredictor(every=1, sample_rows=None, proximal=0.0, granularity="layer")
+    layer = RelaxedSubspacePredictor(
+        every=1, sample_rows=None, proximal=0.0, keep="component", granularity="layer"
+    )
     layer.bind({"w": w})
     _task(layer, w, eye[:2], sign=1.0, seed=0)
     _task(layer, w, eye[2:4], sign=1.0, seed=1)
     assert (_rewritten(layer, w, grad) @ layer.basis("w")).abs().max() < 1e-5
 
 
+def test_row_tests_keep_each_agreeing_row_apart() -> None:
+    relaxed, default, w = _pair(proximal=0.0, granularity="row")
+    grad = _grad(+1.0)
+    grad[1, :2] *= -1.0  # row 1 now disagrees with the first task; the others agree
+    out = _rewritten(relaxed, w, grad)
+    projected = _rewritten(default, w, grad)
+    assert torch.allclose(out[1], projected[1], atol=1e-6)
+    for row in (0, 2, 3):
+        assert torch.allclose(out[row], grad[row])
+
+
+def test_outside_guard_removes_a_disagreeing_component_outside_the_basis_only() -> None:
+    relaxed = RelaxedSubspacePredictor(
+        every=1, sample_rows=None, proximal=0.0, outside="row", normalize_steps=False
+    )
+    w = torch.zeros(ROWS, COLS)
+    relaxed.bind({"w": w})
+    # A task whose steps go along e0, and every other one a little along e5: 1 % of the
+    # energy, under the threshold, so e5 stays outside the basis, but in the mean gradient.
+    for step in range(40):
+        g = torch.zeros(ROWS, COLS)
+        g[:, 0 if step % 2 else 5] = 1.0 if step % 2 else 0.1
+        relaxed.observe(["w"], [w], [g])
+    relaxed.end_task(["w"], [w])
+    assert relaxed.subspace_dims() == {"w": 1}
+    grad = torch.zeros(ROWS, COLS)
+    grad[:, 4] = 1.0  # free: orthogonal to the reference, kept
+    grad[:2, 5] = -1.0  # rows 0, 1 disagree outside the basis: their e5 part goes
+    grad[2:, 5] = 1.0  # rows 2, 3 agree: kept
+    out = _rewritten(relaxed, w, grad)
+    expected = grad.clone()
+    expected[:2, 5] = 0.0
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
 def test_state_round_trip() -> None:
-    relaxed, _, w = _pair(proximal=1.0, smoothing=0.5, reference="late", horizon=10)
+    relaxed, _, w = _pair(
+        proximal=1.0, smoothing=0.5, reference="late", horizon=10, outside="row", keep="reference"
+    )
     moved = w + 0.1
     _rewritten(relaxed, moved, _grad(1.0))  # a smoothing average in flight
     relaxed.observe(["w"], [moved], [_grad(1.0)])  # and a task's gradient sum
     state = relaxed.state_dict()
-    copy = RelaxedSubspacePredictor(every=1, sample_rows=None, proximal=1.0, smoothing=0.5)
+    copy = RelaxedSubspacePredictor(
+        every=1, sample_rows=None, proximal=1.0, smoothing=0.5, granularity="block"
+    )
+    assert copy.outside == "row" and copy.keep == "reference"  # (the defaults)
     copy.bind({"w": w})
     copy.load_state_dict(state)
     assert same_state(copy.state_dict(), state)
