@@ -73,7 +73,10 @@ class MetaGradCallback(Callback):
             ``"anchored"``: a diagonal Taylor model around each old task's end point with
             eq. 5's sign rule; ``"paper"``: the paper exactly (coordinate-wise meta-networks,
             eq. 5; how it fares is in docs/science.md); ``"replay"``: the real old-task
-            gradient from a small episodic memory; or a configured predictor instance.
+            gradient from a small episodic memory; ``"relaxed"``: the default's subspace with
+            CUBER's relaxation, keeping the old-task part of a step that agrees with the old
+            tasks' reference gradient (docs/science.md, section 7); or a configured predictor
+            instance.
         combine: for the elementwise predictors, ``"sign"`` (eq. 5) or ``"average"`` (eq. 2
             with predicted old gradients); the subspace predictor always projects.
         target: what the predictor learns and the rule rewrites: ``"gradient"``,

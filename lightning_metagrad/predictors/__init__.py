@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 #: The predictors built by name.
-PredictorName = Literal["subspace", "paper", "anchored", "replay"]
+PredictorName = Literal["subspace", "paper", "anchored", "replay", "relaxed"]
 PREDICTORS: dict[str, type[OldGradientPredictor]] = {
     "subspace": SubspacePredictor,
     "paper": MetaNetPredictor,
@@ -46,8 +46,8 @@ PREDICTORS: dict[str, type[OldGradientPredictor]] = {
 
 
 def build_predictor(spec: PredictorName | OldGradientPredictor) -> OldGradientPredictor:
-    """A predictor from its name (``"subspace"``, ``"paper"``, ``"anchored"``, ``"replay"``)
-    or an instance, returned as it is.
+    """A predictor from its name (``"subspace"``, ``"paper"``, ``"anchored"``, ``"replay"``,
+    ``"relaxed"``) or an instance, returned as it is.
 
     Example:
         >>> type(build_predictor("subspace")).__name__

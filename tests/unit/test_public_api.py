@@ -71,7 +71,7 @@ def test_names_are_literal_typed() -> None:
                 found |= literals(arg)
         return found
 
-    assert literals(hints["predictor"]) == {"subspace", "anchored", "paper", "replay"}
+    assert literals(hints["predictor"]) == {"subspace", "anchored", "paper", "replay", "relaxed"}
     assert literals(hints["task_boundaries"]) == {"fit", "batch", "manual", "auto"}
     assert literals(hints["combine"]) == {"sign", "average"}
     auto = typing.get_type_hints(lm.AutoBoundaries.__init__)
