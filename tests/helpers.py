@@ -472,3 +472,29 @@ def script_env(**extra: str) -> dict[str, str]:
     ``tests/`` on the path (so the script imports this module too)."""
     path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+_LAUNCHER_VARS = {"MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"}
+
+
+def run_distributed_script(script: str, verb: str, out: Path, timeout: int) -> None:
+    """Run test file ``script`` as ``python script verb out`` in a fresh process (Lightning's
+    launcher then re-executes it once per extra rank), without this process's launcher
+    variables; fails the test with the end of its stderr if it fails."""
+    env = {k: v for k, v in script_env(PYTHONWARNINGS="ignore").items() if k not in _LAUNCHER_VARS}
+    proc = subprocess.run(
+        [sys.executable, script, verb, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def end_process_group() -> None:
+    """Tear the gloo group down while every rank is alive: left to interpreter exit, its
+    threads sometimes abort the process ("terminate called without an active exception")."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

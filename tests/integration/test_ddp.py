@@ -18,7 +18,6 @@ the tests compare the files:
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,14 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyClassifier, loader, make_trainer, paper_callback_kwargs, script_env
+from helpers import (
+    TinyClassifier,
+    end_process_group,
+    loader,
+    make_trainer,
+    paper_callback_kwargs,
+    run_distributed_script,
+)
 from torch.utils.data import DataLoader, Subset
 
 from lightning_metagrad import (
@@ -150,26 +156,13 @@ def _ddp_run(out_dir: Path) -> None:
     for name in SCENARIOS:
         result = run_scenario(name, devices=2)
         torch.save(result, out_dir / f"{name}-rank{result['rank']}.pt")
-    # Tear the gloo group down while both ranks are alive: left to interpreter exit, its
-    # threads sometimes abort the process ("terminate called without an active exception").
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    end_process_group()
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
     out = tmp_path_factory.mktemp("ddp")
-    launcher_vars = {"MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"}
-    env = {k: v for k, v in script_env(PYTHONWARNINGS="ignore").items() if k not in launcher_vars}
-    proc = subprocess.run(
-        [sys.executable, __file__, "ddp-run", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_distributed_script(__file__, "ddp-run", out, timeout=300)
     return {
         name: [torch.load(out / f"{name}-rank{r}.pt", weights_only=True) for r in range(2)]
         for name in SCENARIOS

@@ -21,7 +21,6 @@ fsdp-run DIR``); rank 0 writes the whole weights and the callback's state to ``D
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyClassifier, loader, make_trainer, script_env
+from helpers import TinyClassifier, end_process_group, loader, make_trainer, run_distributed_script
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
@@ -220,24 +219,13 @@ def _fsdp_run(out: Path) -> None:
     torch.save(refusals(), out / f"refusals-rank{result['rank']}.pt")
     result = run_transformer()
     torch.save(result, out / f"transformer-rank{result['rank']}.pt")
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    end_process_group()
 
 
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
     out = tmp_path_factory.mktemp("fsdp2")
-    launcher_vars = {"MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"}
-    env = {k: v for k, v in script_env(PYTHONWARNINGS="ignore").items() if k not in launcher_vars}
-    proc = subprocess.run(
-        [sys.executable, __file__, "fsdp-run", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_distributed_script(__file__, "fsdp-run", out, timeout=600)
     results = {"refusals": [torch.load(out / f"refusals-rank{r}.pt") for r in range(2)]}
     return results | {
         name: [torch.load(out / f"{name}-rank{r}.pt", weights_only=False) for r in range(2)]
