@@ -33,6 +33,7 @@ from lightning_metagrad.boundaries import (
 from lightning_metagrad.engine import MetaGrad, StepReport
 from lightning_metagrad.predictors import (
     AnchoredPredictor,
+    GradientSubspacePredictor,
     MetaNetPredictor,
     OldGradientPredictor,
     ReplayPredictor,
@@ -65,6 +66,7 @@ __all__ = [
     "ERCallback",
     "EWCCallback",
     "GPMCallback",
+    "GradientSubspacePredictor",
     "MASCallback",
     "ManualBoundaries",
     "MetaGrad",

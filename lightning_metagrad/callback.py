@@ -67,9 +67,12 @@ class MetaGradCallback(Callback):
     it from Lightning's hooks.
 
     Args:
-        predictor: ``"subspace"`` (default): per weight matrix, the old tasks' gradient
-            subspace, projected out of later steps
+        predictor: ``"subspace"`` (default): per weight matrix, the subspace the old tasks
+            used (learnt from the layer's inputs, leaning towards each task's end), projected
+            out of later steps
             (:class:`~lightning_metagrad.predictors.subspace.SubspacePredictor`);
+            ``"gradient-subspace"``: the same from the gradients alone (the earlier
+            default);
             ``"anchored"``: a diagonal Taylor model around each old task's end point with
             eq. 5's sign rule; ``"paper"``: the paper exactly (coordinate-wise meta-networks,
             eq. 5; how it fares is in docs/science.md); ``"replay"``: the real old-task

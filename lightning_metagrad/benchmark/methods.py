@@ -49,6 +49,8 @@ def method_specs() -> dict[str, MethodSpec]:
         "metagrad-paper": MethodSpec(MetaGradCallback, {"predictor": "paper"}),
         "metagrad-anchored": MethodSpec(MetaGradCallback, {"predictor": "anchored"}),
         "metagrad-replay": MethodSpec(MetaGradCallback, {"predictor": "replay"}),
+        "metagrad-gradient": MethodSpec(MetaGradCallback, {"predictor": "gradient-subspace"}),
+        "metagrad-relaxed": MethodSpec(MetaGradCallback, {"predictor": "relaxed"}),
         "ewc": MethodSpec(b.EWCCallback, strength=100.0),
         "online-ewc": MethodSpec(b.OnlineEWCCallback, strength=100.0),
         "si": MethodSpec(b.SICallback, strength=1.0),
@@ -95,7 +97,7 @@ METHOD_NAMES = (
     "agem",
     "er",
 )
-VARIANT_NAMES = ("metagrad-paper", "metagrad-anchored")
+VARIANT_NAMES = ("metagrad-paper", "metagrad-anchored", "metagrad-gradient", "metagrad-relaxed")
 # Further baselines, run when named (the default set stays as its recorded results have it).
 EXTRA_NAMES = ("sgp",)
 ALL_METHODS = METHOD_NAMES + VARIANT_NAMES + EXTRA_NAMES

@@ -20,11 +20,12 @@ from lightning_metagrad.predictors.base import OldGradientPredictor, Prediction
 from lightning_metagrad.predictors.paper import MetaNetPredictor
 from lightning_metagrad.predictors.relaxed import RelaxedSubspacePredictor
 from lightning_metagrad.predictors.replay import ReplayPredictor
-from lightning_metagrad.predictors.subspace import SubspacePredictor
+from lightning_metagrad.predictors.subspace import GradientSubspacePredictor, SubspacePredictor
 
 __all__ = [
     "PREDICTORS",
     "AnchoredPredictor",
+    "GradientSubspacePredictor",
     "MetaNetPredictor",
     "OldGradientPredictor",
     "Prediction",
@@ -35,9 +36,10 @@ __all__ = [
 ]
 
 #: The predictors built by name.
-PredictorName = Literal["subspace", "paper", "anchored", "replay", "relaxed"]
+PredictorName = Literal["subspace", "gradient-subspace", "paper", "anchored", "replay", "relaxed"]
 PREDICTORS: dict[str, type[OldGradientPredictor]] = {
     "subspace": SubspacePredictor,
+    "gradient-subspace": GradientSubspacePredictor,
     "paper": MetaNetPredictor,
     "anchored": AnchoredPredictor,
     "replay": ReplayPredictor,
@@ -46,8 +48,8 @@ PREDICTORS: dict[str, type[OldGradientPredictor]] = {
 
 
 def build_predictor(spec: PredictorName | OldGradientPredictor) -> OldGradientPredictor:
-    """A predictor from its name (``"subspace"``, ``"paper"``, ``"anchored"``, ``"replay"``,
-    ``"relaxed"``) or an instance, returned as it is.
+    """A predictor from its name (``"subspace"``, ``"gradient-subspace"``, ``"paper"``,
+    ``"anchored"``, ``"replay"``, ``"relaxed"``) or an instance, returned as it is.
 
     Example:
         >>> type(build_predictor("subspace")).__name__

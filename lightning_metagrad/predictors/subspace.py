@@ -111,10 +111,16 @@ class SubspacePredictor(OldGradientPredictor):
             budget, with a warning); None: unbounded. With ``sketch=None`` a given budget only
             warns for matrices whose dense second moment exceeds it.
         late_weight: late-task weighting: before each observation the task's statistic so far
-            is multiplied by this factor (1: every observed step counts the same; 0.98: a step
-            observed 35 observations before the task's end counts half), so the basis leans
-            towards the representation the task ended with, as GPM's end-of-task activations
-            do.
+            is multiplied by this factor (1: every observed step counts the same; 0.9, the
+            default: a step observed 7 observations before the task's end counts half), so the
+            basis leans towards the representation the task ended with, as GPM's end-of-task
+            activations do.
+
+    The defaults (``statistic="inputs"``, ``late_weight=0.9``) were chosen on the validation
+    splits (docs/science.md, section 6b). The gradient-only statistic every observed step
+    weighted the same, the earlier default, is
+    ``SubspacePredictor(statistic="gradient", late_weight=1.0)``, or the named mode
+    ``predictor="gradient-subspace"`` (:class:`GradientSubspacePredictor`).
 
     Example:
         >>> pred = SubspacePredictor(every=1)
@@ -133,9 +139,9 @@ class SubspacePredictor(OldGradientPredictor):
 
     rule: ClassVar[Literal["elementwise", "projection"]] = "projection"
     masks_non_finite: ClassVar[bool] = True
-    # 2 adds "energy" (normalize_steps); 3 the sketch state ("blocks", "sketch", "total").
-    # Versions 1 and 2 still load.
-    _state_version: ClassVar[int] = 3
+    # 2 adds "energy" (normalize_steps); 3 the sketch state ("blocks", "sketch", "total"); 4
+    # the statistic it was built from ("statistic", "late_weight"). Versions 1-3 still load.
+    _state_version: ClassVar[int] = 4
 
     def __init__(
         self,
@@ -148,11 +154,11 @@ class SubspacePredictor(OldGradientPredictor):
         seed: int = 0,
         in_basis: Literal["project", "sign"] = "project",
         normalize_steps: bool | Literal["auto"] = "auto",
-        statistic: Statistic = "gradient",
+        statistic: Statistic = "inputs",
         input_weight: float = 1.0,
         sketch: int | None = None,
         memory_budget: float | None = 1.0,
-        late_weight: float = 1.0,
+        late_weight: float = 0.9,
     ) -> None:
         self.late_weight = check_fraction("late_weight", late_weight)
         self.in_basis = check_choice("in_basis", in_basis, ("project", "sign"))
@@ -461,12 +467,17 @@ class SubspacePredictor(OldGradientPredictor):
             if name in self._warned_budget:
                 continue
             allowed = self.memory_budget * group.rows * group.cols
-            if self.sketch is None and self._budget_given and group.cols**2 > allowed:
+            # Without a budget of their own, only moments that are large in absolute terms too
+            # (a wide fan-in: Linear(4096, 16) holds 256 floats per parameter) are reported.
+            large = self._budget_given or group.cols**2 >= _LARGE_DENSE
+            if self.sketch is None and large and group.cols**2 > allowed:
                 self._warned_budget.add(name)
                 self.runtime.warn(
                     f"SubspacePredictor: the dense second moment of {name!r} holds "
-                    f"{group.cols**2} floats, more than memory_budget={self.memory_budget} "
-                    f"per parameter ({int(allowed)}). Set `sketch` (e.g. 32) to bound it."
+                    f"{group.cols**2} floats ({group.cols / group.rows:.0f} per parameter of "
+                    f"that matrix), more than memory_budget={self.memory_budget} per parameter "
+                    f"({int(allowed)}). Set `sketch` (e.g. SubspacePredictor(sketch=32)) to "
+                    "bound it."
                 )
             elif self.sketch is not None and self._plan(group)[0] < _widest(self.sketch, group):
                 self._warned_budget.add(name)
@@ -780,14 +791,23 @@ class SubspacePredictor(OldGradientPredictor):
             return False
         first = self._steps - steps  # steps numbered from 0; the last one is _steps - 1
         taken = False
+        later = len(self._recent)  # the history holds every observation of its window
+        removed: dict[str, int] = {}
         for step, added in self._recent:
+            later -= 1
             if step < first:
                 continue
+            # With late_weight < 1 the observation has been scaled once per later one.
+            weight = self.late_weight**later
             for name, g in added.items():
                 if self._count.get(name, 0) > 1:  # never empty a moment entirely
-                    self._cov[name].addmm_(g.T, g, alpha=-1.0)
+                    self._cov[name].addmm_(g.T, g, alpha=-weight)
                     self._count[name] -= 1
+                    removed[name] = removed.get(name, 0) + 1
                     taken = True
+        if self.late_weight < 1.0:  # undo the scaling the removed observations applied
+            for name, count in removed.items():
+                self._cov[name].div_(self.late_weight**count)
         self._recent = [(s, a) for s, a in self._recent if s < first]
         return taken
 
@@ -1015,6 +1035,8 @@ class SubspacePredictor(OldGradientPredictor):
             "blocks": {k: [b.detach().clone() for b in bs] for k, bs in self._blocks.items()},
             "sketch": {k: fd.state_dict() for k, fd in self._sketches.items()},
             "total": {k: v.detach().clone() for k, v in self._total.items()},
+            "statistic": self.statistic,
+            "late_weight": self.late_weight,
             **self._task_state_over_shards(),
         }
 
@@ -1050,7 +1072,8 @@ class SubspacePredictor(OldGradientPredictor):
         return {"cov": cov, "summed_over_shards": True}
 
     def load_state_dict(self, state: dict) -> None:
-        check_state_version(type(self).__name__, state, (1, 2, 3), unversioned=1)
+        check_state_version(type(self).__name__, state, (1, 2, 3, 4), unversioned=1)
+        self._check_saved_statistic(state)
         self._old_tasks = int(state["num_old_tasks"])
         self._basis = {k: v.clone() for k, v in state["basis"].items()}
         self._cov = {k: v.clone() for k, v in state["cov"].items()}
@@ -1077,6 +1100,25 @@ class SubspacePredictor(OldGradientPredictor):
         self._total = {k: v.clone() for k, v in total.items()}
         self._pending = {}
         self._summed_state = bool(state.get("summed_over_shards", False))
+
+    def _check_saved_statistic(self, state: dict) -> None:
+        """Warn when the state was built from another statistic than this predictor's (e.g. a
+        checkpoint of the earlier, gradient-statistic default): the old tasks'
+        bases are kept, and the next tasks are learnt from this predictor's statistic."""
+        if state.get("version", 1) >= 4:
+            saved = (str(state["statistic"]), float(state["late_weight"]))
+        else:  # written before the inputs statistic existed
+            saved = ("gradient", 1.0)
+        if not state["num_old_tasks"] and not state["count"]:
+            return  # nothing learnt yet: nothing to mix
+        if saved != (self.statistic, self.late_weight):
+            self.runtime.warn(
+                f"SubspacePredictor: the loaded state was learnt with statistic={saved[0]!r}, "
+                f"late_weight={saved[1]}, this predictor uses statistic={self.statistic!r}, "
+                f"late_weight={self.late_weight}; the old bases are kept and the next tasks "
+                f"use the new statistic. To continue as before, pass "
+                f"SubspacePredictor(statistic={saved[0]!r}, late_weight={saved[1]})"
+            )
 
     def _split_summed_state(self) -> None:
         """After loading a state saved under row sharding (its task's second moment summed over
@@ -1193,6 +1235,9 @@ def _input_rows(
     return rows
 
 
+#: Floats (16 MiB) from which a dense second moment over the memory budget warns by default.
+_LARGE_DENSE = 1 << 22
+
 #: Workspace rows per sketch row: the sketch's 2, a shrink's 2 (its new rows, and its Gram
 #: matrix and eigenvectors, 8·ell² floats with ell <= cols / 8), the pending input rows and the
 #: step's sampled rows (ell / 2 each, with a copy while they are scaled and joined).
@@ -1233,3 +1278,20 @@ def _sq_norms(tensors: list[Tensor]) -> Tensor:
     """``sum |t|^2`` over ``tensors`` (float32), in one multi-tensor reduction."""
     norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
     return torch.stack(norms).square().sum()
+
+
+class GradientSubspacePredictor(SubspacePredictor):
+    """The gradient-only subspace (``predictor="gradient-subspace"``): each matrix's basis
+    from its (sampled, unit-energy) gradient rows, every observed step weighted the same; the
+    earlier default. Same arguments as :class:`SubspacePredictor`, with
+    ``statistic="gradient"`` and ``late_weight=1.0`` by default.
+
+    Example:
+        >>> GradientSubspacePredictor().statistic
+        'gradient'
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("statistic", "gradient")
+        kwargs.setdefault("late_weight", 1.0)
+        super().__init__(**kwargs)

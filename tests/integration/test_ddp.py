@@ -75,10 +75,11 @@ def scenario_kwargs(name: str) -> dict[str, Any]:
     """
     if name == "replay":
         return {"predictor": ReplayPredictor(memory_batches=4, refresh_every=1, free_below=1.0)}
-    if name == "subspace":  # the default predictor; a basis per weight matrix from the gradients
-        return {"predictor": SubspacePredictor(every=1, threshold=0.9, input_threshold=None)}
-    if name == "inputs":  # the layer inputs' moments, averaged over the ranks at a task's end
-        return {"predictor": SubspacePredictor(every=1, threshold=0.9, statistic="inputs")}
+    if name == "subspace":  # a basis per weight matrix from the gradients
+        return {"predictor": SubspacePredictor(every=1, threshold=0.9, statistic="gradient")}
+    if name == "inputs":  # the default statistic: the layer inputs' moments, averaged over the
+        # ranks at a task's end
+        return {"predictor": SubspacePredictor(every=1, threshold=0.9)}
     kwargs = paper_callback_kwargs()
     if name == "auto-novelty":
         novelty = SubspaceNovelty(refresh=2, lag=1, sample_rows=2)

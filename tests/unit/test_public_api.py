@@ -16,6 +16,7 @@ def test_the_top_level_holds_what_a_user_imports() -> None:
     predictors = {
         "OldGradientPredictor",
         "SubspacePredictor",
+        "GradientSubspacePredictor",
         "AnchoredPredictor",
         "MetaNetPredictor",
         "ReplayPredictor",
@@ -71,7 +72,14 @@ def test_names_are_literal_typed() -> None:
                 found |= literals(arg)
         return found
 
-    assert literals(hints["predictor"]) == {"subspace", "anchored", "paper", "replay", "relaxed"}
+    assert literals(hints["predictor"]) == {
+        "subspace",
+        "gradient-subspace",
+        "anchored",
+        "paper",
+        "replay",
+        "relaxed",
+    }
     assert literals(hints["task_boundaries"]) == {"fit", "batch", "manual", "auto"}
     assert literals(hints["combine"]) == {"sign", "average"}
     auto = typing.get_type_hints(lm.AutoBoundaries.__init__)

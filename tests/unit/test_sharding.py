@@ -65,7 +65,7 @@ def test_a_two_dimensional_mesh_is_refused(one_process_group: Any) -> None:
 
 def test_the_default_predictor_runs_sharded_and_the_variants_that_cannot_say_why() -> None:
     assert SubspacePredictor().sharding_unsupported() is None
-    assert SubspacePredictor(sketch=8).sharding_unsupported() is None
+    assert SubspacePredictor(statistic="gradient", sketch=8).sharding_unsupported() is None
     assert SubspacePredictor(statistic="both").sharding_unsupported() is None
     inputs_sketch = SubspacePredictor(statistic="inputs", sketch=8).sharding_unsupported()
     assert "sketch=None" in str(inputs_sketch)

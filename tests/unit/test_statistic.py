@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_metagrad import MetaGrad, SubspacePredictor
+from lightning_metagrad import MetaGrad, Runtime, SubspacePredictor
 from lightning_metagrad.matrices import matrix_groups
 from lightning_metagrad.predictors.basis import grow_basis
 from lightning_metagrad.predictors.sketch import (
@@ -182,6 +182,23 @@ def test_the_dense_statistic_of_a_thin_layer_exceeds_the_budget_and_says_so() ->
         assert peak_floats_per_parameter(_thin_small, pred, steps=3) > 1.0
 
 
+def test_the_default_warns_at_bind_where_a_wide_fan_in_makes_the_dense_moment_large() -> None:
+    warned: list[str] = []
+    wide = nn.Linear(4096, 16)
+    params = dict(wide.named_parameters())
+    pred = SubspacePredictor()
+    pred.runtime = Runtime(warn=warned.append)
+    pred.bind(params, matrix_groups(params), dict(wide.named_modules()))
+    assert len(warned) == 1 and "256 per parameter" in warned[0] and "sketch=32" in warned[0]
+    small = nn.Linear(784, 256)  # 3 floats per parameter, but 2.4 MiB: no warning by default
+    params = dict(small.named_parameters())
+    quiet: list[str] = []
+    pred = SubspacePredictor()
+    pred.runtime = Runtime(warn=quiet.append)
+    pred.bind(params, matrix_groups(params), dict(small.named_modules()))
+    assert quiet == []
+
+
 def test_a_sketch_too_big_for_the_budget_is_lowered_with_a_warning() -> None:
     layer = nn.Linear(4096, 16)
     params = dict(layer.named_parameters())
@@ -267,7 +284,7 @@ def test_the_hooks_are_removed_on_rebind_and_with_the_gradient_statistic() -> No
     assert [len(m._forward_hooks) for m in (model[0], model[2])] == [1, 1]
     pred.remove_hooks()
     assert [len(m._forward_hooks) for m in (model[0], model[2])] == [0, 0]
-    gradient_only = SubspacePredictor()
+    gradient_only = SubspacePredictor(statistic="gradient")
     gradient_only.bind(params, matrix_groups(params), dict(model.named_modules()))
     assert all(not m._forward_hooks for m in model.modules())
 
@@ -337,7 +354,7 @@ def test_a_sketch_state_round_trips_and_a_version_2_state_still_loads() -> None:
         if not task:
             pred.end_task(names, [p.detach() for p in params])
     state = pred.state_dict()
-    assert state["version"] == 3 and state["blocks"] and state["sketch"]
+    assert state["version"] == 4 and state["blocks"] and state["sketch"]
     restored = SubspacePredictor(statistic="both", sketch=4)
     restored.load_state_dict(state)
     bound = dict(model.named_parameters())

@@ -125,7 +125,7 @@ def test_each_step_enters_the_second_moment_with_unit_energy() -> None:
     steps = [torch.tensor([[100.0, 0.0, 0.0]])] * 10 + [torch.tensor([[0.0, 1.0, 0.0]])] * 30
     dims = {}
     for normalize in (True, False):
-        pred = SubspacePredictor(threshold=0.9, every=1, normalize_steps=normalize)
+        pred = SubspacePredictor(threshold=0.9, every=1, normalize_steps=normalize, late_weight=1.0)
         w = torch.zeros(1, 3)
         pred.bind({"w": w})
         for target in steps:
