@@ -28,8 +28,12 @@ from lightning_metagrad import MetaGrad, SubspacePredictor
 from lightning_metagrad.predictors.sketch import PeakTensorMemory
 
 SETTINGS: dict[str, Callable[[], SubspacePredictor]] = {
-    "gradient, dense (the default)": lambda: SubspacePredictor(every=1),
-    "gradient, sketch 32": lambda: SubspacePredictor(every=1, sketch=32),
+    "inputs, dense (the default)": lambda: SubspacePredictor(every=1),
+    "inputs, sketch 32": lambda: SubspacePredictor(every=1, sketch=32),
+    "gradient, dense (the earlier default)": lambda: SubspacePredictor(
+        every=1, statistic="gradient", late_weight=1.0
+    ),
+    "gradient, sketch 32": lambda: SubspacePredictor(every=1, statistic="gradient", sketch=32),
     "inputs+gradient, dense": lambda: SubspacePredictor(every=1, statistic="both"),
     "inputs+gradient, sketch 32": lambda: SubspacePredictor(every=1, statistic="both", sketch=32),
 }
@@ -57,9 +61,17 @@ def _transformer() -> tuple[nn.Module, Callable[[], Any]]:
     return model, batch
 
 
+def _resnet18() -> tuple[nn.Module, Callable[[], Any]]:
+    from torchvision.models import resnet18  # the benchmark extra
+
+    model = resnet18(num_classes=10)
+    return model, lambda: (torch.randn(4, 3, 32, 32), torch.randint(10, (4,)))
+
+
 MODELS: dict[str, Callable[[], tuple[nn.Module, Callable[[], Any]]]] = {
     "MLP 8192-64-10": _mlp_8192,
     "Linear(4096, 16)": _thin,
+    "resnet18": _resnet18,
     "demo Transformer": _transformer,
 }
 

@@ -36,6 +36,7 @@ from lightning_metagrad.predictors import (
     GradientSubspacePredictor,
     MetaNetPredictor,
     OldGradientPredictor,
+    RelaxedSubspacePredictor,
     ReplayPredictor,
     SubspacePredictor,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "NewFitBoundaries",
     "OldGradientPredictor",
     "OnlineEWCCallback",
+    "RelaxedSubspacePredictor",
     "ReplayPredictor",
     "Runtime",
     "SGPCallback",

@@ -49,7 +49,9 @@ def method_specs() -> dict[str, MethodSpec]:
         "metagrad-paper": MethodSpec(MetaGradCallback, {"predictor": "paper"}),
         "metagrad-anchored": MethodSpec(MetaGradCallback, {"predictor": "anchored"}),
         "metagrad-replay": MethodSpec(MetaGradCallback, {"predictor": "replay"}),
-        "metagrad-gradient": MethodSpec(MetaGradCallback, {"predictor": "gradient-subspace"}),
+        "metagrad-gradient-subspace": MethodSpec(
+            MetaGradCallback, {"predictor": "gradient-subspace"}
+        ),
         "metagrad-relaxed": MethodSpec(MetaGradCallback, {"predictor": "relaxed"}),
         "ewc": MethodSpec(b.EWCCallback, strength=100.0),
         "online-ewc": MethodSpec(b.OnlineEWCCallback, strength=100.0),
@@ -97,7 +99,12 @@ METHOD_NAMES = (
     "agem",
     "er",
 )
-VARIANT_NAMES = ("metagrad-paper", "metagrad-anchored", "metagrad-gradient", "metagrad-relaxed")
+VARIANT_NAMES = (
+    "metagrad-paper",
+    "metagrad-anchored",
+    "metagrad-gradient-subspace",
+    "metagrad-relaxed",
+)
 # Further baselines, run when named (the default set stays as its recorded results have it).
 EXTRA_NAMES = ("sgp",)
 ALL_METHODS = METHOD_NAMES + VARIANT_NAMES + EXTRA_NAMES

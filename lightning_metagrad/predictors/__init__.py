@@ -30,6 +30,7 @@ __all__ = [
     "OldGradientPredictor",
     "Prediction",
     "PredictorName",
+    "RelaxedSubspacePredictor",
     "ReplayPredictor",
     "SubspacePredictor",
     "build_predictor",

@@ -112,7 +112,8 @@ class RelaxedSubspacePredictor(SubspacePredictor):
             along it is removed: A-GEM's test with a stored reference instead of replayed
             data. ``"none"``: the part outside the basis is free, as in the default.
         **kwargs: :class:`SubspacePredictor`'s arguments (``sketch`` must stay None,
-            ``in_basis`` ``"project"``).
+            ``in_basis`` ``"project"``); ``statistic="gradient"`` and ``late_weight=1.0`` by
+            default, the setting its defaults were chosen with.
 
     Example:
         >>> pred = RelaxedSubspacePredictor(every=1, proximal=0.0)
@@ -150,6 +151,9 @@ class RelaxedSubspacePredictor(SubspacePredictor):
             raise ValueError("RelaxedSubspacePredictor needs the dense statistic: use sketch=None")
         if kwargs.get("in_basis", "project") != "project":
             raise ValueError("RelaxedSubspacePredictor replaces `in_basis`: leave it 'project'")
+        # Its defaults were chosen with the gradient statistic (docs/science.md, section 7).
+        kwargs.setdefault("statistic", "gradient")
+        kwargs.setdefault("late_weight", 1.0)
         super().__init__(**kwargs)
         self.agree = check_float("agree", agree, minimum=-1.0, maximum=1.0)
         self.proximal = check_float("proximal", proximal, minimum=0.0)

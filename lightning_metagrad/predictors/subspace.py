@@ -1,29 +1,31 @@
-r"""The default predictor: each weight matrix's old-task gradient subspace, learned from the
-gradients the callback already sees (the paper's section 2.2 suggestion to "process a small set
-of related parameters simultaneously").
+r"""The default predictor: per weight matrix, the subspace the old tasks used, learned during
+each task from what the training forward and backward passes already compute (the paper's
+section 2.2 suggestion to "process a small set of related parameters simultaneously").
 
 For every weight matrix ``W`` (out x fan-in; a conv kernel as out x in·kh·kw; its bias, when
-the module has one, as an extra column) the predictor accumulates, during a task, the
-second moment of the task's gradients on the input side, ``C = sum_t G_t^T G_t / |G_t|^2``
-with ``G = [dW, db]``, every ``every``-th optimizer step. Each step enters with unit energy
-(``normalize_steps``), so the late, small gradients of a task, which still show the directions
-its loss depends on, count as much as its first, large ones. No extra forward or backward
-pass, no stored data. With optimizers other than plain SGD, ``G`` is the optimizer's update
-vector; the update vectors of adaptive optimizers (Adam and the like, already scaled per
-coordinate) enter as they are by default.
+the module has one, as an extra column) the predictor accumulates, during a task, a second
+moment ``C`` on the input side, every ``every``-th optimizer step. By default
+(``statistic="inputs"``) it is the uncentred second moment of the rows ``[x, 1]`` the matrix
+multiplies in the training forward passes, read by forward hooks (the statistic of GPM and
+Adam-NSCL, with no extra pass); a matrix no hook sees (an embedding, an attention projection
+called functionally) uses its gradients, ``sum_t G_t^T G_t / |G_t|^2`` with ``G = [dW, db]``
+(``statistic="gradient"``, the earlier default). Each observed step enters with unit energy
+(``normalize_steps``) and ``late_weight`` < 1 discounts the earlier steps, so the basis leans
+towards the representation the task ended with. No stored data. With optimizers other than
+plain SGD the rewritten ``G`` is the optimizer's update vector.
 
-At a task boundary ``C`` is folded into an orthonormal basis ``M`` of the old tasks'
-gradient subspace by the energy rule of Gradient Projection Memory (Saha et al., 2021),
-applied to gradient second moments: just enough new directions from the part of ``C`` outside
-``M`` are added that ``M`` explains a fraction ``threshold`` of the finished task's gradient
-energy. From the second task on, every step's gradient loses its component in that subspace,
-``G <- G - (G M) M^T``: eq. 5's hard limit (a direction the old tasks' gradients use is never
-moved against them) applied in the learned basis instead of coordinate by coordinate.
+At a task boundary ``C`` is folded into an orthonormal basis ``M`` by the energy rule of
+Gradient Projection Memory (Saha et al., 2021): just enough new directions from the part of
+``C`` outside ``M`` are added that ``M`` explains a fraction ``threshold`` of the finished
+task's energy. From the second task on, every step loses its component in that subspace,
+``G <- G - (G M) M^T``: eq. 5's hard limit (a direction the old tasks use is never moved
+against them) applied in the learned basis instead of coordinate by coordinate.
 
 Memory between tasks: ``M`` per weight matrix, at most fan-in x fan-in, constant in the number
-of tasks; during a task also ``C`` (fan-in x fan-in). One-dimensional parameters that are not a
-bias of a matrix (norm layers' scales and shifts, a lone scalar) are left free: they are few,
-and a 1-D "subspace" of a norm scale would freeze it outright.
+of tasks; during a task also ``C`` (fan-in x fan-in), or with ``sketch=ell`` a Frequent
+Directions sketch within ``memory_budget`` floats per parameter. One-dimensional parameters
+that are not a bias of a matrix (norm layers' scales and shifts, a lone scalar) are left free:
+they are few, and a 1-D "subspace" of a norm scale would freeze it outright.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ Statistic = Literal["gradient", "inputs", "both"]
 
 
 class SubspacePredictor(OldGradientPredictor):
-    r"""Per weight matrix, the old tasks' gradient subspace; later gradients are projected out
-    of it (module docstring).
+    r"""Per weight matrix, the subspace the old tasks used (by default learnt from the layer's
+    inputs); later gradients are projected out of it (module docstring).
 
     Args:
         threshold: energy fraction of each finished task's gradients the basis must explain

@@ -17,6 +17,7 @@ def test_the_top_level_holds_what_a_user_imports() -> None:
         "OldGradientPredictor",
         "SubspacePredictor",
         "GradientSubspacePredictor",
+        "RelaxedSubspacePredictor",
         "AnchoredPredictor",
         "MetaNetPredictor",
         "ReplayPredictor",
