@@ -48,7 +48,7 @@ def grow_basis(basis: Tensor | None, covariance: Tensor, threshold: float) -> Te
         residual = projector @ cov @ projector
     if kept >= threshold or old.shape[1] >= features:
         return basis
-    values, vectors = torch.linalg.eigh((residual + residual.T) / 2)
+    values, vectors = symmetric_eigh((residual + residual.T) / 2, total)
     values, vectors = values.flip(0).clamp_min(0) / total, vectors.flip(1)
     explained = kept + torch.cumsum(values, 0)
     needed = int((explained < threshold).sum()) + 1  # the first index reaching the threshold
@@ -60,6 +60,31 @@ def grow_basis(basis: Tensor | None, covariance: Tensor, threshold: float) -> Te
     return merged.float()
 
 
+def symmetric_eigh(matrix: Tensor, total: float, jitter: bool = False) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh`` of a symmetric PSD ``matrix`` with trace ``total``. LAPACK's
+    solver can fail to converge on a large matrix with big clusters of equal eigenvalues (the
+    input moment of a wide conv layer after a few steps is mostly exact zeros); then (or with
+    ``jitter=True``) it runs on ``matrix + j I`` with ``j = 1e-9 total / n``, which moves every
+    eigenvalue by a share of the total far below the rule's noise floor and leaves the
+    eigenvectors of distinct eigenvalues as they were.
+
+    Example:
+        >>> m = torch.diag(torch.tensor([2.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+        >>> symmetric_eigh(m, 3.0, jitter=True)[0].round(decimals=6)
+        tensor([0., 0., 1., 2.], dtype=torch.float64)
+    """
+    if not jitter:
+        try:
+            return torch.linalg.eigh(matrix)
+        except torch.linalg.LinAlgError:
+            pass
+    n = matrix.shape[0]
+    shift = 1e-9 * total / n
+    eye = torch.eye(n, dtype=matrix.dtype, device=matrix.device)
+    values, vectors = torch.linalg.eigh(matrix + shift * eye)
+    return values - shift, vectors
+
+
 def complement_of(basis: Tensor) -> Tensor:
     """An orthonormal basis of the orthogonal complement of ``basis``'s columns.
 
@@ -69,9 +94,10 @@ def complement_of(basis: Tensor) -> Tensor:
                 [1., 0.],
                 [0., 1.]])
     """
-    cols = basis.shape[0]
-    if basis.shape[1] == 0:
+    cols, k = basis.shape
+    if k == 0:
         return torch.eye(cols, dtype=basis.dtype, device=basis.device)
-    b = basis.double()
-    values, vectors = torch.linalg.eigh(torch.eye(cols, dtype=b.dtype, device=b.device) - b @ b.T)
-    return vectors[:, values > 0.5].to(basis.dtype)  # eigenvalues are 0 (in span) or 1
+    # The complete QR's last columns span the complement (no eigensolver on the projector,
+    # whose eigenvalues are all 0 or 1: the clusters LAPACK's solver can fail on).
+    q, _ = torch.linalg.qr(basis.double(), mode="complete")
+    return q[:, k:].to(basis.dtype)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from lightning_metagrad import MetaGrad, Runtime, SubspacePredictor
 from lightning_metagrad.matrices import matrix_groups
-from lightning_metagrad.predictors.basis import grow_basis
+from lightning_metagrad.predictors.basis import complement_of, grow_basis, symmetric_eigh
 from lightning_metagrad.predictors.sketch import (
     FrequentDirections,
     PeakTensorMemory,
@@ -376,3 +376,25 @@ def test_the_sign_rule_needs_the_dense_statistic() -> None:
         SubspacePredictor(in_basis="sign", sketch=8)
     with pytest.raises(ValueError, match="statistic"):
         SubspacePredictor(statistic="activations")  # type: ignore[arg-type]
+
+
+def test_the_jittered_eigensolver_finds_the_same_directions_on_a_rank_deficient_moment() -> None:
+    # The fallback for LAPACK's convergence failures (large clusters of zero eigenvalues).
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(5, 40, generator=gen, dtype=torch.float64)
+    moment = rows.T @ rows  # rank 5 of 40: 35 equal (zero) eigenvalues
+    total = float(moment.trace())
+    plain_values, plain_vectors = torch.linalg.eigh(moment)
+    values, vectors = symmetric_eigh(moment, total, jitter=True)
+    torch.testing.assert_close(values, plain_values, atol=1e-9 * total, rtol=0)
+    top, plain_top = vectors[:, -5:], plain_vectors[:, -5:]
+    torch.testing.assert_close(top @ top.T, plain_top @ plain_top.T)
+
+
+def test_the_complement_spans_what_the_basis_leaves_out() -> None:
+    basis = torch.linalg.qr(torch.randn(30, 7, generator=torch.Generator().manual_seed(1)))[0]
+    rest = complement_of(basis)
+    assert rest.shape == (30, 23)
+    eye = torch.eye(30)
+    torch.testing.assert_close(basis @ basis.T + rest @ rest.T, eye, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rest.T @ rest, torch.eye(23), atol=1e-5, rtol=0)
