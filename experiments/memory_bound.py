@@ -28,13 +28,14 @@ from lightning_metagrad import MetaGrad, SubspacePredictor
 from lightning_metagrad.predictors.sketch import PeakTensorMemory
 
 SETTINGS: dict[str, Callable[[], SubspacePredictor]] = {
-    "inputs, dense (the default)": lambda: SubspacePredictor(every=1),
+    "the default (inputs; sketch='auto')": lambda: SubspacePredictor(every=1),
+    "inputs, dense": lambda: SubspacePredictor(every=1, sketch=None),
     "inputs, sketch 32": lambda: SubspacePredictor(every=1, sketch=32),
     "gradient, dense (the earlier default)": lambda: SubspacePredictor(
-        every=1, statistic="gradient", late_weight=1.0
+        every=1, statistic="gradient", late_weight=1.0, sketch=None
     ),
     "gradient, sketch 32": lambda: SubspacePredictor(every=1, statistic="gradient", sketch=32),
-    "inputs+gradient, dense": lambda: SubspacePredictor(every=1, statistic="both"),
+    "inputs+gradient, dense": lambda: SubspacePredictor(every=1, statistic="both", sketch=None),
     "inputs+gradient, sketch 32": lambda: SubspacePredictor(every=1, statistic="both", sketch=32),
 }
 

@@ -154,6 +154,7 @@ class RelaxedSubspacePredictor(SubspacePredictor):
         # Its defaults were chosen with the gradient statistic (docs/science.md, section 7).
         kwargs.setdefault("statistic", "gradient")
         kwargs.setdefault("late_weight", 1.0)
+        kwargs.setdefault("sketch", None)
         super().__init__(**kwargs)
         self.agree = check_float("agree", agree, minimum=-1.0, maximum=1.0)
         self.proximal = check_float("proximal", proximal, minimum=0.0)

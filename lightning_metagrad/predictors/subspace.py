@@ -108,6 +108,11 @@ class SubspacePredictor(OldGradientPredictor):
             rows of memory; Liberty 2013, as CoSO does for gradients), with the basis grown
             from it by GPM's rule at O(fan-in·ell²) (:mod:`.sketch`). The stored basis is then
             a list of per-task blocks (no complement: converting to it needs fan-in² floats).
+            ``"auto"`` (default): the dense moment where it fits the matrix's share of
+            ``memory_budget`` or is small (under 16 MiB), a sketch of 32 rows within the budget
+            for the others (a wide fan-in: ``Linear(4096, 16)``, resnet18's last convolutions);
+            under several processes those sketches read the gradients (each process's layer
+            inputs differ).
         memory_budget: with a sketch, floats per parameter a matrix's predictor state and
             workspace may hold (``ell`` is lowered to fit and the basis stops growing at the
             budget, with a warning); None: unbounded. With ``sketch=None`` a given budget only
@@ -158,7 +163,7 @@ class SubspacePredictor(OldGradientPredictor):
         normalize_steps: bool | Literal["auto"] = "auto",
         statistic: Statistic = "inputs",
         input_weight: float = 1.0,
-        sketch: int | None = None,
+        sketch: int | Literal["auto"] | None = "auto",
         memory_budget: float | None = 1.0,
         late_weight: float = 0.9,
     ) -> None:
@@ -168,12 +173,14 @@ class SubspacePredictor(OldGradientPredictor):
             "statistic", statistic, ("gradient", "inputs", "both")
         )
         self.input_weight = check_float("input_weight", input_weight, minimum=0, low_open=True)
-        self.sketch = check_int("sketch", sketch, minimum=1, optional=True)
+        self.sketch: int | Literal["auto"] | None = (
+            "auto" if sketch == "auto" else check_int("sketch", sketch, minimum=1, optional=True)
+        )
         self._budget_given = memory_budget != 1.0
         self.memory_budget = check_float(
             "memory_budget", memory_budget, minimum=0, low_open=True, optional=True
         )
-        if self.sketch is not None and self.in_basis == "sign":
+        if isinstance(self.sketch, int) and self.in_basis == "sign":
             raise ValueError(
                 "`in_basis='sign'` needs the dense second moment (its Taylor model): "
                 "use sketch=None"
@@ -235,6 +242,8 @@ class SubspacePredictor(OldGradientPredictor):
         self._hooked: set[str] = set()
         self._warned_budget: set[str] = set()
         self._plans: dict[str, tuple[int, int]] = {}  # per weight: (ell, most basis columns)
+        # The weights whose statistic is a sketch (all with sketch=ell; with "auto" the wide).
+        self._sketched: set[str] = set()
         self._summed_state = False  # loaded a task statistic summed over row shards
         # Embedding weights: the ids the training forwards looked up since the last rewrite
         # (gradient mode only: their gradient is zero outside those rows).
@@ -272,7 +281,7 @@ class SubspacePredictor(OldGradientPredictor):
         for fd in self._sketches.values():
             fd.to(device)
         if (
-            self.sketch is not None
+            isinstance(self.sketch, int)
             and self.statistic != "gradient"
             and self.runtime.mean_over_ranks is not None
         ):
@@ -282,6 +291,7 @@ class SubspacePredictor(OldGradientPredictor):
                 "step; use the dense statistic (sketch=None) or statistic='gradient'"
             )
         self._split_summed_state()
+        self._sketched = self._choose_sketched()
         self._hook_inputs(params, modules)
         self._hook_lookups(modules)
         self._allocate()
@@ -368,6 +378,8 @@ class SubspacePredictor(OldGradientPredictor):
             module = modules.get(owner_of(group.weight))
             if module is None or not _reads_inputs(module, group, params):
                 continue
+            if group.weight in self._sketched and self._several_processes():
+                continue  # a sketch of each process's own inputs would differ: its gradients
             hook = partial(self._read_inputs, group.weight, group.bias is not None)
             self._hooks.append(module.register_forward_hook(hook))
             self._hooked.add(group.weight)
@@ -401,13 +413,43 @@ class SubspacePredictor(OldGradientPredictor):
 
     # ------------------------------------------------------------------ memory budget
 
+    @property
+    def _ell(self) -> int:
+        """Sketch rows per matrix (``sketch`` given, or "auto"'s 32)."""
+        return self.sketch if isinstance(self.sketch, int) else _AUTO_ELL
+
+    def _several_processes(self) -> bool:
+        return self.runtime.mean_over_ranks is not None or self.shards.active
+
+    def _choose_sketched(self) -> set[str]:
+        """The weights whose statistic is a sketch: every one with ``sketch=ell``; with
+        ``"auto"`` those whose dense moment exceeds both the matrix's share of the budget and
+        16 MiB (never with ``in_basis="sign"``, which needs the dense moment)."""
+        if self.sketch is None or self.in_basis == "sign":
+            return set()
+        if isinstance(self.sketch, int):
+            return set(self._groups)
+        if self.memory_budget is None:
+            return set()
+        budget = self.memory_budget
+        return {
+            g.weight
+            for g in self._groups.values()
+            # a matrix keeps the kind of state it already holds (e.g. a loaded dense basis)
+            if g.weight in self._blocks
+            or (
+                g.weight not in self._basis
+                and g.weight not in self._cov
+                and g.cols**2 > budget * g.rows * g.cols
+                and g.cols**2 >= _LARGE_DENSE
+            )
+        }
+
     def _plan(self, group: MatrixGroup) -> tuple[int, int]:
         """(sketch rows ``ell``, most basis columns) of a matrix (:meth:`_allocate`)."""
         plan = self._plans.get(group.weight)
         if plan is None:
-            plan = self._plans[group.weight] = _fair_plan(
-                group, self.sketch or 1, self.memory_budget
-            )
+            plan = self._plans[group.weight] = _fair_plan(group, self._ell, self.memory_budget)
         return plan
 
     def _allocate(self) -> None:
@@ -418,10 +460,10 @@ class SubspacePredictor(OldGradientPredictor):
         worth (``budget·rows·cols``) but a tenth, pooled with what the matrices that need less
         leave over; the pool goes to the others, the thinnest first (a classifier head)."""
         self._plans = {}
-        if self.sketch is None:
+        groups = [g for g in self._groups.values() if g.weight in self._sketched]
+        if not groups:
             return
-        groups = list(self._groups.values())
-        ell = self.sketch
+        ell = self._ell
         if self.memory_budget is None:
             self._plans = {g.weight: (min(ell, g.cols), g.cols) for g in groups}
             return
@@ -456,7 +498,7 @@ class SubspacePredictor(OldGradientPredictor):
 
     def _rows_per_step(self, group: MatrixGroup) -> int:
         rows = self.sample_rows or 32
-        if self.sketch is None:
+        if group.weight not in self._sketched:
             return rows
         return min(rows, max(1, self._plan(group)[0] // 2))
 
@@ -472,7 +514,8 @@ class SubspacePredictor(OldGradientPredictor):
             # Without a budget of their own, only moments that are large in absolute terms too
             # (a wide fan-in: Linear(4096, 16) holds 256 floats per parameter) are reported.
             large = self._budget_given or group.cols**2 >= _LARGE_DENSE
-            if self.sketch is None and large and group.cols**2 > allowed:
+            sketched = name in self._sketched
+            if not sketched and large and group.cols**2 > allowed:
                 self._warned_budget.add(name)
                 self.runtime.warn(
                     f"SubspacePredictor: the dense second moment of {name!r} holds "
@@ -481,10 +524,10 @@ class SubspacePredictor(OldGradientPredictor):
                     f"({int(allowed)}). Set `sketch` (e.g. SubspacePredictor(sketch=32)) to "
                     "bound it."
                 )
-            elif self.sketch is not None and self._plan(group)[0] < _widest(self.sketch, group):
+            elif sketched and self._plan(group)[0] < _widest(self._ell, group):
                 self._warned_budget.add(name)
                 self.runtime.warn(
-                    f"SubspacePredictor: sketch={self.sketch} rows do not fit {name!r} "
+                    f"SubspacePredictor: sketch={self._ell} rows do not fit {name!r} "
                     f"({group.rows} x {group.cols}) within memory_budget={self.memory_budget} "
                     f"floats per parameter; it uses {self._plan(group)[0]} rows."
                 )
@@ -517,7 +560,7 @@ class SubspacePredictor(OldGradientPredictor):
     def sharding_unsupported(self) -> str | None:
         """Row-sharded parameters (FSDP2) are supported with the projection rule (see
         :mod:`~lightning_metagrad.sharding`); the layer inputs' sketch is not."""
-        if self.statistic != "gradient" and self.sketch is not None:
+        if self.statistic != "gradient" and isinstance(self.sketch, int):
             return (
                 f"statistic={self.statistic!r} with sketch= would need every process's input "
                 "rows at each step; use the dense statistic (sketch=None) or "
@@ -628,15 +671,16 @@ class SubspacePredictor(OldGradientPredictor):
         if step % self.every != 0:
             self._pending = {}
             return {}
-        if self.sketch is not None:
-            matrices = self._matrices(names, targets)
+        if self._sketched:
+            matrices = [m for m in self._matrices(names, targets) if m[0].weight in self._sketched]
             energies = self._step_energies(matrices, reduce=self._normalize)
             for group, w, b in matrices:
                 self._observe_sketch(group, w, b, energies[group.weight], finite)
-            self._pending = {}
-            return {}
+            if len(self._sketched) == len(self._groups):
+                self._pending = {}
+                return {}
         added: dict[str, Tensor] = {}
-        views = self._matrix_views(names, targets)  # a missing bias grad counts as 0
+        views = self._matrix_views(names, targets, self._sketched)  # a missing bias grad: 0
         needs_energy = self._normalize or (self.statistic != "gradient" and bool(self._pending))
         energies = (
             self._step_energies([(group, g, None) for group, g in views], reduce=True)
@@ -766,7 +810,7 @@ class SubspacePredictor(OldGradientPredictor):
     def keep_history(self, steps: int) -> None:
         """Keep the sampled rows of the observations of the last ``steps`` steps (without
         ``sample_rows`` whole gradients would be kept: nothing is kept then)."""
-        if steps and self.sketch is not None:
+        if steps and isinstance(self.sketch, int):
             if not self._warned_history:
                 self._warned_history = True
                 self.runtime.warn(
@@ -789,6 +833,14 @@ class SubspacePredictor(OldGradientPredictor):
 
     def forget_recent(self, steps: int) -> bool:
         """Subtract the observations of the last ``steps`` steps from the second moments."""
+        if steps > 0 and self._sketched and not self._warned_history:
+            self._warned_history = True
+            self.runtime.warn(
+                f"SubspacePredictor: {len(self._sketched)} matrices keep a sketch (a wide "
+                "fan-in, sketch='auto'), which cannot take steps back: there the steps between a "
+                "task switch and its detection are folded into the old task. sketch=None keeps "
+                "every matrix dense (fan-in² floats each)."
+            )
         if steps <= 0 or not self._recent:
             return False
         first = self._steps - steps  # steps numbered from 0; the last one is _steps - 1
@@ -822,10 +874,12 @@ class SubspacePredictor(OldGradientPredictor):
                 f"with a weight-matrix gradient; observed every {self.every} steps)"
             )
         self._pending = {}
-        if self.sketch is not None:
-            self._end_task_sketch()
-            return
-        ends = {g.weight: theta for g, theta in self._matrix_views(names, thetas)}
+        self._fold_sketches()
+        ends = (  # the sign rule's Taylor model needs the task's end point
+            {g.weight: theta for g, theta in self._matrix_views(names, thetas)}
+            if self.in_basis == "sign"
+            else {}
+        )
         for name, cov in self._cov.items():
             if not self._count.get(name):
                 continue
@@ -848,13 +902,14 @@ class SubspacePredictor(OldGradientPredictor):
                     curvature = curvature * (self._energy[name] / self._count[name])
                 self._fold_taylor(name, curvature, ends[name])
         self._cov, self._count, self._recent, self._energy = {}, {}, [], {}
+        self._sketches, self._total = {}, {}
         self._steps = 0  # every task's first step is observed, however short the task
         self._old_tasks += 1
         self._warn_full_rank()
 
-    def _end_task_sketch(self) -> None:
-        """GPM's rule on each matrix's sketch (O(fan-in·ell²)); the new directions become
-        one more block of the basis."""
+    def _fold_sketches(self) -> None:
+        """GPM's rule on each sketched matrix's sketch (O(fan-in·ell²)); the new directions
+        become one more block of the basis."""
         for name, sketch in self._sketches.items():
             if not self._count.get(name):
                 continue
@@ -883,10 +938,6 @@ class SubspacePredictor(OldGradientPredictor):
                     "parameter) before explaining the task's energy threshold; later tasks "
                     "add nothing there. Raise `memory_budget` or lower the threshold."
                 )
-        self._sketches, self._total, self._count, self._recent = {}, {}, {}, []
-        self._steps = 0
-        self._old_tasks += 1
-        self._warn_full_rank()
 
     def _fold_taylor(self, name: str, curvature: Tensor, end: Tensor) -> None:
         """Eq. 6 for the Taylor model in the basis: running means of ``C_i M`` and
@@ -904,11 +955,14 @@ class SubspacePredictor(OldGradientPredictor):
         self._d[name] = (t * d + end.float() @ cm) / (t + 1)
 
     def _matrix_views(
-        self, names: Sequence[str], tensors: Sequence[Tensor]
+        self, names: Sequence[str], tensors: Sequence[Tensor], skip: set[str] | None = None
     ) -> list[tuple[MatrixGroup, Tensor]]:
-        """Per group present: the matrix [W, b] (rows x cols), as a float copy."""
+        """Per group present (but those whose weight is in ``skip``): the matrix [W, b]
+        (rows x cols), as a float copy."""
         out = []
         for group, w, b in self._matrices(names, tensors):
+            if skip and group.weight in skip:
+                continue
             if group.bias is not None:
                 column = b.float()[:, None] if b is not None else w.new_zeros(group.rows, 1)
                 out.append((group, torch.cat([w.float(), column.float()], dim=1)))
@@ -1237,8 +1291,11 @@ def _input_rows(
     return rows
 
 
-#: Floats (16 MiB) from which a dense second moment over the memory budget warns by default.
+#: Floats (16 MiB) from which a dense second moment over the memory budget is sketched by
+#: ``sketch="auto"`` (and warns with ``sketch=None``).
 _LARGE_DENSE = 1 << 22
+#: Sketch rows per matrix with ``sketch="auto"``.
+_AUTO_ELL = 32
 
 #: Workspace rows per sketch row: the sketch's 2, a shrink's 2 (its new rows, and its Gram
 #: matrix and eigenvectors, 8·ell² floats with ell <= cols / 8), the pending input rows and the

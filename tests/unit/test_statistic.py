@@ -182,20 +182,51 @@ def test_the_dense_statistic_of_a_thin_layer_exceeds_the_budget_and_says_so() ->
         assert peak_floats_per_parameter(_thin_small, pred, steps=3) > 1.0
 
 
-def test_the_default_warns_at_bind_where_a_wide_fan_in_makes_the_dense_moment_large() -> None:
+def _bind(pred: SubspacePredictor, model: nn.Module) -> SubspacePredictor:
+    params = dict(model.named_parameters())
+    pred.bind(params, matrix_groups(params), dict(model.named_modules()))
+    return pred
+
+
+def test_the_default_sketches_only_a_wide_fan_in() -> None:
+    model = nn.Sequential(nn.Linear(4096, 16), nn.ReLU(), nn.Linear(16, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the thin layer's 32 rows are lowered to fit: warned
+        pred = _bind(SubspacePredictor(), model)
+    assert pred._sketched == {"0.weight"}  # 4097² floats: 256 per parameter of that layer
+    small = _bind(SubspacePredictor(), nn.Sequential(nn.Linear(784, 256), nn.Linear(256, 10)))
+    assert small._sketched == set()  # 785² floats, 2.4 MiB: dense
+    assert _bind(SubspacePredictor(sketch=None), model)._sketched == set()
+
+
+@pytest.mark.parametrize("make", [_mlp_8192, _thin], ids=["8192-wide", "4096x16"])
+def test_the_default_holds_at_most_one_float_per_parameter_on_a_wide_fan_in(
+    make: Callable[[], tuple[nn.Module, Callable[[], Any]]],
+) -> None:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert peak_floats_per_parameter(make, SubspacePredictor(every=1), steps=5) <= 1.0
+
+
+def test_under_several_processes_the_default_sketches_a_wide_fan_in_from_its_gradients() -> None:
+    model = nn.Sequential(nn.Linear(4096, 16), nn.ReLU(), nn.Linear(16, 10))
+    pred = SubspacePredictor()
+    pred.runtime = Runtime(warn=lambda message: None, mean_over_ranks=lambda t: t)
+    _bind(pred, model)
+    assert pred._sketched == {"0.weight"} and pred._hooked == {"2.weight"}
+
+
+def test_without_a_sketch_a_large_dense_moment_warns_at_bind_naming_the_fix() -> None:
     warned: list[str] = []
-    wide = nn.Linear(4096, 16)
-    params = dict(wide.named_parameters())
-    pred = SubspacePredictor()
+    pred = SubspacePredictor(sketch=None)
     pred.runtime = Runtime(warn=warned.append)
-    pred.bind(params, matrix_groups(params), dict(wide.named_modules()))
+    _bind(pred, nn.Linear(4096, 16))
     assert len(warned) == 1 and "256 per parameter" in warned[0] and "sketch=32" in warned[0]
-    small = nn.Linear(784, 256)  # 3 floats per parameter, but 2.4 MiB: no warning by default
-    params = dict(small.named_parameters())
     quiet: list[str] = []
-    pred = SubspacePredictor()
+    pred = SubspacePredictor(sketch=None)
     pred.runtime = Runtime(warn=quiet.append)
-    pred.bind(params, matrix_groups(params), dict(small.named_modules()))
+    _bind(pred, nn.Linear(784, 256))  # 3 floats per parameter, but 2.4 MiB: no warning
     assert quiet == []
 
 
