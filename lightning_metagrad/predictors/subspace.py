@@ -122,12 +122,16 @@ class SubspacePredictor(OldGradientPredictor):
             default: a step observed 7 observations before the task's end counts half), so the
             basis leans towards the representation the task ended with, as GPM's end-of-task
             activations do.
+        threshold_step: added to every threshold per task already folded in, a schedule for
+            long streams (GPM uses +0.003 on CIFAR-100: later tasks protected more; a negative
+            step leaves later tasks more room); the result is kept within (0, 1].
 
     The defaults (``statistic="inputs"``, ``late_weight=0.9``) were chosen on the validation
     splits (docs/science.md, section 6b). The gradient-only statistic every observed step
     weighted the same, the earlier default, is
     ``SubspacePredictor(statistic="gradient", late_weight=1.0)``, or the named mode
-    ``predictor="gradient-subspace"`` (:class:`GradientSubspacePredictor`).
+    ``predictor="gradient-subspace"`` (:class:`GradientSubspacePredictor`). With a wide
+    fan-in the default's ``sketch="auto"`` keeps the statistic within ``memory_budget``.
 
     Example:
         >>> pred = SubspacePredictor(every=1)
@@ -166,8 +170,12 @@ class SubspacePredictor(OldGradientPredictor):
         sketch: int | Literal["auto"] | None = "auto",
         memory_budget: float | None = 1.0,
         late_weight: float = 0.9,
+        threshold_step: float = 0.0,
     ) -> None:
         self.late_weight = check_fraction("late_weight", late_weight)
+        self.threshold_step = check_float(
+            "threshold_step", threshold_step, minimum=-1.0, maximum=1.0
+        )
         self.in_basis = check_choice("in_basis", in_basis, ("project", "sign"))
         self.statistic: Statistic = check_choice(
             "statistic", statistic, ("gradient", "inputs", "both")
@@ -577,12 +585,16 @@ class SubspacePredictor(OldGradientPredictor):
         return self._normalize
 
     def threshold_of(self, weight: str) -> float:
-        """The energy threshold used for a weight matrix."""
+        """The energy threshold of a weight matrix for the task being folded in: its base
+        (``layer_thresholds``, ``input_threshold`` or ``threshold``) plus ``threshold_step``
+        per task already folded in (GPM's CIFAR schedule is 0.97 + 0.003·t), within (0, 1]."""
         if weight in self.layer_thresholds:
-            return self.layer_thresholds[weight]
-        if weight == self._first and self.input_threshold is not None:
-            return self.input_threshold
-        return self.threshold
+            base = self.layer_thresholds[weight]
+        elif weight == self._first and self.input_threshold is not None:
+            base = self.input_threshold
+        else:
+            base = self.threshold
+        return min(1.0, max(1e-3, base + self.threshold_step * self._old_tasks))
 
     def subspace_dims(self) -> dict[str, int]:
         """Directions protected per weight matrix."""
@@ -680,14 +692,12 @@ class SubspacePredictor(OldGradientPredictor):
                 self._pending = {}
                 return {}
         added: dict[str, Tensor] = {}
-        views = self._matrix_views(names, targets, self._sketched)  # a missing bias grad: 0
+        # No copy of a whole matrix: energies from the gradient in place, then only the sampled
+        # rows (or the layer inputs) are gathered.
+        matrices = [m for m in self._matrices(names, targets) if m[0].weight not in self._sketched]
         needs_energy = self._normalize or (self.statistic != "gradient" and bool(self._pending))
-        energies = (
-            self._step_energies([(group, g, None) for group, g in views], reduce=True)
-            if needs_energy
-            else {}
-        )
-        for group, g in views:
+        energies = self._step_energies(matrices, reduce=True) if needs_energy else {}
+        for group, w, b in matrices:
             inputs = self._pending.pop(group.weight, None)
             if inputs is not None and self.statistic != "gradient":
                 # The layer's input rows, with the step's energy (times input_weight); for
@@ -698,19 +708,22 @@ class SubspacePredictor(OldGradientPredictor):
                 scale = scale / self.shards.world if self.shards.sharded(group.weight) else scale
                 inputs = inputs * (scale / _sq_norm(inputs).clamp_min(1e-30)).sqrt()
                 if finite is not None:
-                    inputs = torch.where(finite, inputs, torch.zeros((), device=g.device))
-            if self._normalize:  # unit energy; a non-finite step stays non-finite
-                energy = energies[group.weight]
-                g = g * energy.clamp_min(1e-30).rsqrt()
-                if self.in_basis == "sign":  # only its Taylor model needs the raw scale
-                    self._add_energy(group.weight, energy, finite)
+                    inputs = torch.where(finite, inputs, torch.zeros((), device=w.device))
+            rows = None  # drawn even where the inputs replace them: the same random stream
             if self.sample_rows is not None and self.sample_rows < group.rows:
-                rows = self._sample_rows(group, self.sample_rows, g.device)
-                g = self.shards.pick(group.weight, rows, g)
-            if finite is not None:  # where, not a product: a NaN times 0 is still NaN
-                g = torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device))
-            if inputs is not None and self.statistic != "gradient":
-                g = inputs if self.statistic == "inputs" else torch.cat([g, inputs])
+                rows = self._sample_rows(group, self.sample_rows, w.device)
+            if inputs is not None and self.statistic == "inputs":
+                g = inputs
+            else:
+                g = self._gradient_rows(group, w, b, rows)
+                if self._normalize:  # unit energy; a non-finite step stays non-finite
+                    g = g * energies[group.weight].clamp_min(1e-30).rsqrt()
+                if finite is not None:  # where, not a product: a NaN times 0 is still NaN
+                    g = torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device))
+                if inputs is not None:  # "both"
+                    g = torch.cat([g, inputs])
+            if self._normalize and self.in_basis == "sign":  # its Taylor model: the raw scale
+                self._add_energy(group.weight, energies[group.weight], finite)
             if self._history_steps:
                 added[group.weight] = g
             cov = self._cov.get(group.weight)
@@ -773,6 +786,19 @@ class SubspacePredictor(OldGradientPredictor):
             inputs.mul_((scale / _sq_norm(inputs).clamp_min(1e-30)).sqrt())  # in place
             self._add_rows(name, inputs, finite)
         self._count[name] = self._count.get(name, 0) + 1
+
+    def _gradient_rows(
+        self, group: MatrixGroup, w: Tensor, b: Tensor | None, rows: Tensor | None
+    ) -> Tensor:
+        """The rows ``rows`` (global indices; None: all) of ``[w, b]`` as a float32 copy (a
+        missing bias gradient counts as 0)."""
+        name, pick = group.weight, self.shards.pick
+        g = w.float() if rows is None else pick(name, rows, w).float()
+        if group.bias is None:
+            return g.clone() if g is w else g
+        column = b if b is not None else w.new_zeros(w.shape[0])
+        column = (column if rows is None else pick(name, rows, column)).float()
+        return torch.cat([g, column[:, None]], 1)
 
     def _step_energies(
         self, matrices: Sequence[tuple[MatrixGroup, Tensor, Tensor | None]], reduce: bool = True
@@ -1330,7 +1356,7 @@ def _to_device(index: Tensor, device: torch.device) -> Tensor:
 
 
 def _sq_norm(t: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(t).square()
+    return torch.linalg.vector_norm(t, dtype=torch.float32).square()
 
 
 def _sq_norms(tensors: list[Tensor]) -> Tensor:
