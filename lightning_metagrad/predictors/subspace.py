@@ -109,7 +109,7 @@ class SubspacePredictor(OldGradientPredictor):
             from it by GPM's rule at O(fan-in·ell²) (:mod:`.sketch`). The stored basis is then
             a list of per-task blocks (no complement: converting to it needs fan-in² floats).
             ``"auto"`` (default): the dense moment where it fits the matrix's share of
-            ``memory_budget`` or is small (under 16 MiB), a sketch of 32 rows within the budget
+            ``memory_budget`` or is small (under 4 MiB), a sketch of 32 rows within the budget
             for the others (a wide fan-in: ``Linear(4096, 16)``, resnet18's last convolutions);
             under several processes those sketches read the gradients (each process's layer
             inputs differ).
@@ -432,7 +432,7 @@ class SubspacePredictor(OldGradientPredictor):
     def _choose_sketched(self) -> set[str]:
         """The weights whose statistic is a sketch: every one with ``sketch=ell``; with
         ``"auto"`` those whose dense moment exceeds both the matrix's share of the budget and
-        16 MiB (never with ``in_basis="sign"``, which needs the dense moment)."""
+        4 MiB (never with ``in_basis="sign"``, which needs the dense moment)."""
         if self.sketch is None or self.in_basis == "sign":
             return set()
         if isinstance(self.sketch, int):
@@ -1317,9 +1317,10 @@ def _input_rows(
     return rows
 
 
-#: Floats (16 MiB) from which a dense second moment over the memory budget is sketched by
-#: ``sketch="auto"`` (and warns with ``sketch=None``).
-_LARGE_DENSE = 1 << 22
+#: Floats (4 MiB) from which a dense second moment over the memory budget is sketched by
+#: ``sketch="auto"`` (and warns with ``sketch=None``): its boundary's float64 eigensolver
+#: needs about 16 times as much for a moment.
+_LARGE_DENSE = 1 << 20
 #: Sketch rows per matrix with ``sketch="auto"``.
 _AUTO_ELL = 32
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from helpers import make_trainer
 from torch import Tensor, nn
@@ -35,8 +37,18 @@ def _loader(task: int) -> DataLoader:
     return DataLoader(TensorDataset(x, torch.randint(3, (64,), generator=g)), batch_size=16)
 
 
-def test_the_sketch_stays_within_one_float_per_parameter_through_the_callback() -> None:
-    pred = SubspacePredictor(statistic="both", sketch=32, every=1)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: SubspacePredictor(statistic="both", sketch=32, every=1),
+        lambda: SubspacePredictor(every=1),  # the default: sketch="auto" sketches the wide layer
+    ],
+    ids=["both-sketch32", "default"],
+)
+def test_the_sketch_stays_within_one_float_per_parameter_through_the_callback(
+    make: Callable[[], SubspacePredictor],
+) -> None:
+    pred = make()
     peak = 0.0
     for name in ("_read_inputs", "observe", "rewrite_", "end_task"):
         fn = getattr(pred, name)

@@ -178,7 +178,7 @@ def _thin_small() -> tuple[nn.Module, Callable[[], Any]]:
 def test_the_dense_statistic_of_a_thin_layer_exceeds_the_budget_and_says_so() -> None:
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match="memory_budget"):
-        pred = SubspacePredictor(every=1, memory_budget=0.5)
+        pred = SubspacePredictor(every=1, memory_budget=0.5, sketch=None)
         assert peak_floats_per_parameter(_thin_small, pred, steps=3) > 1.0
 
 
