@@ -66,6 +66,12 @@ SIGNALS: dict[str, dict[str, Any]] = {
     # Either detector (issue 25): a switch when the novelty's detector or direction-r8's fires
     # (``AutoBoundaries(signal="novelty+direction")``, both restart at a switch).
     "novelty+direction": {"signal": "novelty+direction"},
+    # The same with the direction normalised by its value expected from gradient noise alone
+    # (``DirectionSignal(recent=8, normalise=True)``; docs/detection.md, "Noise-normalised").
+    "novelty+direction-n": {
+        "signal": "novelty+direction",
+        "_direction": {"recent": 8.0, "normalise": True},
+    },
 }
 
 
@@ -80,10 +86,9 @@ def boundaries(signal: str) -> AutoBoundaries:
         kwargs = {k: getattr(base, k) for k in keys}
         kwargs.update(max_warmup=base.max_warmup, cooldown=base.cooldown, **shape)
         spec["detector"] = ChangePointDetector(signal=base.signal, weights=base.weights, **kwargs)
-    src = AutoBoundaries(**spec)
     if direction:
-        src.signals["direction"] = DirectionSignal(**direction)
-    return src
+        spec["direction"] = DirectionSignal(**direction)
+    return AutoBoundaries(**spec)
 
 
 EVENTS = ("lr_drop", "warmup", "loss_spike", "input_spike", "batch_size")

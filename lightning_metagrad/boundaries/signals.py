@@ -13,6 +13,10 @@ from torch import Tensor
 from lightning_metagrad.boundaries.novelty import SubspaceNovelty
 from lightning_metagrad.predictors.paper.meta_network import CoordinateMLP, MetaNetwork
 
+#: The least expected squared turn of a normalised direction (a floor against a division by
+#: zero when every step points the same way).
+_NOISE_FLOOR = 1e-5
+
 #: What a signal reads: each step's gradients by name, each step's flat (theta, target)
 #: pairs, or each batch's loss.
 Reads = Literal["gradients", "pairs", "loss"]
@@ -239,6 +243,21 @@ class DirectionSignal(StreamSignal):
     gradient noise, so a new batch size moves it less than a new mapping does
     (``docs/detection.md``, "Concept shift").
 
+    ``normalise=True`` measures the turn in units of what gradient noise alone would give,
+    so that its level within a task does not depend on the gradient's signal-to-noise ratio
+    (``1 - cos`` climbs as a task converges and its mean gradient shrinks against the noise;
+    ``docs/detection.md``, "Noise-normalised direction"). Per tensor, with ``r`` the probe
+    (the recent mean of unit gradients, or the step's unit gradient) and ``m`` the task's
+    mean: the squared distance of ``r`` from the half-line along ``m`` (its part across
+    ``m``; all of it where ``r`` points against ``m``), over that distance's expected value
+    when the steps are unit vectors drawn around one fixed mean,
+    ``(S_r + S_m - 2 C) * v``. ``S_r``, ``S_m`` and ``C`` are the sums of the squared and
+    the crossed weights the two running means give the steps (exact, tracked as they are
+    updated), and ``v`` the task's running mean of ``1 - cos^2`` of each unit gradient with
+    ``m`` (the noise across the mean). Within a task it stays near 1 from the first steps to
+    convergence; at a new direction it grows with the new mean gradient's size over the noise.
+    For small angles it is ``1 - cos`` over its expected value under noise alone.
+
     Example:
         >>> signal = DirectionSignal()
         >>> for _ in range(20):
@@ -248,23 +267,47 @@ class DirectionSignal(StreamSignal):
         >>> signal.on_gradients(["w"], [-3 * torch.ones(4, 3)])
         >>> signal.take()  # flipped: 1 - cos = 2, whatever the scale
         2.0
+
+        Normalised, the level within a task is near 1 whatever the noise:
+
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> mean = torch.randn(64, generator=gen)
+        >>> for noise in (0.5, 4.0):
+        ...     signal, values = DirectionSignal(recent=8, normalise=True), []
+        ...     for _ in range(300):
+        ...         signal.on_gradients(["w"], [mean + noise * torch.randn(64, generator=gen)])
+        ...         values.append(signal.take())
+        ...     print(round(sorted(values[100:])[100], 1))  # the median over 200 steps
+        1.0
+        1.0
     """
 
     name = "direction"
     reads = "gradients"
+    #: Version 2 adds the normalised statistic's sums; version 1 (no ``version``) loads.
+    _state_version = 2
 
-    def __init__(self, halflife: float = 100.0, recent: float | None = None) -> None:
-        if not halflife > 0:
-            raise ValueError(f"`halflife` must be > 0, got {halflife!r}")
-        if recent is not None and not recent > 0:
-            raise ValueError(f"`recent` must be > 0 or None, got {recent!r}")
+    def __init__(
+        self, halflife: float = 100.0, recent: float | None = None, *, normalise: bool = False
+    ) -> None:
+        if isinstance(halflife, bool) or not isinstance(halflife, (int, float)) or not halflife > 0:
+            raise ValueError(f"`halflife` must be a number > 0, got {halflife!r}")
+        if recent is not None and (
+            isinstance(recent, bool) or not isinstance(recent, (int, float)) or not recent > 0
+        ):
+            raise ValueError(f"`recent` must be a number > 0 or None, got {recent!r}")
+        if not isinstance(normalise, bool):
+            raise ValueError(f"`normalise` must be a bool, got {normalise!r}")
         self.halflife = float(halflife)
         self.recent = None if recent is None else float(recent)
+        self.normalise = normalise
         self._alpha = 1.0 - 0.5 ** (1.0 / self.halflife)
         self._beta = 1.0 if recent is None else 1.0 - 0.5 ** (1.0 / recent)
         self._means: dict[str, Tensor] = {}
         self._recents: dict[str, Tensor] = {}
         self._counts: dict[str, int] = {}
+        # normalise: per tensor, [S_m, S_r, C, v] (see the class docstring), on the device.
+        self._noise: dict[str, Tensor] = {}
         # Pooled sum_l |g_l|^2 (1 - cos) and sum_l |g_l|^2.
         self._pooled = _Pooled(("changed", "energy"))
 
@@ -283,28 +326,69 @@ class DirectionSignal(StreamSignal):
                 if mean.device != unit.device:  # e.g. restored from a checkpoint on the CPU
                     mean = self._means[name] = mean.to(unit.device)
                 probe = unit
+                b = torch.where(ok, torch.tensor(self._beta, device=g.device), 0.0 * energy)
                 if self.recent is not None:  # the recent steps' mean direction
                     rec = self._recents[name]
                     if rec.device != unit.device:
                         rec = self._recents[name] = rec.to(unit.device)
-                    b = torch.where(ok, torch.tensor(self._beta, device=g.device), 0.0 * energy)
                     rec.mul_(1.0 - b).add_(b * unit)
                     probe = rec / rec.norm().clamp_min(1e-30)
-                cos = (probe @ mean) / mean.norm().clamp_min(1e-30)
-                weight = torch.where(ok & (mean.norm() > 0), energy, torch.zeros_like(energy))
-                changed.append(weight * (1.0 - cos.clamp(-1.0, 1.0)))
-                energies.append(weight)
                 count = self._counts[name] + 1
                 a = max(1.0 / count, self._alpha)
                 a_t = torch.where(ok, torch.tensor(a, device=g.device), torch.zeros_like(energy))
+                weight = torch.where(ok & (mean.norm() > 0), energy, torch.zeros_like(energy))
+                if self.normalise:
+                    value = self._normalised(name, unit, mean, b, a_t, count)
+                else:
+                    cos = (probe @ mean) / mean.norm().clamp_min(1e-30)
+                    value = 1.0 - cos.clamp(-1.0, 1.0)
+                changed.append(weight * value)
+                energies.append(weight)
                 mean.mul_(1.0 - a_t).add_(a_t * unit)
                 self._counts[name] = count
             else:  # first step of the task (or a new shape): the mean starts here
                 self._means[name] = unit.clone()
                 self._recents[name] = unit.clone()
                 self._counts[name] = 1
+                # Both means are this step alone: S_m = S_r = C = 1; no noise measured yet.
+                self._noise[name] = torch.tensor([1.0, 1.0, 1.0, 0.0], device=g.device)
         if energies:
             self._pooled.add(torch.stack(changed).sum(), torch.stack(energies).sum())
+
+    def _normalised(
+        self, name: str, unit: Tensor, mean: Tensor, b: Tensor, a: Tensor, count: int
+    ) -> Tensor:
+        """The step's normalised turn (``normalise=True``), before ``unit`` joins ``mean``;
+        the recent mean already holds it. Updates the weight sums and the noise ``v``."""
+        stats = self._noise.get(name)
+        if stats is None or stats.device != unit.device:  # e.g. a version-1 checkpoint
+            if stats is None:
+                stats = torch.tensor([1.0, 1.0, 1.0, 0.0])
+            stats = self._noise[name] = stats.to(unit.device)
+        s_m, s_r, cross, v = stats.unbind()
+        m_hat = mean / mean.norm().clamp_min(1e-30)
+        if self.recent is not None:
+            probe = self._recents[name]
+            # The recent mean took this step with weight b (the task's mean has not yet).
+            s_r = (1.0 - b) ** 2 * s_r + b**2
+            cross = (1.0 - b) * cross
+            w_now = b
+        else:
+            probe, s_r, cross, w_now = unit, torch.ones_like(s_r), torch.zeros_like(cross), b
+        # The noise across the mean: the task's running mean of 1 - cos^2 (each step weighs as
+        # in the mean; the first measured step alone).
+        across = 1.0 - (unit @ m_hat).clamp(-1.0, 1.0) ** 2
+        a_v = torch.where(a > 0, torch.clamp(a, min=1.0 / (count - 1)), a)
+        v = (1.0 - a_v) * v + a_v * across
+        along = probe @ m_hat  # off: the distance from the half-line along the mean, squared
+        off = (probe - along.clamp_min(0.0) * m_hat).pow(2).sum()
+        expected = ((s_r + s_m - 2.0 * cross).clamp_min(0.0) * v).clamp_min(_NOISE_FLOOR)
+        value = off / expected
+        # The task's mean takes this step with weight a.
+        s_m = (1.0 - a) ** 2 * s_m + a**2
+        cross = (1.0 - a) * cross + a * w_now
+        self._noise[name] = torch.stack([s_m, s_r, cross, v])
+        return value
 
     def take(self) -> float | None:
         pooled = self._pooled.take()
@@ -314,21 +398,34 @@ class DirectionSignal(StreamSignal):
         return max(changed, 0.0) / energy if energy > 0 else None
 
     def start_task(self) -> None:
-        self._means, self._recents, self._counts = {}, {}, {}
+        self._means, self._recents, self._counts, self._noise = {}, {}, {}, {}
         self._pooled.reset()
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "version": self._state_version,
             "means": {n: m.detach().clone() for n, m in self._means.items()},
             "recents": {n: m.detach().clone() for n, m in self._recents.items()},
             "counts": dict(self._counts),
+            "noise": {n: s.detach().clone() for n, s in self._noise.items()},
             **self._pooled.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`. A version-1 state (before ``normalise``) has no weight
+        sums: a normalised signal then starts the task's means afresh."""
+        version = state.get("version", 1)
+        if version not in (1, self._state_version):
+            raise ValueError(
+                f"DirectionSignal state version {version!r} is not supported "
+                f"(this version reads 1 and {self._state_version})"
+            )
         self._means = {n: m.detach().clone() for n, m in state.get("means", {}).items()}
         self._recents = {n: m.detach().clone() for n, m in state.get("recents", {}).items()}
         self._counts = {n: int(c) for n, c in state.get("counts", {}).items()}
+        self._noise = {n: s.detach().clone() for n, s in state.get("noise", {}).items()}
+        if self.normalise and set(self._noise) != set(self._means):
+            self._means, self._recents, self._counts, self._noise = {}, {}, {}, {}
         self._pooled.load_state_dict(state)
 
 
