@@ -34,7 +34,8 @@ _SINGLE: tuple[str, ...] = ("novelty", "loss", "error", "direction")
 #: Combined signals: a switch when any of these signals' detectors fires.
 _EITHER: dict[str, tuple[str, ...]] = {"novelty+direction": ("novelty", "direction")}
 #: The half-life, in steps, of the recent mean direction the combined signal tests
-#: (``DirectionSignal(recent=8)``; the per-step direction fires on a batch-size change).
+#: (``DirectionSignal(recent=8, normalise=True)``; the per-step direction fires on a
+#: batch-size change, the raw one rises as a task converges: docs/detection.md).
 _RECENT = 8.0
 #: Main signals read every step from the gradients (observed every step, pooled).
 _PER_STEP: tuple[str, ...] = ("novelty", "direction")
@@ -146,8 +147,10 @@ class AutoBoundaries(TaskBoundarySource):
     * ``"novelty+direction"``: either of the two: a switch is declared when the novelty's
       detector or the direction's fires, and both then restart, so a switch both see counts
       once (:class:`~lightning_metagrad.boundaries.either.EitherDetector`). The direction here
-      is the recent steps' mean direction (``DirectionSignal(recent=8)``, tested for a 5-fold
-      jump): the per-step direction also fires on a batch-size change or a warm-up. The
+      is the recent steps' mean direction in units of its value under noise alone
+      (``DirectionSignal(recent=8, normalise=True)``, tested for a 5-fold jump): the per-step
+      direction also fires on a batch-size change or a warm-up, and the raw one rises as a
+      task converges. The
       novelty finds input shifts, the direction concept shifts; ``docs/detection.md``
       ("Either detector") has the measurements.
 
@@ -180,7 +183,8 @@ class AutoBoundaries(TaskBoundarySource):
     ``novelty`` passes a configured
     :class:`~lightning_metagrad.boundaries.novelty.SubspaceNovelty` and ``direction`` a
     configured :class:`~lightning_metagrad.boundaries.signals.DirectionSignal` (default:
-    ``DirectionSignal()`` for ``signal="direction"``, ``DirectionSignal(recent=8)`` for
+    ``DirectionSignal()`` for ``signal="direction"``, ``DirectionSignal(recent=8,
+    normalise=True)`` for
     ``"novelty+direction"``; the default detector follows its ``recent``). Only the signals
     the detector names are built (:mod:`~lightning_metagrad.boundaries.signals`, one object
     each).
@@ -231,7 +235,7 @@ class AutoBoundaries(TaskBoundarySource):
                 f"`direction` must be a DirectionSignal, got {type(direction).__name__}"
             )
         if direction is None and signal in _EITHER and "direction" in _EITHER[signal]:
-            direction = DirectionSignal(recent=_RECENT)
+            direction = DirectionSignal(recent=_RECENT, normalise=True)
         if detector is None:
             recent = None if direction is None else direction.recent
             detector = _detector(signal, evidence, recent)

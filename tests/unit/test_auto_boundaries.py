@@ -20,6 +20,7 @@ def test_auto_defaults_to_the_novelty_or_the_direction() -> None:
     assert src.detector.mains == ["novelty", "direction"]  # either fires (issue 25)
     direction = src.signals["direction"]
     assert isinstance(direction, DirectionSignal) and direction.recent == 8.0
+    assert direction.normalise  # in units of its noise-only value (issue 25)
     assert src.uses_gradients and not src.uses_pairs and not src.uses_loss
     assert src.every == 1 and src.settle == 0
 

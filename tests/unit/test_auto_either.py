@@ -50,6 +50,7 @@ def test_the_combined_signal_builds_both_signals_and_detectors() -> None:
     assert set(src.signals) == {"novelty", "direction"}
     direction = src.signals["direction"]
     assert isinstance(direction, DirectionSignal) and direction.recent == 8.0
+    assert direction.normalise
     assert src.every == 1 and src.settle == 0 and src.uses_gradients and not src.uses_loss
     assert src.max_onset_steps == max(d.max_onset for d in src.detector.detectors)
     # The recent direction's stricter shape; evidence goes to the novelty's detector.
