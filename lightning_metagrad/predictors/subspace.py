@@ -683,18 +683,16 @@ class SubspacePredictor(OldGradientPredictor):
         if step % self.every != 0:
             self._pending = {}
             return {}
-        if self._sketched:
-            matrices = [m for m in self._matrices(names, targets) if m[0].weight in self._sketched]
-            energies = self._step_energies(matrices, reduce=self._normalize)
-            for group, w, b in matrices:
+        present = self._matrices(names, targets)
+        sketched = [m for m in present if m[0].weight in self._sketched]
+        if sketched:
+            energies = self._step_energies(sketched, reduce=self._normalize)
+            for group, w, b in sketched:
                 self._observe_sketch(group, w, b, energies[group.weight], finite)
-            if len(self._sketched) == len(self._groups):
-                self._pending = {}
-                return {}
         added: dict[str, Tensor] = {}
         # No copy of a whole matrix: energies from the gradient in place, then only the sampled
         # rows (or the layer inputs) are gathered.
-        matrices = [m for m in self._matrices(names, targets) if m[0].weight not in self._sketched]
+        matrices = [m for m in present if m[0].weight not in self._sketched]
         needs_energy = self._normalize or (self.statistic != "gradient" and bool(self._pending))
         energies = self._step_energies(matrices, reduce=True) if needs_energy else {}
         for group, w, b in matrices:
@@ -766,13 +764,8 @@ class SubspacePredictor(OldGradientPredictor):
             rows = None
             if m < group.rows:
                 rows = self._sample_rows(group, m, w.device)
-            pick = self.shards.pick
             # A copy: the rows are scaled and projected in place below, not the gradient.
-            g = w.to(torch.float32, copy=True) if rows is None else pick(name, rows, w).float()
-            if group.bias is not None:
-                column = b if b is not None else w.new_zeros(w.shape[0])
-                column = (column if rows is None else pick(name, rows, column)).float()
-                g = torch.cat([g, column[:, None]], 1)
+            g = self._gradient_rows(group, w, b, rows)
             # Every process sketches the whole matrix's rows (the same sketch everywhere).
             g = self.shards.gather(name, g, rows)
             scale = (group.rows / m) ** 0.5
@@ -981,14 +974,11 @@ class SubspacePredictor(OldGradientPredictor):
         self._d[name] = (t * d + end.float() @ cm) / (t + 1)
 
     def _matrix_views(
-        self, names: Sequence[str], tensors: Sequence[Tensor], skip: set[str] | None = None
+        self, names: Sequence[str], tensors: Sequence[Tensor]
     ) -> list[tuple[MatrixGroup, Tensor]]:
-        """Per group present (but those whose weight is in ``skip``): the matrix [W, b]
-        (rows x cols), as a float copy."""
+        """Per group present: the matrix [W, b] (rows x cols), as a float copy."""
         out = []
         for group, w, b in self._matrices(names, tensors):
-            if skip and group.weight in skip:
-                continue
             if group.bias is not None:
                 column = b.float()[:, None] if b is not None else w.new_zeros(group.rows, 1)
                 out.append((group, torch.cat([w.float(), column.float()], dim=1)))
