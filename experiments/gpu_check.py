@@ -18,25 +18,11 @@ import argparse
 import json
 import statistics
 import time
-from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_metagrad import MetaGrad
-
-_HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default)
-
-
-class HostReads(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func in _HOST_READS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
+from lightning_metagrad.meters import HostReads
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 For each model and predictor setting, two short tasks run through the plain-PyTorch engine
 (``MetaGrad``: bind, SGD steps, a task boundary), and every call into the predictor (its
 forward hooks, ``observe``, ``rewrite_``, ``end_task``) runs inside
-:class:`~lightning_metagrad.predictors.sketch.PeakTensorMemory`, which counts the tensors the
+:class:`~lightning_metagrad.meters.PeakTensorMemory`, which counts the tensors the
 call allocates while they live. The figure is, over all calls, the largest
 ``floats held before the call + floats allocated during it (peak)``, divided by the model's
 trainable parameters: state + workspace per parameter. Also printed: the floats held after the
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lightning_metagrad import MetaGrad, SubspacePredictor
-from lightning_metagrad.predictors.sketch import PeakTensorMemory
+from lightning_metagrad.meters import PeakTensorMemory
 
 SETTINGS: dict[str, Callable[[], SubspacePredictor]] = {
     "the default (inputs; sketch='auto')": lambda: SubspacePredictor(every=1),

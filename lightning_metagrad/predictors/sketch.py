@@ -1,7 +1,7 @@
 """A bounded-memory stand-in for a weight matrix's ``cols x cols`` second moment: a Frequent
 Directions sketch (Liberty, KDD 2013; Ghashami et al., SIAM J. Comput. 2016), GPM's energy rule
-(Saha et al., ICLR 2021) applied to it, and a tracker of the peak tensor memory a block of code
-allocates (to measure the bound). Plain PyTorch.
+(Saha et al., ICLR 2021) applied to it. Plain PyTorch. (The bound is measured with
+:class:`~lightning_metagrad.meters.PeakTensorMemory`.)
 
 A sketch of ``ell`` rows keeps ``B`` (at most ``2·ell x cols``) such that for every stream of
 rows ``A`` inserted, ``0 ⪯ AᵀA − BᵀB`` and ``‖AᵀA − BᵀB‖₂ ≤ ‖A‖²_F / ell`` (more precisely
@@ -12,14 +12,11 @@ rows ``A`` inserted, ``0 ⪯ AᵀA − BᵀB`` and ``‖AᵀA − BᵀB‖₂ �
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from lightning_metagrad.predictors.basis import _NOISE
 
@@ -174,53 +171,3 @@ def new_directions(
             new -= old @ (old.T @ new)
     new, _ = torch.linalg.qr(new)
     return new.contiguous(), capped
-
-
-class PeakTensorMemory(TorchDispatchMode):
-    """Counts the bytes of the tensors the ops run inside it allocate, while they live, and
-    their peak (a storage counted once; views and in-place results add nothing). CPU or GPU.
-
-    Example:
-        >>> with PeakTensorMemory() as mem:
-        ...     a = torch.ones(1000)
-        ...     b = a * 2
-        ...     del a, b
-        ...     c = torch.ones(500)
-        >>> mem.peak, mem.live
-        (8000, 2000)
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._seen: set[int] = set()
-
-    def reset_peak(self) -> None:
-        self.peak = self.live
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in tree_flatten((args, kwargs))[0]
-            if isinstance(t, Tensor)
-        }
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, Tensor):
-                continue
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if key in self._seen or key in inputs or storage.nbytes() == 0:
-                continue  # counted already, or a view / in-place result of an input
-            self._seen.add(key)
-            size = storage.nbytes()
-            self.live += size
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._free, key, size)
-        return out
-
-    def _free(self, key: int, size: int) -> None:
-        if key in self._seen:
-            self._seen.discard(key)
-            self.live -= size

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_metagrad import MetaGradCallback, SubspacePredictor
-from lightning_metagrad.predictors.sketch import PeakTensorMemory
+from lightning_metagrad.meters import PeakTensorMemory
 
 
 class WideThin(pl.LightningModule):

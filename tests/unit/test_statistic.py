@@ -15,12 +15,9 @@ from torch import Tensor, nn
 
 from lightning_metagrad import MetaGrad, Runtime, SubspacePredictor
 from lightning_metagrad.matrices import matrix_groups
+from lightning_metagrad.meters import PeakTensorMemory
 from lightning_metagrad.predictors.basis import complement_of, grow_basis, symmetric_eigh
-from lightning_metagrad.predictors.sketch import (
-    FrequentDirections,
-    PeakTensorMemory,
-    new_directions,
-)
+from lightning_metagrad.predictors.sketch import FrequentDirections, new_directions
 
 # ------------------------------------------------------------------ the sketch
 

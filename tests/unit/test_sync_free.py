@@ -14,25 +14,10 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_metagrad import MetaGrad, SubspacePredictor
 from lightning_metagrad.callback import build_predictor
-
-_HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default)
-
-
-class HostReads(TorchDispatchMode):
-    """Counts reads of a tensor's value on the host (each one a sync on a GPU)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func in _HOST_READS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
+from lightning_metagrad.meters import HostReads
 
 
 def engine_and_step(predictor: str) -> tuple[MetaGrad, nn.Module, Any]:
