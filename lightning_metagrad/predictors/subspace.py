@@ -181,9 +181,10 @@ class SubspacePredictor(OldGradientPredictor):
             "statistic", statistic, ("gradient", "inputs", "both")
         )
         self.input_weight = check_float("input_weight", input_weight, minimum=0, low_open=True)
-        self.sketch: int | Literal["auto"] | None = (
-            "auto" if sketch == "auto" else check_int("sketch", sketch, minimum=1, optional=True)
-        )
+        count = isinstance(sketch, int) and not isinstance(sketch, bool) and sketch >= 1
+        if not (sketch == "auto" or sketch is None or count):
+            raise ValueError(f"`sketch` must be 'auto', None or an int >= 1, got {sketch!r}")
+        self.sketch: int | Literal["auto"] | None = sketch
         self._budget_given = memory_budget != 1.0
         self.memory_budget = check_float(
             "memory_budget", memory_budget, minimum=0, low_open=True, optional=True

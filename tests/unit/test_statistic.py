@@ -426,3 +426,11 @@ def test_the_complement_spans_what_the_basis_leaves_out() -> None:
     eye = torch.eye(30)
     torch.testing.assert_close(basis @ basis.T + rest @ rest.T, eye, atol=1e-5, rtol=0)
     torch.testing.assert_close(rest.T @ rest, torch.eye(23), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("value", ["Auto", 0, 2.5, True])
+def test_a_sketch_that_is_neither_auto_none_nor_a_count_is_refused_naming_the_choices(
+    value: object,
+) -> None:
+    with pytest.raises(ValueError, match="'auto', None or an int >= 1"):
+        SubspacePredictor(sketch=value)  # type: ignore[arg-type]
