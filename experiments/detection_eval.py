@@ -66,6 +66,8 @@ SIGNALS: dict[str, dict[str, Any]] = {
     # Either detector (issue 25): a switch when the novelty's detector or direction-r8's fires
     # (``AutoBoundaries(signal="novelty+direction")``, both restart at a switch).
     "novelty+direction": {"signal": "novelty+direction"},
+    # ``AutoBoundaries()`` as it is built today: the default of ``task_boundaries="auto"``.
+    "auto": {},
     # The same with the direction normalised by its value expected from gradient noise alone
     # (``DirectionSignal(recent=8, normalise=True)``; docs/detection.md, "Noise-normalised").
     "novelty+direction-n": {
@@ -420,6 +422,7 @@ def mode_events(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append({"signal": signal, "stream": name, "event": event,
                              "false_switches": false, "runs": len(args.seeds)})  # fmt: skip
                 print(rows[-1], flush=True)
+                save(args, {"runs": runs, "table": rows})
     return {"runs": runs, "table": rows}
 
 
@@ -454,33 +457,64 @@ def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def _paired(
+    runs: list[dict[str, Any]], key: tuple, given: dict[tuple, list[list[float]]]
+) -> str | None:
+    """Detected minus given ACC, seed by seed (the same batches and initial weights, so only
+    the detection differs): ``mean +- standard error`` over the seeds both runs have."""
+    stream, per_task = key[1], key[3]
+    pairs = [
+        (r["matrix"], given[stream, per_task, r["seed"]])
+        for r in runs
+        if (r["signal"], r["stream"], r["kind"], r["per_task"]) == key
+        and (stream, per_task, r["seed"]) in given
+    ]  # fmt: skip
+    diffs = [
+        average_accuracy(torch.tensor(a)) - average_accuracy(torch.tensor(b))
+        for a, b in pairs
+        if len(a) == len(b)
+    ]
+    if not diffs:
+        return None
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    return f"{statistics.fmean(diffs):+.3f} ± {se:.3f}"
+
+
 def report(paths: list[Path]) -> str:
     """Markdown tables of saved ``switches``/``events``/``given`` results (docs/detection.md);
-    a ``switches`` row gets the ACC/BWT of the ``given`` run of the same stream and length.
-    A row (signal, stream, kind, length) found in several files is taken from the first; the
-    last column names the file it came from."""
+    a ``switches`` row gets the ACC/BWT of the ``given`` run of the same stream and length,
+    and the paired difference of the two, seed by seed ("ΔACC"; for a blurry row the given
+    run has no blends, so the pairing is of the same task batches only). A row (signal,
+    stream, kind, length) found in several files is taken from the first; the last column
+    names the file it came from."""
     loaded = [(p, json.loads(p.read_text())) for p in paths]
     given = {
         (r["stream"], r["per_task"]): r
         for p, d in loaded if p.stem.startswith("given") for r in d["table"]
     }  # fmt: skip
+    given_runs = {
+        (r["stream"], r["per_task"], r["seed"]): r["matrix"]
+        for p, d in loaded if p.stem.startswith("given") for r in d.get("runs", [])
+    }  # fmt: skip
+    runs_of = {p: d.get("runs", []) for p, d in loaded}
     out = []
     switches: dict[tuple, tuple[dict[str, Any], str]] = {}
     for p, d in loaded:
         if p.stem.startswith("switches"):
             for r in d["table"]:
                 key = (r["signal"], r["stream"], r["kind"], r["per_task"])
-                switches.setdefault(key, (r, f"{p.parent.name}/{p.name}"))
+                switches.setdefault(key, (r, f"{p.parent.name}/{p.name}", runs_of[p]))
     if switches:
         head = ["signal", "stream", "switch", "steps/task", "found", "median delay", "max delay"]
-        head += ["false /10k steps", "ACC detected", "ACC given", "BWT detected", "BWT given"]
-        head += ["file"]
+        head += ["false /10k steps", "ACC detected", "ACC given", "ΔACC paired"]
+        head += ["BWT detected", "BWT given", "file"]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r, source in switches.values():
+        for key, (r, source, runs) in switches.items():
             g = given.get((r["stream"], r["per_task"]), {})
             cells = [r["signal"], r["stream"], r["kind"], r["per_task"], r["found"]]
             cells += [r["median_delay"], r["max_delay"], r["false_per_10k"], r["acc"]]
-            cells += [g.get("acc"), r["bwt"], g.get("bwt"), source]
+            cells += [g.get("acc"), _paired(runs, key, given_runs), r["bwt"], g.get("bwt")]
+            cells += [source]
             out.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     events = [r for p, d in loaded if p.stem.startswith("events") for r in d["table"]]
     if events:

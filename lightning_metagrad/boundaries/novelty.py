@@ -123,7 +123,9 @@ class SubspaceNovelty:
     (module docstring).
 
     Args:
-        energy: fraction of the moment's trace the basis explains (GPM's rule).
+        energy: fraction of the moment's trace the basis explains (GPM's rule). A tighter
+            basis makes a weak input shift stand out more, but from 0.97 it lost abrupt
+            switches or fired without one (docs/detection.md, "Blurry switches").
         halflife: half-life, in observations, of the moment the basis is built from.
         refresh: observations per block; the basis is rebuilt at each block end.
         lag: whole blocks left out of the basis (0: the basis uses every complete block).

@@ -1,0 +1,191 @@
+"""Many task-switch detectors on one training run (docs/detection.md, "Blurry switches").
+
+The callback's own ``task_boundaries`` (the library default of ``"auto"`` unless
+``--drive`` names another variant) drives training; every variant is an
+:class:`~lightning_metagrad.boundaries.auto.AutoBoundaries` fed the same gradients (and loss)
+step by step, restarted at its own detections. So one run compares many detectors on
+identical gradients. After a variant detects a switch at another step than the driver, the
+training it sees is the driver's, which differs slightly from what its own boundaries would
+give: use it to choose, then measure the choice with ``detection_eval.py``.
+
+Variants (``--variants``):
+
+* ``default``: ``AutoBoundaries()`` as built today;
+* ``old``: the default before this study (novelty ``energy=0.95, lag=2``);
+* ``nov-l<L>e<E>``: the default with ``SubspaceNovelty(lag=L, energy=E)``;
+* ``dir-j<J>``: the direction's detector with a ``1 + J``-fold jump (``2J + 1`` fast);
+* ``joint<N>``: :class:`JointEither`, the default's detectors plus a joint rule.
+
+    python experiments/detection_variants.py rotated,500,blurry,0 fashion,800,event:batch_size,1 \\
+        --variants old default nov-l4e0.98 joint1 --output runs/detection/variants
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).parent))
+import detection_eval as de
+
+from lightning_metagrad import AutoBoundaries, MetaGradCallback
+from lightning_metagrad.benchmark.quiet import silence_lightning
+from lightning_metagrad.boundaries import ChangePointDetector, default_detector
+from lightning_metagrad.boundaries.either import EitherDetector
+from lightning_metagrad.boundaries.novelty import SubspaceNovelty
+
+
+class JointEither(EitherDetector):
+    """The either detector plus a joint rule: a switch also when the detectors' jumps,
+    each in units of its own threshold, ``sum_k log(1 + jump_k) / log(1 + min_jump_k)``, reach
+    ``need`` with a Stouffer z above 4, for ``patience`` observations in a row."""
+
+    def __init__(self, detectors: list[ChangePointDetector], need: float = 1.0, patience: int = 8):
+        super().__init__(detectors)
+        self.need, self.joint_patience, self._joint_run = need, patience, 0
+
+    def update(self, **signals: Any) -> bool:
+        if super().update(**signals):
+            self._joint_run = 0
+            return True
+        if any(d.last_statistic == 0.0 for d in self.detectors):  # a warm-up
+            self._joint_run = 0
+            return False
+        units = [
+            max(math.log1p(max(d.last_relative_jump, 0.0)), 0.0) / math.log1p(d.min_relative_jump)
+            for d in self.detectors
+        ]
+        z = sum(d.last_statistic for d in self.detectors) / math.sqrt(len(self.detectors))
+        self._joint_run = self._joint_run + 1 if sum(units) >= self.need and z > 4.0 else 0
+        if self._joint_run < self.joint_patience:
+            return False
+        self._joint_run = 0
+        self.num_switches += 1
+        self.switch_steps.append(self.num_observations - 1)
+        self.last_onset = self.joint_patience + 7
+        self.switch_signals.append("joint")
+        for d in self.detectors:
+            d.restart()
+        return True
+
+
+def variant(name: str) -> AutoBoundaries:
+    if name == "default":
+        return AutoBoundaries()
+    if name == "old":
+        return AutoBoundaries(novelty=SubspaceNovelty(energy=0.95, lag=2))
+    if name.startswith("nov-l"):
+        lag, energy = name[len("nov-l") :].split("e")
+        return AutoBoundaries(novelty=SubspaceNovelty(lag=int(lag), energy=float(energy)))
+    if name.startswith("dir-j"):
+        jump = float(name[len("dir-j") :])
+        either = default_detector("novelty+direction")
+        d = either.detectors[1]
+        kw = {k: getattr(d, k) for k in ("window", "patience", "halflife", "warmup")}
+        direction = ChangePointDetector(
+            signal="direction", min_relative_jump=jump, fast_jump=2 * jump + 1,
+            max_warmup=d.max_warmup, cooldown=d.cooldown, **kw,
+        )  # fmt: skip
+        return AutoBoundaries(detector=EitherDetector([either.detectors[0], direction]))
+    if name.startswith("joint"):
+        either = default_detector("novelty+direction")
+        return AutoBoundaries(detector=JointEither(either.detectors, need=float(name[5:] or 1)))
+    raise ValueError(f"unknown variant {name!r}")
+
+
+class WithVariants(AutoBoundaries):
+    """The driving source, which also feeds every variant and restarts it at its detections."""
+
+    def __init__(self, drive: AutoBoundaries, variants: dict[str, AutoBoundaries]) -> None:
+        super().__init__()
+        self.__dict__.update(drive.__dict__)  # drive exactly as ``drive`` would
+        self.variants = variants
+        self.found: dict[str, list[int]] = {k: [] for k in variants}
+        self._restart: set[str] = set()
+
+    @property
+    def uses_loss(self) -> bool:
+        return any(s.uses_loss for s in [*self.variants.values()]) or super().uses_loss
+
+    def on_gradients(self, names, thetas, targets):  # type: ignore[no-untyped-def]
+        step = self.steps
+        for key, source in self.variants.items():
+            if key in self._restart:
+                source.on_task_start()
+                self._restart.discard(key)
+            if source.on_gradients(names, thetas, targets):
+                self.found[key].append(step)
+                self._restart.add(key)
+        return super().on_gradients(names, thetas, targets)
+
+    def on_loss(self, loss):  # type: ignore[no-untyped-def]
+        if any(s.uses_loss for s in self.signals.values()):
+            super().on_loss(loss)
+        for source in self.variants.values():
+            if source.uses_loss:
+                source.on_loss(loss)
+
+
+def run(spec: str, names: list[str], drive: str, root: str) -> dict[str, Any]:
+    """``spec``: ``stream,steps,kind,seed`` with kind ``abrupt``, ``blurry`` or
+    ``event:<name>`` (one task of ``steps`` steps with that within-task event)."""
+    stream_name, steps, kind, seed = spec.split(",")
+    per_task, seed_ = int(steps), int(seed)
+    pl.seed_everything(seed_, verbose=False)
+    schedule, true, blur = None, [], 0
+    if kind.startswith("event:"):
+        event = kind.split(":", 1)[1]
+        stream = de.make_stream(stream_name, 1, seed_, root)
+        batches = de.with_event(de.build_stream(stream, 1, per_task, 0, seed_), event, seed_)
+        schedule = event if event in ("lr_drop", "warmup") else None
+    else:
+        stream = de.make_stream(stream_name, 4, seed_, root)
+        blur = de.blur_of(per_task) if kind == "blurry" else 0
+        batches = de.build_stream(stream, 4, per_task, blur, seed_)
+        true = [per_task * i for i in range(1, 4)]
+    model = de.model_for(stream, 0.03, schedule, len(batches))
+    source = WithVariants(variant(drive), {n: variant(n) for n in names})
+    cb = MetaGradCallback(task_boundaries=source)
+    pl.Trainer(max_steps=len(batches), callbacks=[cb], **de.TRAINER).fit(
+        model, DataLoader(batches, batch_size=None)
+    )
+    found = {"driver": list(cb.detected_switches), **source.found}
+    return {
+        "spec": spec, "drive": drive, "found": found,
+        "score": {k: de.score(v, true, blur, per_task) for k, v in found.items()},
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("specs", nargs="+", help="stream,steps,kind,seed")
+    parser.add_argument("--variants", nargs="+", default=["old", "default"])
+    parser.add_argument("--drive", default="default")
+    parser.add_argument("--root", default="../shared/data")
+    parser.add_argument("--output", type=Path, default=Path("runs/detection/variants"))
+    args = parser.parse_args()
+    silence_lightning()
+    warnings.filterwarnings("ignore", category=UserWarning, module="lightning_metagrad")
+    torch.set_num_threads(1)
+    args.output.mkdir(parents=True, exist_ok=True)
+    for spec in args.specs:
+        path = args.output / (spec.replace(",", "-").replace(":", "_") + ".json")
+        if path.exists():
+            continue
+        result = run(spec, args.variants, args.drive, args.root)
+        path.write_text(json.dumps(result, indent=1))
+        counts = {k: (len(s["delays"]), s["false"]) for k, s in result["score"].items()}
+        print(spec, "found, false:", counts, flush=True)
+
+
+if __name__ == "__main__":
+    main()
