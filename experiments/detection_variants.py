@@ -11,7 +11,7 @@ give: use it to choose, then measure the choice with ``detection_eval.py``.
 Variants (``--variants``):
 
 * ``default``: ``AutoBoundaries()`` as built today;
-* ``old``: the default before this study (novelty ``energy=0.95, lag=2``);
+* ``old``: the default of the study, pinned (novelty ``energy=0.95, lag=2``);
 * ``nov-l<L>e<E>``: the default with ``SubspaceNovelty(lag=L, energy=E)``;
 * ``dir-j<J>``: the direction's detector with a ``1 + J``-fold jump (``2J + 1`` fast);
 * ``joint<N>``: :class:`JointEither`, the default's detectors plus a joint rule.

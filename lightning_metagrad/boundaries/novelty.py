@@ -129,6 +129,9 @@ class SubspaceNovelty:
         halflife: half-life, in observations, of the moment the basis is built from.
         refresh: observations per block; the basis is rebuilt at each block end.
         lag: whole blocks left out of the basis (0: the basis uses every complete block).
+            A longer lag sees more of a slow or weak shift (a blend of rotations), but
+            from 3 blocks the network leaving its start-up under a learning-rate warm-up
+            fired (docs/detection.md, "Blurry switches").
         sample_rows: an int m: the moment uses m random rows of each ``G`` (a matrix with
             at most m rows whole); None for all rows. The novelty uses the whole ``G``.
         every: observe every ``every``-th call of :meth:`observe` (the others return None).
