@@ -261,6 +261,23 @@ def build_stream(stream: Any, tasks: int, per_task: int, blur: int, seed: int) -
     return batches
 
 
+def silent_run(
+    name: str, kind: str, per_task: int, seed: int, root: str, tasks: int = 4
+) -> tuple[Any, list[dict], str | None]:
+    """Seed, then one run's stream, its batches and the model's learning-rate schedule:
+    ``kind`` ``"abrupt"`` or ``"blurry"`` (``tasks`` tasks of ``per_task`` steps), or
+    ``"event:<name>"`` (one task of ``per_task`` steps with that within-task event)."""
+    pl.seed_everything(seed, verbose=False)
+    if kind.startswith("event:"):
+        event = kind.split(":", 1)[1]
+        stream = make_stream(name, 1, seed, root)
+        batches = with_event(build_stream(stream, 1, per_task, 0, seed), event, seed)
+        return stream, batches, event if event in ("lr_drop", "warmup") else None
+    stream = make_stream(name, tasks, seed, root)
+    blur = blur_of(per_task) if kind == "blurry" else 0
+    return stream, build_stream(stream, tasks, per_task, blur, seed), None
+
+
 class Scheduled(MLPClassifier):
     """The benchmark MLP with a within-task learning-rate schedule (``lr_drop``: /10 half-way;
     ``warmup``: linear from 0 over the first quarter)."""
@@ -376,9 +393,9 @@ def mode_switches(args: argparse.Namespace) -> dict[str, Any]:
                     true = [per_task * i for i in range(1, args.tasks)]
                     scores, accs, bwts = [], [], []
                     for seed in args.seeds:
-                        pl.seed_everything(seed, verbose=False)
-                        stream = make_stream(name, args.tasks, seed, args.root)
-                        batches = build_stream(stream, args.tasks, per_task, blur, seed)
+                        stream, batches, _ = silent_run(
+                            name, kind, per_task, seed, args.root, args.tasks
+                        )
                         t0 = time.time()
                         r = detect(stream, batches, signal, args.lr, per_task, args.tasks)
                         s = score(r["switches"], true, blur, per_task)
@@ -411,10 +428,9 @@ def mode_events(args: argparse.Namespace) -> dict[str, Any]:
             for event in args.events:
                 false = 0
                 for seed in args.seeds:
-                    pl.seed_everything(seed, verbose=False)
-                    stream = make_stream(name, 1, seed, args.root)
-                    batches = with_event(build_stream(stream, 1, args.steps, 0, seed), event, seed)
-                    schedule = event if event in ("lr_drop", "warmup") else None
+                    stream, batches, schedule = silent_run(
+                        name, f"event:{event}", args.steps, seed, args.root
+                    )
                     r = detect(stream, batches, signal, args.lr, None, 1, schedule)
                     runs.append({**r, "signal": signal, "stream": name, "event": event,
                                  "seed": seed})  # fmt: skip
@@ -498,7 +514,7 @@ def report(paths: list[Path]) -> str:
     }  # fmt: skip
     runs_of = {p: d.get("runs", []) for p, d in loaded}
     out = []
-    switches: dict[tuple, tuple[dict[str, Any], str]] = {}
+    switches: dict[tuple, tuple[dict[str, Any], str, list[dict[str, Any]]]] = {}
     for p, d in loaded:
         if p.stem.startswith("switches"):
             for r in d["table"]:

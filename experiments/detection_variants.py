@@ -78,14 +78,15 @@ class JointEither(EitherDetector):
         return True
 
 
-def variant(name: str) -> AutoBoundaries:
+def variant(name: str) -> dict[str, Any]:
+    """The :class:`AutoBoundaries` arguments of a variant (fresh objects at every call)."""
     if name == "default":
-        return AutoBoundaries()
+        return {}
     if name == "old":
-        return AutoBoundaries(novelty=SubspaceNovelty(energy=0.95, lag=2))
+        return {"novelty": SubspaceNovelty(energy=0.95, lag=2)}
     if name.startswith("nov-l"):
         lag, energy = name[len("nov-l") :].split("e")
-        return AutoBoundaries(novelty=SubspaceNovelty(lag=int(lag), energy=float(energy)))
+        return {"novelty": SubspaceNovelty(lag=int(lag), energy=float(energy))}
     if name.startswith("dir-j"):
         jump = float(name[len("dir-j") :])
         either = default_detector("novelty+direction")
@@ -95,26 +96,26 @@ def variant(name: str) -> AutoBoundaries:
             signal="direction", min_relative_jump=jump, fast_jump=2 * jump + 1,
             max_warmup=d.max_warmup, cooldown=d.cooldown, **kw,
         )  # fmt: skip
-        return AutoBoundaries(detector=EitherDetector([either.detectors[0], direction]))
+        return {"detector": EitherDetector([either.detectors[0], direction])}
     if name.startswith("joint"):
         either = default_detector("novelty+direction")
-        return AutoBoundaries(detector=JointEither(either.detectors, need=float(name[5:] or 1)))
+        return {"detector": JointEither(either.detectors, need=float(name[5:] or 1))}
     raise ValueError(f"unknown variant {name!r}")
 
 
 class WithVariants(AutoBoundaries):
-    """The driving source, which also feeds every variant and restarts it at its detections."""
+    """The driving source (built from ``drive``'s arguments), which also feeds every variant
+    and restarts it at its detections."""
 
-    def __init__(self, drive: AutoBoundaries, variants: dict[str, AutoBoundaries]) -> None:
-        super().__init__()
-        self.__dict__.update(drive.__dict__)  # drive exactly as ``drive`` would
+    def __init__(self, drive: dict[str, Any], variants: dict[str, AutoBoundaries]) -> None:
+        super().__init__(**drive)
         self.variants = variants
         self.found: dict[str, list[int]] = {k: [] for k in variants}
         self._restart: set[str] = set()
 
     @property
     def uses_loss(self) -> bool:
-        return any(s.uses_loss for s in [*self.variants.values()]) or super().uses_loss
+        return super().uses_loss or any(s.uses_loss for s in self.variants.values())
 
     def on_gradients(self, names, thetas, targets):  # type: ignore[no-untyped-def]
         step = self.steps
@@ -128,32 +129,22 @@ class WithVariants(AutoBoundaries):
         return super().on_gradients(names, thetas, targets)
 
     def on_loss(self, loss):  # type: ignore[no-untyped-def]
-        if any(s.uses_loss for s in self.signals.values()):
-            super().on_loss(loss)
+        super().on_loss(loss)  # feeds only the signals that read the loss
         for source in self.variants.values():
-            if source.uses_loss:
-                source.on_loss(loss)
+            source.on_loss(loss)
 
 
 def run(spec: str, names: list[str], drive: str, root: str) -> dict[str, Any]:
     """``spec``: ``stream,steps,kind,seed`` with kind ``abrupt``, ``blurry`` or
     ``event:<name>`` (one task of ``steps`` steps with that within-task event)."""
     stream_name, steps, kind, seed = spec.split(",")
-    per_task, seed_ = int(steps), int(seed)
-    pl.seed_everything(seed_, verbose=False)
-    schedule, true, blur = None, [], 0
-    if kind.startswith("event:"):
-        event = kind.split(":", 1)[1]
-        stream = de.make_stream(stream_name, 1, seed_, root)
-        batches = de.with_event(de.build_stream(stream, 1, per_task, 0, seed_), event, seed_)
-        schedule = event if event in ("lr_drop", "warmup") else None
-    else:
-        stream = de.make_stream(stream_name, 4, seed_, root)
-        blur = de.blur_of(per_task) if kind == "blurry" else 0
-        batches = de.build_stream(stream, 4, per_task, blur, seed_)
-        true = [per_task * i for i in range(1, 4)]
+    per_task = int(steps)
+    stream, batches, schedule = de.silent_run(stream_name, kind, per_task, int(seed), root)
+    events = kind.startswith("event:")
+    true = [] if events else [per_task * i for i in range(1, 4)]
+    blur = de.blur_of(per_task) if kind == "blurry" else 0
     model = de.model_for(stream, 0.03, schedule, len(batches))
-    source = WithVariants(variant(drive), {n: variant(n) for n in names})
+    source = WithVariants(variant(drive), {n: AutoBoundaries(**variant(n)) for n in names})
     cb = MetaGradCallback(task_boundaries=source)
     pl.Trainer(max_steps=len(batches), callbacks=[cb], **de.TRAINER).fit(
         model, DataLoader(batches, batch_size=None)
