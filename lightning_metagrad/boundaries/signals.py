@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
+from lightning_metagrad._validation import check_bool, check_float
 from lightning_metagrad.boundaries.novelty import SubspaceNovelty
 from lightning_metagrad.predictors.paper.meta_network import CoordinateMLP, MetaNetwork
 
@@ -290,17 +291,11 @@ class DirectionSignal(StreamSignal):
     def __init__(
         self, halflife: float = 100.0, recent: float | None = None, *, normalise: bool = False
     ) -> None:
-        if isinstance(halflife, bool) or not isinstance(halflife, (int, float)) or not halflife > 0:
-            raise ValueError(f"`halflife` must be a number > 0, got {halflife!r}")
-        if recent is not None and (
-            isinstance(recent, bool) or not isinstance(recent, (int, float)) or not recent > 0
-        ):
-            raise ValueError(f"`recent` must be a number > 0 or None, got {recent!r}")
-        if not isinstance(normalise, bool):
-            raise ValueError(f"`normalise` must be a bool, got {normalise!r}")
+        halflife = check_float("halflife", halflife, minimum=0, low_open=True)
+        recent = check_float("recent", recent, minimum=0, low_open=True, optional=True)
+        self.normalise = check_bool("normalise", normalise)
         self.halflife = float(halflife)
         self.recent = None if recent is None else float(recent)
-        self.normalise = normalise
         self._alpha = 1.0 - 0.5 ** (1.0 / self.halflife)
         self._beta = 1.0 if recent is None else 1.0 - 0.5 ** (1.0 / recent)
         self._means: dict[str, Tensor] = {}
