@@ -14,7 +14,10 @@ Variants (``--variants``):
 * ``old``: the default of the study, pinned (novelty ``energy=0.95, lag=2``);
 * ``nov-l<L>e<E>``: the default with ``SubspaceNovelty(lag=L, energy=E)``;
 * ``dir-j<J>``: the direction's detector with a ``1 + J``-fold jump (``2J + 1`` fast);
-* ``joint<N>``: :class:`JointEither`, the default's detectors plus a joint rule.
+* ``joint<N>``: :class:`JointEither`, the default's detectors plus a joint rule;
+* ``first-l<L>e<E>``: :class:`FirstLayer`, the novelty alone (``SubspaceNovelty(lag=L,
+  energy=E)``) of the layer that reads the data (``net.0``), whose input the training does
+  not change; ``default|first-l<L>e<E>`` in the output is either of the two, offline.
 
     python experiments/detection_variants.py rotated,500,blurry,0 fashion,800,event:batch_size,1 \\
         --variants old default nov-l4e0.98 joint1 --output runs/detection/variants
@@ -76,6 +79,33 @@ class JointEither(EitherDetector):
         for d in self.detectors:
             d.restart()
         return True
+
+
+class FirstLayer(AutoBoundaries):
+    """An :class:`AutoBoundaries` fed only the gradients of the layer that reads the data."""
+
+    def on_gradients(self, names, thetas, targets):  # type: ignore[no-untyped-def]
+        keep = [i for i, n in enumerate(names) if n.startswith("net.0.")]
+        pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
+        return super().on_gradients(pick(names), pick(thetas), pick(targets))
+
+
+def either_offline(a: list[int], b: list[int], gap: int = 30) -> list[int]:
+    """The detections of either of two detectors, one per switch (within ``gap`` steps)."""
+    out: list[int] = []
+    for s in sorted(a + b):
+        if not out or s - out[-1] > gap:
+            out.append(s)
+    return out
+
+
+def source(name: str) -> AutoBoundaries:
+    if name.startswith("first-l"):
+        lag, energy = name[len("first-l") :].split("e")
+        return FirstLayer(
+            signal="novelty", novelty=SubspaceNovelty(lag=int(lag), energy=float(energy))
+        )
+    return AutoBoundaries(**variant(name))
 
 
 def variant(name: str) -> dict[str, Any]:
@@ -144,12 +174,15 @@ def run(spec: str, names: list[str], drive: str, root: str) -> dict[str, Any]:
     true = [] if events else [per_task * i for i in range(1, 4)]
     blur = de.blur_of(per_task) if kind == "blurry" else 0
     model = de.model_for(stream, 0.03, schedule, len(batches))
-    source = WithVariants(variant(drive), {n: AutoBoundaries(**variant(n)) for n in names})
-    cb = MetaGradCallback(task_boundaries=source)
+    driver = WithVariants(variant(drive), {n: source(n) for n in names})
+    cb = MetaGradCallback(task_boundaries=driver)
     pl.Trainer(max_steps=len(batches), callbacks=[cb], **de.TRAINER).fit(
         model, DataLoader(batches, batch_size=None)
     )
-    found = {"driver": list(cb.detected_switches), **source.found}
+    found = {"driver": list(cb.detected_switches), **driver.found}
+    for n in names:
+        if n.startswith("first-") and "default" in found:
+            found[f"default|{n}"] = either_offline(found["default"], found[n])
     return {
         "spec": spec, "drive": drive, "found": found,
         "score": {k: de.score(v, true, blur, per_task) for k, v in found.items()},

@@ -24,6 +24,7 @@ Importing this module does not import Lightning.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -42,6 +43,8 @@ from lightning_metagrad.runtime import Runtime
 from lightning_metagrad.sharding import Shards, local, shards_of
 
 _STATE_VERSION = 2
+#: Above this, the copies kept to undo a detected switch's late updates are warned about.
+_HISTORY_WARN_BYTES = 2**30
 Target = Literal["gradient", "update"]
 _TARGETS = ("auto", "gradient", "update")
 
@@ -146,6 +149,9 @@ class MetaGrad:
         self._trained: set[str] = set()  # had a target in the current task
         self._switch_pending = False
         self._switch_onset = 0  # steps before the detection the new task began
+        # The trainable parameters before each of the last steps a detected switch may have
+        # begun at (run-time only; see _undo_late_updates).
+        self._history: deque[dict[str, Tensor]] | None = None
         # Per optimizer (run-time only).
         self.resolved_target: Target = "gradient"
         self._hook: Any = None
@@ -407,6 +413,10 @@ class MetaGrad:
     def _begin_step(self, update: bool) -> StepReport | None:
         self._require_binding("before_optimizer_step()")
         self._apply_switch(False)
+        if self._history is not None:
+            self._history.append(
+                {n: local(p.detach()).clone() for n, p in self.params.items() if p.requires_grad}
+            )
         names = [n for n, p in self.params.items() if p.requires_grad and p.grad is not None]
         self._step_names = names
         self._before = None
@@ -674,7 +684,35 @@ class MetaGrad:
             self.start_task(forget_steps=onset)
         else:
             self.return_to_task(revisited)
+        self._undo_late_updates(onset)
         return True
+
+    @torch.no_grad()
+    def _undo_late_updates(self, steps: int) -> None:
+        """A switch detected ``steps`` steps late: the new task's updates of those steps
+        changed the weights before the finished task was protected. Now that it is folded
+        in, their sum is rewritten by the rule as one step would have been (projected out of
+        the old tasks' subspaces by default), so the old tasks keep the weights they had at
+        the switch. The optimizer's state (e.g. momentum) is left as it is."""
+        history, self._history = self._history, None
+        if history is None:
+            return
+        self._history = deque(maxlen=history.maxlen)
+        if steps <= 0 or not history:
+            return
+        before = history[-min(steps, len(history))]
+        names = [n for n in before if n in self.params]
+        now = [local(self.params[n].detach()) for n in names]
+        thetas = [before[n] for n in names]
+        delta = torch._foreach_sub(thetas, now)  # gradient-like: now = before - delta
+        chosen = self.protected(names, delta)
+        if not chosen:
+            return
+        self.rewrite_(names, thetas, delta)
+        torch._foreach_copy_(
+            [now[i] for i in chosen],
+            torch._foreach_sub([thetas[i] for i in chosen], [delta[i] for i in chosen]),
+        )
 
     def _decide_sync(self) -> None:
         # Detection must know at once whether a step was finite (a host sync); otherwise the
@@ -684,6 +722,21 @@ class MetaGrad:
         # A detected switch is declared some steps after it began: keep that much history.
         onset = self.boundaries.max_onset_steps
         self.predictor.keep_history(onset + 1 if onset else 0)
+        undo = onset and self.boundaries.undo_late_updates
+        self._history = deque(maxlen=onset) if undo else None
+        if undo:
+            self._warn_history_memory(onset)
+
+    def _warn_history_memory(self, copies: int) -> None:
+        trainable = [local(p) for p in self.params.values() if p.requires_grad]
+        size = copies * sum(p.numel() * p.element_size() for p in trainable)
+        if size > _HISTORY_WARN_BYTES:
+            self.runtime.warn(
+                f"MetaGrad: undoing a detected switch's late updates keeps {copies} copies of "
+                f"the trainable parameters ({size / 2**30:.1f} GiB on their device). Pass "
+                "AutoBoundaries(undo_late_updates=False) to save that memory; the updates "
+                "between a switch and its detection then stay in the old tasks' weights."
+            )
 
     # ------------------------------------------------------------------ state
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from torch import Tensor
 
 from lightning_metagrad._validation import (
+    check_bool,
     check_choice,
     check_int,
     check_int_sequence,
@@ -189,6 +190,14 @@ class AutoBoundaries(TaskBoundarySource):
     the detector names are built (:mod:`~lightning_metagrad.boundaries.signals`, one object
     each).
 
+    ``undo_late_updates`` (default True): a detected switch is declared some steps after it
+    began (:meth:`onset_steps`, estimated by the detector). Those steps' updates changed the
+    weights before the finished task was protected; once it is folded in, the engine
+    rewrites their sum by the rule (the default projects it out of the old tasks'
+    subspaces), as given boundaries would have done step by step. For that the engine keeps
+    a copy of the trainable parameters per step of :attr:`max_onset_steps` (15 with the
+    default detector) and warns above 1 GiB; False saves that memory.
+
     Example:
         >>> import torch
         >>> src = AutoBoundaries()  # signal="novelty+direction"
@@ -219,7 +228,9 @@ class AutoBoundaries(TaskBoundarySource):
         evidence: Mapping[str, float] | None = None,
         novelty: SubspaceNovelty | None = None,
         direction: DirectionSignal | None = None,
+        undo_late_updates: bool = True,
     ) -> None:
+        self._undo = check_bool("undo_late_updates", undo_late_updates)
         every = check_int("every", every, minimum=1, optional=True)
         settle = check_int("settle", settle, minimum=0, optional=True)
         signal = check_choice("signal", signal, _AUTO_SIGNALS)
@@ -348,6 +359,10 @@ class AutoBoundaries(TaskBoundarySource):
 
     def onset_steps(self) -> int:
         return self._onset * self.every
+
+    @property
+    def undo_late_updates(self) -> bool:
+        return self._undo
 
     def on_task_start(self) -> None:
         self.detector.restart()

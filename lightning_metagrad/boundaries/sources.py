@@ -98,6 +98,13 @@ class TaskBoundarySource:
         new task seen before the detection are not folded into the old one."""
         return 0
 
+    @property
+    def undo_late_updates(self) -> bool:
+        """Whether, at a detected switch, the updates of the steps between its onset and its
+        detection are rewritten once the finished task is folded in (the engine keeps a
+        copy of the trainable parameters per step of :attr:`max_onset_steps` for that)."""
+        return False
+
     def onset_steps(self) -> int:
         """After :meth:`on_pairs` or :meth:`on_gradients` declared a switch: how many
         optimizer steps before it the new task is estimated to have begun (0: exactly now)."""
@@ -299,6 +306,10 @@ class CombinedBoundaries(TaskBoundarySource):
 
     def onset_steps(self) -> int:
         return max(s.onset_steps() for s in self.sources)
+
+    @property
+    def undo_late_updates(self) -> bool:
+        return any(s.undo_late_updates for s in self.sources)
 
     @property
     def uses_loss(self) -> bool:

@@ -61,9 +61,13 @@ def mlp(**kwargs: Any) -> MLPClassifier:
 
 
 def fit_auto(
-    batches: list, model: pl.LightningModule, signal: str | None = None
+    batches: list,
+    model: pl.LightningModule,
+    signal: str | None = None,
+    source: AutoBoundaries | None = None,
 ) -> MetaGradCallback:
-    source = AutoBoundaries() if signal is None else AutoBoundaries(signal=signal)
+    if source is None:
+        source = AutoBoundaries() if signal is None else AutoBoundaries(signal=signal)
     cb = MetaGradCallback(task_boundaries=source)
     make_trainer([cb], max_steps=len(batches)).fit(model, DataLoader(batches, batch_size=None))
     return cb
@@ -182,3 +186,29 @@ def test_a_detected_switch_hands_its_onset_to_the_boundary() -> None:
     assert auto.max_onset_steps > 0
     assert predictor.state_dict()["history_steps"] == auto.max_onset_steps + 1
     assert cb.state_dict()["engine"]["switch_onset"] == 0  # nothing pending after the fit
+
+
+@pytest.mark.slow
+def test_a_detected_switch_leaves_the_old_task_where_given_boundaries_leave_it() -> None:
+    # The switch is declared 5 steps late; those steps' updates are undone from the old
+    # task's subspace (AutoBoundaries(undo_late_updates=True), the default).
+    steps = 200
+    batches = silent_stream(2, steps=steps)
+    stream = PermutedStream(dataset="digits", num_tasks=2, seed=0, batch_size=64)
+    stream.setup("fit")
+    accuracy = {}
+    for run in ("given", "undone", "kept"):
+        pl.seed_everything(0, verbose=False)
+        model = mlp()
+        if run == "given":
+            cb = MetaGradCallback()  # one fit per task
+            for task in range(2):
+                part = batches[task * steps : (task + 1) * steps]
+                make_trainer([cb], max_steps=steps).fit(model, DataLoader(part, batch_size=None))
+        else:
+            source = AutoBoundaries(undo_late_updates=run == "undone")
+            cb = fit_auto(batches, model, source=source)
+            assert cb.detected_switches == [205]
+        accuracy[run] = model.accuracy(stream.task_dataloader(0))
+    assert accuracy["undone"] == pytest.approx(accuracy["given"], abs=0.005)
+    assert accuracy["kept"] != pytest.approx(accuracy["given"], abs=0.005)
