@@ -66,6 +66,16 @@ SIGNALS: dict[str, dict[str, Any]] = {
     # Either detector (issue 25): a switch when the novelty's detector or direction-r8's fires
     # (``AutoBoundaries(signal="novelty+direction")``, both restart at a switch).
     "novelty+direction": {"signal": "novelty+direction"},
+    # The default with the direction's task mean forgetting with a half-life of 20 steps (not
+    # 100): under the old tasks' projection the blocked part of the raw gradient turns slowly
+    # as the task learns, which the longer mean took for a change (docs/detection.md).
+    "novelty+direction-h20": {
+        "signal": "novelty+direction",
+        "_direction": {"halflife": 20.0, "recent": 8.0, "normalise": True},
+    },
+    # Either of three: the novelty, the direction, or the novelty of the layers that read the
+    # data (``InputNoveltySignal``, ``SubspaceNovelty(lag=3)``).
+    "novelty+direction+inputs": {"signal": "novelty+direction+inputs"},
     # ``AutoBoundaries()`` as it is built today: the default of ``task_boundaries="auto"``.
     "auto": {},
     # The same with the direction normalised by its value expected from gradient noise alone

@@ -15,6 +15,8 @@ Variants (``--variants``):
 * ``nov-l<L>e<E>``: the default with ``SubspaceNovelty(lag=L, energy=E)``;
 * ``dir-j<J>``: the direction's detector with a ``1 + J``-fold jump (``2J + 1`` fast);
 * ``joint<N>``: :class:`JointEither`, the default's detectors plus a joint rule;
+* ``dirhl<H>``: the default with ``DirectionSignal(halflife=H, recent=8, normalise=True)``
+  (the task's mean direction forgets with a half-life of ``H`` steps instead of 100);
 * ``first-l<L>e<E>``: :class:`FirstLayer`, the novelty alone (``SubspaceNovelty(lag=L,
   energy=E)``) of the layer that reads the data (``net.0``), whose input the training does
   not change; ``default|first-l<L>e<E>`` in the output is either of the two, offline.
@@ -45,6 +47,7 @@ from lightning_metagrad.benchmark.quiet import silence_lightning
 from lightning_metagrad.boundaries import ChangePointDetector, default_detector
 from lightning_metagrad.boundaries.either import EitherDetector
 from lightning_metagrad.boundaries.novelty import SubspaceNovelty
+from lightning_metagrad.boundaries.signals import DirectionSignal
 
 
 class JointEither(EitherDetector):
@@ -117,6 +120,9 @@ def variant(name: str) -> dict[str, Any]:
     if name.startswith("nov-l"):
         lag, energy = name[len("nov-l") :].split("e")
         return {"novelty": SubspaceNovelty(lag=int(lag), energy=float(energy))}
+    if name.startswith("dirhl"):
+        halflife = float(name[len("dirhl") :])
+        return {"direction": DirectionSignal(halflife=halflife, recent=8, normalise=True)}
     if name.startswith("dir-j"):
         jump = float(name[len("dir-j") :])
         either = default_detector("novelty+direction")

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from lightning_metagrad._tensors import all_finite, finite_flag
 from lightning_metagrad._validation import check_choice, check_state_version
 from lightning_metagrad.boundaries.sources import TaskBoundarySource
+from lightning_metagrad.input_layers import InputLayerProbe
 from lightning_metagrad.matrices import MatrixGroup, matrix_groups
 from lightning_metagrad.predictors import PredictorName, build_predictor
 from lightning_metagrad.predictors.base import NothingToFold, OldGradientPredictor, rename_keys
@@ -152,6 +153,8 @@ class MetaGrad:
         # The trainable parameters before each of the last steps a detected switch may have
         # begun at (run-time only; see _undo_late_updates).
         self._history: deque[dict[str, Tensor]] | None = None
+        # Finds the layers that read the data for a source that asks (until the first step).
+        self._probe: InputLayerProbe | None = None
         # Per optimizer (run-time only).
         self.resolved_target: Target = "gradient"
         self._hook: Any = None
@@ -241,6 +244,22 @@ class MetaGrad:
         local_params = {n: local(p) for n, p in params.items()}
         self.predictor.bind(local_params, groups=self.groups, modules=modules)
         self._decide_sync()
+        self._probe_input_layers(model if isinstance(model, nn.Module) else None)
+
+    def _probe_input_layers(self, model: nn.Module | None) -> None:
+        if self._probe is not None:
+            self._probe.remove()
+            self._probe = None
+        if not self.boundaries.uses_input_layers:
+            return
+        if model is None:
+            self.runtime.warn(
+                "MetaGrad: the boundary source tests the layers that read the data, which "
+                "only a model bound as an nn.Module shows; bind the module (core.bind(model)) "
+                "rather than its named parameters, or that signal stays silent."
+            )
+            return
+        self._probe = InputLayerProbe(model, self.params)
 
     def _check_shards(self, params: dict[str, Tensor]) -> Shards:
         """The parameters' row shards (FSDP2), refusing what cannot run on them."""
@@ -413,6 +432,10 @@ class MetaGrad:
     def _begin_step(self, update: bool) -> StepReport | None:
         self._require_binding("before_optimizer_step()")
         self._apply_switch(False)
+        if self._probe is not None and (found := self._probe.names()) is not None:
+            self.boundaries.on_input_layers(found)  # the step's forward has shown them
+            self._probe.remove()
+            self._probe = None
         if self._history is not None:
             self._history.append(
                 {n: local(p.detach()).clone() for n, p in self.params.items() if p.requires_grad}

@@ -21,6 +21,7 @@ from lightning_metagrad.boundaries.signals import (
     SIGNALS,
     DirectionSignal,
     ErrorSignal,
+    InputNoveltySignal,
     NoveltySignal,
     StreamSignal,
 )
@@ -28,21 +29,31 @@ from lightning_metagrad.boundaries.sources import TaskBoundarySource
 
 #: The main signals :class:`AutoBoundaries` can test; ``"novelty+direction"``: either the
 #: novelty's detector or the (recent-steps) direction's fires.
-Signal = Literal["novelty", "loss", "error", "direction", "novelty+direction"]
-_AUTO_SIGNALS: tuple[Signal, ...] = ("novelty", "loss", "error", "direction", "novelty+direction")
+Signal = Literal[
+    "novelty", "inputs", "loss", "error", "direction", "novelty+direction",
+    "novelty+direction+inputs",
+]  # fmt: skip
+_AUTO_SIGNALS: tuple[Signal, ...] = (
+    "novelty", "inputs", "loss", "error", "direction", "novelty+direction",
+    "novelty+direction+inputs",
+)  # fmt: skip
 #: The signals a detector may name (the single ones).
-_SINGLE: tuple[str, ...] = ("novelty", "loss", "error", "direction")
+_SINGLE: tuple[str, ...] = ("novelty", "inputs", "loss", "error", "direction")
 #: Combined signals: a switch when any of these signals' detectors fires.
-_EITHER: dict[str, tuple[str, ...]] = {"novelty+direction": ("novelty", "direction")}
+_EITHER: dict[str, tuple[str, ...]] = {
+    "novelty+direction": ("novelty", "direction"),
+    "novelty+direction+inputs": ("novelty", "direction", "inputs"),
+}
 #: The half-life, in steps, of the recent mean direction the combined signal tests
 #: (``DirectionSignal(recent=8, normalise=True)``; the per-step direction fires on a
 #: batch-size change, the raw one rises as a task converges: docs/detection.md).
 _RECENT = 8.0
 #: Main signals read every step from the gradients (observed every step, pooled).
-_PER_STEP: tuple[str, ...] = ("novelty", "direction")
+_PER_STEP: tuple[str, ...] = ("novelty", "inputs", "direction")
 #: The auxiliary evidence (detector weights) each main signal gets by default.
 _DEFAULT_EVIDENCE: dict[str, dict[str, float]] = {
     "novelty": {},
+    "inputs": {},
     "loss": {"error": 1.0},
     "error": {},
     "direction": {},
@@ -104,7 +115,7 @@ def _single_detector(
     signal: str, evidence: Mapping[str, float] | None, recent: float | None
 ) -> ChangePointDetector:
     weights = _DEFAULT_EVIDENCE.get(signal, {}) if evidence is None else dict(evidence)
-    if signal == "novelty":  # one noisy value a step: a longer window, a larger jump
+    if signal in ("novelty", "inputs"):  # one noisy value a step: a longer window, a larger jump
         shape: dict[str, Any] = {"window": 15, "patience": 8, "min_relative_jump": 1.0}
         shape.update(halflife=100.0, fast_jump=3.0)
     elif signal == "direction":  # in [0, 2] with a within-task level near 0.5: 1.5-fold
@@ -228,6 +239,7 @@ class AutoBoundaries(TaskBoundarySource):
         evidence: Mapping[str, float] | None = None,
         novelty: SubspaceNovelty | None = None,
         direction: DirectionSignal | None = None,
+        inputs: SubspaceNovelty | None = None,
         undo_late_updates: bool = True,
     ) -> None:
         self._undo = check_bool("undo_late_updates", undo_late_updates)
@@ -239,8 +251,9 @@ class AutoBoundaries(TaskBoundarySource):
         seed = check_int("seed", seed)
         if evidence is not None and not isinstance(evidence, Mapping):
             raise ValueError(f"`evidence` must map signal names to weights, got {evidence!r}")
-        if novelty is not None and not isinstance(novelty, SubspaceNovelty):
-            raise ValueError(f"`novelty` must be a SubspaceNovelty, got {type(novelty).__name__}")
+        for arg, value in (("novelty", novelty), ("inputs", inputs)):
+            if value is not None and not isinstance(value, SubspaceNovelty):
+                raise ValueError(f"`{arg}` must be a SubspaceNovelty, got {type(value).__name__}")
         if direction is not None and not isinstance(direction, DirectionSignal):
             raise ValueError(
                 f"`direction` must be a DirectionSignal, got {type(direction).__name__}"
@@ -276,6 +289,8 @@ class AutoBoundaries(TaskBoundarySource):
         for name in named:
             if name == "novelty":
                 self.signals[name] = NoveltySignal(novelty, seed=seed)
+            elif name == "inputs":
+                self.signals[name] = InputNoveltySignal(inputs, seed=seed)
             elif name == "error":
                 self.signals[name] = ErrorSignal(hidden_sizes, coords_per_step, seed=seed)
             elif name == "direction" and direction is not None:
@@ -315,6 +330,15 @@ class AutoBoundaries(TaskBoundarySource):
     @property
     def uses_loss(self) -> bool:
         return bool(self._reading("loss"))
+
+    @property
+    def uses_input_layers(self) -> bool:
+        return "inputs" in self.signals
+
+    def on_input_layers(self, names: Sequence[str]) -> None:
+        signal = self.signals.get("inputs")
+        if isinstance(signal, InputNoveltySignal):
+            signal.layers = frozenset(names)
 
     def on_pairs(self, theta: Tensor, target: Tensor) -> bool:
         if not self.uses_pairs:

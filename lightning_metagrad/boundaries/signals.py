@@ -128,6 +128,47 @@ class NoveltySignal(StreamSignal):
         self.novelty.load_state_dict(state)
 
 
+class InputNoveltySignal(NoveltySignal):
+    """The novelty of the layers that read the data alone (their inputs carry no autograd
+    history: the first linear or convolution, an embedding, the first trainable layer after
+    a frozen backbone; told by :meth:`~lightning_metagrad.boundaries.sources.
+    TaskBoundarySource.on_input_layers`). Training does not change what those layers see, so
+    their gradients' subspace does not drift as the network leaves its start-up, and the
+    reference may lag further behind: ``SubspaceNovelty(lag=3)`` by default. Silent until
+    the layers are known.
+
+    Example:
+        >>> signal = InputNoveltySignal()
+        >>> signal.layers = frozenset({"first.weight"})
+        >>> signal.on_gradients(["first.weight", "last.weight"], [torch.ones(4, 3)] * 2)
+        >>> signal.novelty.dims()  # only the first layer is tracked
+        {'first.weight': 1}
+    """
+
+    name = "inputs"
+    reads = "gradients"
+
+    def __init__(self, novelty: SubspaceNovelty | None = None, seed: int = 0) -> None:
+        super().__init__(novelty if novelty is not None else SubspaceNovelty(lag=3, seed=seed))
+        self.layers: frozenset[str] | None = None
+
+    def on_gradients(self, names: Sequence[str], targets: Sequence[Tensor]) -> None:
+        if not self.layers:
+            return
+        keep = [i for i, n in enumerate(names) if n in self.layers]
+        if keep:
+            self.novelty.observe([names[i] for i in keep], [targets[i] for i in keep])
+
+    def state_dict(self) -> dict[str, Any]:
+        layers = None if self.layers is None else sorted(self.layers)
+        return {"novelty": self.novelty.state_dict(), "layers": layers}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.novelty.load_state_dict(state["novelty"])
+        layers = state.get("layers")
+        self.layers = None if layers is None else frozenset(layers)
+
+
 class LossSignal(StreamSignal):
     """The mean finite training loss since the previous observation (tensors until read, so
     feeding it never syncs with the device).
@@ -427,6 +468,7 @@ class DirectionSignal(StreamSignal):
 #: The signals by name.
 SIGNALS: dict[str, type[StreamSignal]] = {
     "novelty": NoveltySignal,
+    "inputs": InputNoveltySignal,
     "loss": LossSignal,
     "error": ErrorSignal,
     "direction": DirectionSignal,

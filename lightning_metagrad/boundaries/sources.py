@@ -79,6 +79,17 @@ class TaskBoundarySource:
         them; return True to start a new task before the next batch."""
         return False
 
+    @property
+    def uses_input_layers(self) -> bool:
+        """Whether the source wants to know which parameters belong to the layers that read
+        the data (:meth:`on_input_layers`)."""
+        return False
+
+    def on_input_layers(self, names: Sequence[str]) -> None:
+        """Called, if :attr:`uses_input_layers`, before the first optimizer step of each
+        binding with the parameters of the layers whose inputs carry no autograd history
+        (:class:`~lightning_metagrad.input_layers.InputLayerProbe`)."""
+
     def on_loss(self, loss: Tensor) -> None:
         """Called after each training batch with its detached loss (the mean over ranks under
         DDP), if :attr:`uses_loss`."""
@@ -314,6 +325,15 @@ class CombinedBoundaries(TaskBoundarySource):
     @property
     def uses_loss(self) -> bool:
         return any(s.uses_loss for s in self.sources)
+
+    @property
+    def uses_input_layers(self) -> bool:
+        return any(s.uses_input_layers for s in self.sources)
+
+    def on_input_layers(self, names: Sequence[str]) -> None:
+        for s in self.sources:
+            if s.uses_input_layers:
+                s.on_input_layers(names)
 
     def on_loss(self, loss: Tensor) -> None:
         for s in self.sources:

@@ -86,10 +86,12 @@ def test_names_are_literal_typed() -> None:
     auto = typing.get_type_hints(lm.AutoBoundaries.__init__)
     assert literals(auto["signal"]) == {
         "novelty",
+        "inputs",
         "loss",
         "error",
         "direction",
         "novelty+direction",
+        "novelty+direction+inputs",
     }
 
 
