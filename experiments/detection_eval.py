@@ -461,18 +461,24 @@ def mode_given(args: argparse.Namespace) -> dict[str, Any]:
                 pl.seed_everything(seed, verbose=False)
                 stream = make_stream(name, args.tasks, seed, args.root)
                 model = model_for(stream, args.lr)
-                cb = MetaGradCallback()  # task_boundaries="fit": one fit per task
-                matrix = []
+                # task_boundaries="fit": one fit per task; --with-auto: and the signal's
+                # detector inside each fit (every detection is then a false switch).
+                spec = ["fit", boundaries(args.signals[0])] if args.with_auto else "fit"
+                cb = MetaGradCallback(task_boundaries=spec)
+                matrix, detected = [], []
                 for t in range(args.tasks):
                     loader = DataLoader(task_batches(stream, t, per_task), batch_size=None)
                     pl.Trainer(max_steps=per_task, callbacks=[cb], **TRAINER).fit(model, loader)
                     matrix.append(accuracy_row(model, stream, args.tasks))
+                    detected += [t * per_task + s for s in cb.detected_switches[len(detected) :]]
                 m = torch.tensor(matrix)
                 accs.append(average_accuracy(m))
                 bwts.append(backward_transfer(m))
-                runs.append({"stream": name, "per_task": per_task, "seed": seed, "matrix": matrix})
+                runs.append({"stream": name, "per_task": per_task, "seed": seed, "matrix": matrix,
+                             "false_switches": detected})  # fmt: skip
+            false = sum(len(r["false_switches"]) for r in runs[-len(args.seeds) :])
             rows.append({"stream": name, "per_task": per_task, "acc": statistics.fmean(accs),
-                         "bwt": statistics.fmean(bwts)})  # fmt: skip
+                         "bwt": statistics.fmean(bwts), "false_switches": false})  # fmt: skip
             print(rows[-1], flush=True)
     return {"runs": runs, "table": rows}
 
@@ -569,6 +575,8 @@ def main() -> None:
     parser.add_argument("--root", default="../shared/data")
     parser.add_argument("--output", type=Path, default=Path("runs/detection"))
     parser.add_argument("--resume", action="store_true", help="switches: skip rows done")
+    parser.add_argument("--with-auto", action="store_true",
+                        help="given: also run the first of --signals inside each fit")  # fmt: skip
     args = parser.parse_args()
     if args.mode == "report":
         print(report(args.files))
