@@ -17,6 +17,8 @@ Variants (``--variants``):
 * ``joint<N>``: :class:`JointEither`, the default's detectors plus a joint rule;
 * ``dirhl<H>``: the default with ``DirectionSignal(halflife=H, recent=8, normalise=True)``
   (the task's mean direction forgets with a half-life of ``H`` steps instead of 100);
+* ``dirc<C>`` / ``allc<C>``: the default with ``min_contrast=C`` on the direction's detector
+  (or on both): a switch only if the jump is abrupt, not a ramp;
 * ``first-l<L>e<E>``: :class:`FirstLayer`, the novelty alone (``SubspaceNovelty(lag=L,
   energy=E)``) of the layer that reads the data (``net.0``), whose input the training does
   not change; ``default|first-l<L>e<E>`` in the output is either of the two, offline.
@@ -120,6 +122,21 @@ def variant(name: str) -> dict[str, Any]:
     if name.startswith("nov-l"):
         lag, energy = name[len("nov-l") :].split("e")
         return {"novelty": SubspaceNovelty(lag=int(lag), energy=float(energy))}
+    if name.startswith(("dirc", "allc")):
+        contrast = float(name[4:])
+        either = default_detector("novelty+direction")
+        rebuilt = []
+        for i, d in enumerate(either.detectors):
+            if i == 1 or name.startswith("allc"):
+                d = ChangePointDetector(
+                    signal=d.signal, weights=d.weights, threshold=d.threshold,
+                    window=d.window, patience=d.patience, warmup=d.warmup,
+                    cooldown=d.cooldown, min_relative_jump=d.min_relative_jump,
+                    halflife=d.halflife, max_warmup=d.max_warmup, fast_jump=d.fast_jump,
+                    min_contrast=contrast,
+                )  # fmt: skip
+            rebuilt.append(d)
+        return {"detector": EitherDetector(rebuilt)}
     if name.startswith("dirhl"):
         halflife = float(name[len("dirhl") :])
         return {"direction": DirectionSignal(halflife=halflife, recent=8, normalise=True)}

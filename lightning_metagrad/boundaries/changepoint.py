@@ -220,6 +220,12 @@ class ChangePointDetector:
             to fire it (the main rule ignores up to ``window // 2``).
         fast_window: observations of the fast rule's median (None: ``window // 3``).
         fast_patience: consecutive fast exceedances needed (None: ``patience // 2``).
+        min_contrast: require the jump to be abrupt (None, the default: off): a switch is
+            declared only if the main signal's median over the rule's last window is also
+            more than ``1 + min_contrast`` times its median over the window that ended where a
+            change firing now began (``patience + window // 2`` observations back). A slow
+            ramp (the level creeping up over many windows) then does not fire, however far
+            above the baseline it climbs.
 
     Example:
         >>> det = ChangePointDetector(warmup=20, patience=3)
@@ -247,6 +253,7 @@ class ChangePointDetector:
         fast_jump: float | None = None,
         fast_window: int | None = None,
         fast_patience: int | None = None,
+        min_contrast: float | None = None,
     ) -> None:
         self.signal = check_str("signal", signal)
         self.threshold = check_float("threshold", threshold, minimum=0, low_open=True)
@@ -283,6 +290,9 @@ class ChangePointDetector:
             if fast_patience is None
             else check_int("fast_patience", fast_patience, minimum=1)
         )
+        if min_contrast is not None:
+            check_float("min_contrast", min_contrast, minimum=0, low_open=True)
+        self.min_contrast = min_contrast
         self._alpha = 1.0 - 0.5 ** (1.0 / self.halflife)
         self._log_jump = math.log1p(self.min_relative_jump)
         self.reset()
@@ -411,7 +421,7 @@ class ChangePointDetector:
         self._fast_run = int(state.get("fast_run", 0))
         self._cooldown_left = int(state["cooldown_left"])
         self._segment = int(state.get("segment", self._since))
-        self._recent = [float(v) for v in state.get("recent", [])][-2 * self.window :]
+        self._recent = [float(v) for v in state.get("recent", [])][-self._kept :]
 
     # ------------------------------------------------------------------ detection
 
@@ -448,8 +458,8 @@ class ChangePointDetector:
         index = self.num_observations
         self.num_observations += 1
         self._segment += 1
-        if self.max_warmup is not None:
-            self._recent = [*self._recent, values[self.signal]][-2 * self.window :]
+        if self.max_warmup is not None or self.min_contrast is not None:
+            self._recent = [*self._recent, values[self.signal]][-self._kept :]
         if self._still_moving():
             # The warm-up ends with the main signal still moving (a network leaving its
             # random initialisation, a blend still going on): its statistics would describe a
@@ -476,6 +486,8 @@ class ChangePointDetector:
         self._cooldown_left = max(self._cooldown_left - 1, 0)
 
         declared = self._run >= self.patience or self._fast_run >= self._fast_patience
+        if declared and self.min_contrast is not None and not self._abrupt():
+            declared = False  # a ramp: the runs go on, and an abrupt rise may still come
         if declared and not in_cooldown:
             self.num_switches += 1
             self.switch_steps.append(index)
@@ -490,6 +502,31 @@ class ChangePointDetector:
         for name in values:
             self._stats[name].learn(self._alpha)
         return False
+
+    @property
+    def _kept(self) -> int:
+        """How many of the main signal's last values are kept (for the adaptive warm-up and
+        the contrast test)."""
+        kept = 2 * self.window
+        if self.min_contrast is not None:
+            kept = max(kept, self.patience + self.window // 2 + 2 * self.window)
+        return kept
+
+    def _abrupt(self) -> bool:
+        """The contrast test: the median of the firing rule's last window against that of
+        the window before where a change firing now began (True without enough history)."""
+        slow = self._run >= self.patience
+        patience = self.patience if slow else self._fast_patience
+        width = self.window if slow else self._fast_window
+        # Where an abrupt change that just fired would have begun (fixed, not the run's
+        # length: a ramp's run goes on, and its start must not recede into the flat level).
+        back = patience + width // 2
+        recent = self._recent
+        if len(recent) < back + width + 1 or self.min_contrast is None:
+            return True
+        now = _median(recent[-width:])
+        before = _median(recent[-(back + width) : -back])
+        return now - before > math.log1p(self.min_contrast)
 
     def _fast_exceedance(self) -> bool:
         """With ``fast_jump``: the median of the main signal's last ``window // 3``
@@ -515,7 +552,8 @@ class ChangePointDetector:
         if self._segment > self.max_warmup or len(self._recent) < 2 * self.window:
             return False
         w = self.window
-        before, last = _median(self._recent[:w]), _median(self._recent[w:])
+        recent = self._recent[-2 * w :]
+        before, last = _median(recent[:w]), _median(recent[w:])
         std = self._stats[self.signal].std
         se_diff = math.sqrt(2.0) * std * (1.0 if w <= 2 else math.sqrt(math.pi / (2 * w)))
         return abs(last - before) > 2.0 * se_diff

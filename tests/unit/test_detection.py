@@ -140,6 +140,22 @@ def test_no_false_switch_on_slow_upward_drift(seed: int) -> None:
     assert simulate_detection(errors(log_noise(n, seed) + drift), ChangePointDetector()) == []
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_with_min_contrast_a_ramp_is_not_a_switch_but_a_jump_is(seed: int) -> None:
+    # A ramp 20-fold over 60 observations (the direction's creep under the old tasks'
+    # projection), then a 5-fold jump.
+    n = 600
+    ramp = np.clip((np.arange(n) - 150) / 60, 0.0, 1.0) * math.log(20.0)
+    jump = np.where(np.arange(n) >= 450, math.log(5.0), 0.0)
+    signal = errors(log_noise(n, seed) + ramp + jump)
+    kw = {"warmup": 20, "window": 15, "patience": 8, "cooldown": 0, "halflife": 100.0,
+          "min_relative_jump": 4.0}  # fmt: skip
+    assert simulate_detection(signal[:400], ChangePointDetector(**kw))  # the ramp fires...
+    contrast = ChangePointDetector(**kw, min_contrast=2.0)
+    found = simulate_detection(signal, contrast)
+    assert len(found) == 1 and 450 <= found[0] <= 450 + 15 + 3  # ...not with the contrast
+
+
 # ------------------------------------------------------------------ warm-up and cooldown
 
 
@@ -426,6 +442,8 @@ def test_reset_returns_to_a_fresh_detector() -> None:
         ({"min_relative_jump": -0.1}, "min_relative_jump"),
         ({"min_relative_jump": math.inf}, "min_relative_jump"),
         ({"halflife": 0}, "halflife"),
+        ({"min_contrast": 0}, "min_contrast"),
+        ({"min_contrast": math.nan}, "min_contrast"),
         ({"weights": [("loss", 1.0)]}, "weights"),
         ({"weights": {"error": 1.0}}, "weights"),
         ({"weights": {"loss": -1.0}}, "weights"),
