@@ -636,6 +636,8 @@ class MetaGrad:
         self.task_index = index
         self.learning = False
         self.boundaries.on_task_start()
+        if self._history is not None:
+            self._history.clear()
 
     def end_task(self, forget_steps: int = 0) -> bool:
         """Fold the current task in now (without starting another); False if it had no step
@@ -693,6 +695,8 @@ class MetaGrad:
         self.num_tasks += 1
         self.learning = True
         self.boundaries.on_task_start()
+        if self._history is not None:  # a later detection reaches back to here at most
+            self._history.clear()
 
     def _apply_switch(self, switch: bool) -> bool:
         onset = 0
@@ -703,27 +707,30 @@ class MetaGrad:
         if not switch:
             return False
         revisited = self.boundaries.returning_to()
+        at_onset = self._parameters_at_onset(onset)  # before any task change clears them
         if revisited is None:
             self.start_task(forget_steps=onset)
         else:
             self.return_to_task(revisited)
-        self._undo_late_updates(onset)
+        if at_onset:
+            self._undo_late_updates(at_onset)
         return True
 
+    def _parameters_at_onset(self, steps: int) -> dict[str, Tensor]:
+        """The trainable parameters before the first of the last ``steps`` steps (as far
+        back as the history goes); empty without history or a late detection."""
+        if self._history is None or steps <= 0 or not self._history:
+            return {}
+        return self._history[-min(steps, len(self._history))]
+
     @torch.no_grad()
-    def _undo_late_updates(self, steps: int) -> None:
-        """A switch detected ``steps`` steps late: the new task's updates of those steps
-        changed the weights before the finished task was protected. Now that it is folded
-        in, their sum is rewritten by the rule as one step would have been (projected out of
-        the old tasks' subspaces by default), so the old tasks keep the weights they had at
-        the switch. The optimizer's state (e.g. momentum) is left as it is."""
-        history, self._history = self._history, None
-        if history is None:
-            return
-        self._history = deque(maxlen=history.maxlen)
-        if steps <= 0 or not history:
-            return
-        before = history[-min(steps, len(history))]
+    def _undo_late_updates(self, before: dict[str, Tensor]) -> None:
+        """A switch detected late: the new task's updates since ``before`` (the parameters
+        at its estimated onset) changed the weights while the finished task was not yet
+        protected. Now that it is folded in, their sum is rewritten by the rule as one step
+        would have been (projected out of the old tasks' subspaces by default), so the old
+        tasks keep the weights they had at the switch. The optimizer's state (e.g. momentum)
+        is left as it is."""
         names = [n for n in before if n in self.params]
         now = [local(self.params[n].detach()) for n in names]
         thetas = [before[n] for n in names]

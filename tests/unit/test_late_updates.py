@@ -80,7 +80,8 @@ def train(source: TaskBoundarySource, given: bool = False) -> tuple[Tensor, Tens
         (model(x) - x @ teacher[task]).pow(2).mean().backward()
         core.before_optimizer_step()
         opt.step()
-    assert core.task_index == (1 if given or source.at else 0)  # type: ignore[attr-defined]
+    expected = int(given) + int(source.at is not None)  # type: ignore[attr-defined]
+    assert core.task_index == expected
     return at_switch, model(probe).detach()
 
 
@@ -96,6 +97,15 @@ def test_the_late_steps_no_longer_move_the_old_tasks_outputs() -> None:
     assert kept > 0.05  # five unprotected steps of task B moved task A's outputs
     assert undone < 0.01 * kept
     assert undone == pytest.approx(given, abs=0.01)
+
+
+def test_an_undo_reaches_back_no_further_than_the_latest_task_start() -> None:
+    # A task started by hand at the switch, then a (false) detection 3 steps later that says
+    # it began 5 steps back: only the 3 steps since the start are undone, so task A keeps
+    # its own last updates and its outputs where the given boundary left them.
+    given = drift(train(LateSwitch(at=None), given=True))
+    both = drift(train(LateSwitch(at=SWITCH + 3), given=True))
+    assert both == pytest.approx(given, abs=1e-4)
 
 
 def test_without_a_detection_nothing_is_undone() -> None:
