@@ -113,6 +113,17 @@ def source(name: str) -> AutoBoundaries:
     return AutoBoundaries(**variant(name))
 
 
+def rebuilt(d: ChangePointDetector, **changes: Any) -> ChangePointDetector:
+    """A fresh detector with ``d``'s arguments, ``changes`` replacing some."""
+    kwargs: dict[str, Any] = {
+        k: getattr(d, k)
+        for k in ("signal", "weights", "threshold", "window", "patience", "warmup", "cooldown",
+                  "min_relative_jump", "halflife", "max_warmup", "fast_jump", "min_contrast")
+    }  # fmt: skip
+    kwargs.update(fast_window=d._fast_window, fast_patience=d._fast_patience, **changes)
+    return ChangePointDetector(**kwargs)
+
+
 def variant(name: str) -> dict[str, Any]:
     """The :class:`AutoBoundaries` arguments of a variant (fresh objects at every call)."""
     if name == "default":
@@ -125,31 +136,20 @@ def variant(name: str) -> dict[str, Any]:
     if name.startswith(("dirc", "allc")):
         contrast = float(name[4:])
         either = default_detector("novelty+direction")
-        rebuilt = []
-        for i, d in enumerate(either.detectors):
-            if i == 1 or name.startswith("allc"):
-                d = ChangePointDetector(
-                    signal=d.signal, weights=d.weights, threshold=d.threshold,
-                    window=d.window, patience=d.patience, warmup=d.warmup,
-                    cooldown=d.cooldown, min_relative_jump=d.min_relative_jump,
-                    halflife=d.halflife, max_warmup=d.max_warmup, fast_jump=d.fast_jump,
-                    min_contrast=contrast,
-                )  # fmt: skip
-            rebuilt.append(d)
-        return {"detector": EitherDetector(rebuilt)}
+        changed = either.detectors if name.startswith("allc") else either.detectors[1:]
+        return {
+            "detector": EitherDetector(
+                [rebuilt(d, min_contrast=contrast) if d in changed else d for d in either.detectors]
+            )
+        }
     if name.startswith("dirhl"):
         halflife = float(name[len("dirhl") :])
         return {"direction": DirectionSignal(halflife=halflife, recent=8, normalise=True)}
     if name.startswith("dir-j"):
         jump = float(name[len("dir-j") :])
-        either = default_detector("novelty+direction")
-        d = either.detectors[1]
-        kw = {k: getattr(d, k) for k in ("window", "patience", "halflife", "warmup")}
-        direction = ChangePointDetector(
-            signal="direction", min_relative_jump=jump, fast_jump=2 * jump + 1,
-            max_warmup=d.max_warmup, cooldown=d.cooldown, **kw,
-        )  # fmt: skip
-        return {"detector": EitherDetector([either.detectors[0], direction])}
+        novelty, direction = default_detector("novelty+direction").detectors
+        direction = rebuilt(direction, min_relative_jump=jump, fast_jump=2 * jump + 1)
+        return {"detector": EitherDetector([novelty, direction])}
     if name.startswith("joint"):
         either = default_detector("novelty+direction")
         return {"detector": JointEither(either.detectors, need=float(name[5:] or 1))}

@@ -436,18 +436,20 @@ class MetaGrad:
             self.boundaries.on_input_layers(found)  # the step's forward has shown them
             self._probe.remove()
             self._probe = None
+        snapshot: dict[str, Tensor] | None = None
         if self._history is not None:
-            self._history.append(
-                {n: local(p.detach()).clone() for n, p in self.params.items() if p.requires_grad}
-            )
+            snapshot = {
+                n: local(p.detach()).clone() for n, p in self.params.items() if p.requires_grad
+            }
+            self._history.append(snapshot)
         names = [n for n, p in self.params.items() if p.requires_grad and p.grad is not None]
         self._step_names = names
         self._before = None
         if not names:
             return None
         thetas = [local(self.params[n].detach()) for n in names]
-        if update:
-            self._before = [t.clone() for t in thetas]
+        if update:  # the history's copy serves (both are only read), else one of its own
+            self._before = [snapshot[n] for n in names] if snapshot else [t.clone() for t in thetas]
             return None
         grads = [local(self.params[n].grad) for n in names]  # type: ignore[arg-type]
         return self._step(names, thetas, grads)
