@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from lightning_metagrad import AutoBoundaries, MetaGradCallback, SubspacePredictor
 from lightning_metagrad.benchmark import MLPClassifier
+from lightning_metagrad.boundaries.signals import InputNoveltySignal
 from lightning_metagrad.data import PermutedStream
 
 STEPS_PER_TASK = 600
@@ -212,3 +213,18 @@ def test_a_detected_switch_leaves_the_old_task_where_given_boundaries_leave_it()
         accuracy[run] = model.accuracy(stream.task_dataloader(0))
     assert accuracy["undone"] == pytest.approx(accuracy["given"], abs=0.005)
     assert accuracy["kept"] != pytest.approx(accuracy["given"], abs=0.005)
+
+
+def test_the_inputs_signal_learns_the_layer_that_reads_the_data_through_a_trainer() -> None:
+    # signal="novelty+direction+inputs": the callback binds the LightningModule, whose first
+    # training forward shows which layer reads the batch; the sanity check's no-grad
+    # validation forward does not count, and the hooks are gone after the first step.
+    source = AutoBoundaries(signal="novelty+direction+inputs")
+    cb = MetaGradCallback(task_boundaries=source)
+    model = TinyClassifier()
+    make_trainer([cb], max_steps=6).fit(model, loader(0))
+    signal = source.signals["inputs"]
+    assert isinstance(signal, InputNoveltySignal)
+    assert signal.layers == {"net.0.weight", "net.0.bias"}
+    assert set(signal.novelty.dims()) == {"net.0.weight"}
+    assert not model.net[0]._forward_pre_hooks
