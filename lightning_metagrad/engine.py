@@ -159,6 +159,9 @@ class MetaGrad:
         self.resolved_target: Target = "gradient"
         self._hook: Any = None
         self._before: list[Tensor] | None = None  # update mode: parameters before the step
+        # Update mode with detection: the step's gradients, which the signals read (not the
+        # optimizer's update: Adam's per-coordinate scaling and momentum are not the task's).
+        self._step_grads: list[Tensor] | None = None
         self._step_names: list[str] = []
         self._sync_free = True
         self.last_report: StepReport | None = None
@@ -396,6 +399,7 @@ class MetaGrad:
             self._hook.remove()
             self._hook = None
         self._before = None
+        self._step_grads = None
 
     # ------------------------------------------------------------------ per batch
 
@@ -445,11 +449,15 @@ class MetaGrad:
         names = [n for n, p in self.params.items() if p.requires_grad and p.grad is not None]
         self._step_names = names
         self._before = None
+        self._step_grads = None
         if not names:
             return None
         thetas = [local(self.params[n].detach()) for n in names]
         if update:  # the history's copy serves (both are only read), else one of its own
             self._before = [snapshot[n] for n in names] if snapshot else [t.clone() for t in thetas]
+            if self.boundaries.uses_gradients or self.boundaries.uses_pairs:
+                now = [self.params[n].grad for n in names]
+                self._step_grads = [local(g).detach().clone() for g in now]  # type: ignore[arg-type]
             return None
         grads = [local(self.params[n].grad) for n in names]  # type: ignore[arg-type]
         return self._step(names, thetas, grads)
@@ -465,7 +473,8 @@ class MetaGrad:
         with torch.no_grad():
             after = [local(self.params[n].detach()) for n in names]
             update = torch._foreach_sub(before, after)  # gradient-like: theta' = theta - update
-            report = self._step(names, before, update)
+            grads, self._step_grads = self._step_grads, None
+            report = self._step(names, before, update, detect_on=grads)
             if report.rewritten:
                 index = [names.index(n) for n in report.rewritten]
                 # A zeroed coordinate of the update keeps its old value exactly (before - 0).
@@ -480,9 +489,15 @@ class MetaGrad:
 
     @torch.no_grad()
     def _step(
-        self, names: Sequence[str], thetas: Sequence[Tensor], targets: Sequence[Tensor]
+        self,
+        names: Sequence[str],
+        thetas: Sequence[Tensor],
+        targets: Sequence[Tensor],
+        detect_on: list[Tensor] | None = None,
     ) -> StepReport:
-        """Observe one step's ``(theta, target)`` pairs, feed detection, rewrite ``targets``.
+        """Observe one step's ``(theta, target)`` pairs, feed detection (``detect_on``: the
+        step's gradients in update mode; else the targets before the rule), rewrite
+        ``targets``.
 
         A non-finite step is not learned from. Checked on the host (one sync), it is not
         rewritten either: a NaN reaches the optimizer or grad scaler as it is. Checked on the
@@ -501,8 +516,8 @@ class MetaGrad:
                 report.finite = False
                 self._report(report)
                 return report
-        raw = None
-        if self.boundaries.uses_gradients or self.boundaries.uses_pairs:
+        raw = detect_on
+        if raw is None and (self.boundaries.uses_gradients or self.boundaries.uses_pairs):
             raw = [t.detach().clone() for t in targets]  # before the rule rewrites them
         if self.learning:
             if finite is None:

@@ -17,6 +17,7 @@ from lightning_metagrad import (
     SubspacePredictor,
 )
 from lightning_metagrad.boundaries import BatchTaskIdBoundaries, NewFitBoundaries
+from lightning_metagrad.boundaries.sources import TaskBoundarySource
 
 
 def _data(seed: int, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,6 +79,48 @@ def test_the_core_protects_the_update_an_adaptive_optimizer_applies(optimizer: s
     dw, db = w - model[0].weight.detach(), b - model[0].bias.detach()
     assert all(r is not None and "0.weight" in r.rewritten for r in reports)
     assert _protected_share(core, model[0], dw, db) < 1e-6
+
+
+class Recording(TaskBoundarySource):
+    """Records what detection is fed each step; never declares a switch."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.fed: list[dict[str, torch.Tensor]] = []
+
+    @property
+    def uses_gradients(self) -> bool:
+        return True
+
+    def on_gradients(self, names, thetas, targets) -> bool:  # type: ignore[no-untyped-def]
+        self.fed.append({n: t.clone() for n, t in zip(names, targets)})
+        return False
+
+
+def test_in_update_mode_detection_reads_the_steps_gradients_not_the_optimizers_update() -> None:
+    # Adam's update (per-coordinate scaled, with momentum) is not the task's gradient pattern
+    # the signals test; the rule still acts on the update.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    source = Recording()
+    core = MetaGrad(SubspacePredictor(every=1), boundaries=source)
+    core.bind(model)
+    assert core.use_optimizer(opt) == "update"
+    x, y = _data(0)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        grad = model[0].weight.grad.clone()
+        before = model[0].weight.detach().clone()
+        core.before_optimizer_step()
+        opt.step()
+        update = before - model[0].weight.detach()
+        fed = source.fed[-1]["0.weight"]
+        assert torch.equal(fed, grad)
+        assert not torch.allclose(fed / fed.norm(), update / update.norm(), atol=1e-2)
+    assert len(source.fed) == 3
 
 
 def test_gradient_mode_rewrites_grad_before_the_optimizer_step() -> None:
