@@ -59,6 +59,14 @@ _DEFAULT_EVIDENCE: dict[str, dict[str, float]] = {
     "direction": {},
 }
 _DEFAULT_SIGNAL: Signal = "novelty+direction"
+#: How far back (observations) the per-step detectors may place a switch's start from their
+#: signal's trace (``ChangePointDetector(trace_onset=...)``): concept switches are declared
+#: up to ~30 steps late (docs/detection.md, "Where a switch began").
+_TRACE_ONSET = 30
+#: The per-step detectors' switches must not come with a falling training loss (by more than
+#: 10 %): learning itself turns the gradient, a switch does not make the loss fall
+#: (``ChangePointDetector(confirm=...)``; docs/detection.md, "Confirmed by the loss").
+_CONFIRM = {"loss": 0.9}
 
 
 Detector = ChangePointDetector | EitherDetector
@@ -117,10 +125,10 @@ def _single_detector(
     weights = _DEFAULT_EVIDENCE.get(signal, {}) if evidence is None else dict(evidence)
     if signal in ("novelty", "inputs"):  # one noisy value a step: a longer window, a larger jump
         shape: dict[str, Any] = {"window": 15, "patience": 8, "min_relative_jump": 1.0}
-        shape.update(halflife=100.0, fast_jump=3.0)
+        shape.update(halflife=100.0, fast_jump=3.0, trace_onset=_TRACE_ONSET, confirm=_CONFIRM)
     elif signal == "direction":  # in [0, 2] with a within-task level near 0.5: 1.5-fold
         shape = {"window": 15, "patience": 8, "min_relative_jump": 0.5}
-        shape.update(halflife=100.0, fast_jump=1.0)
+        shape.update(halflife=100.0, fast_jump=1.0, trace_onset=_TRACE_ONSET, confirm=_CONFIRM)
         if recent is not None:  # the recent steps' mean: near 0.05-0.15 within a task
             shape.update(min_relative_jump=4.0, fast_jump=7.0)
     else:
@@ -212,15 +220,15 @@ class AutoBoundaries(TaskBoundarySource):
     Example:
         >>> import torch
         >>> src = AutoBoundaries()  # signal="novelty+direction"
-        >>> src.uses_gradients, src.uses_pairs, src.uses_loss
-        (True, False, False)
+        >>> src.uses_gradients, src.uses_pairs, src.uses_loss  # the loss confirms a switch
+        (True, False, True)
         >>> w = torch.zeros(4, 3)
         >>> src.on_gradients(["w"], [w], [torch.ones(4, 3)])
         False
         >>> AutoBoundaries(signal="error").uses_pairs
         True
         >>> sorted(AutoBoundaries(signal="novelty+direction").signals)
-        ['direction', 'novelty']
+        ['direction', 'loss', 'novelty']
     """
 
     name = "auto"
@@ -430,7 +438,7 @@ def _named(detector: Detector) -> list[str]:
     """Every signal a detector names, main or auxiliary, each once."""
     if isinstance(detector, EitherDetector):
         return detector.signals
-    return [detector.signal, *detector.weights]
+    return detector.accepted
 
 
 def _from_version_1(state: dict) -> dict:

@@ -226,6 +226,24 @@ class ChangePointDetector:
             change firing now began (``patience + window // 2`` observations back). A slow
             ramp (the level creeping up over many windows) then does not fire, however far
             above the baseline it climbs.
+        trace_onset: estimate where a declared change began from the main signal's own trace
+            as well (None, the default: off): the run of the last observations more than half
+            a noise standard deviation above the baseline (one value in the noise does not
+            end it), up to ``trace_onset`` of them. The
+            estimate (:attr:`last_onset`) is the larger of that run and the rule's (its run of
+            exceedances plus half its window), so a switch the rule declares late, after a
+            slow climb, is still placed where the climb began. :attr:`max_onset` grows to
+            ``trace_onset``.
+        confirm: ``{name: ratio}`` of signals that must confirm a switch (None, the default:
+            none). A switch the rules declare is held back unless each such signal's median
+            over the observations since the estimated onset (at least 3) is at least
+            ``ratio`` times its median over a ``window`` of observations before the onset
+            (ending ``window // 2`` observations before it, so that an onset placed a little
+            late does not count the switch itself as "before"), e.g.
+            ``{"loss": 0.9}``: a switch does not come with a training loss falling by more
+            than 10 %. A held-back switch is not lost: the run goes on and the test is
+            repeated at the next observation. Without that much history of a signal (it was
+            not fed), it does not hold a switch back.
 
     Example:
         >>> det = ChangePointDetector(warmup=20, patience=3)
@@ -254,6 +272,8 @@ class ChangePointDetector:
         fast_window: int | None = None,
         fast_patience: int | None = None,
         min_contrast: float | None = None,
+        trace_onset: int | None = None,
+        confirm: Mapping[str, float] | None = None,
     ) -> None:
         self.signal = check_str("signal", signal)
         self.threshold = check_float("threshold", threshold, minimum=0, low_open=True)
@@ -293,6 +313,17 @@ class ChangePointDetector:
         if min_contrast is not None:
             check_float("min_contrast", min_contrast, minimum=0, low_open=True)
         self.min_contrast = min_contrast
+        self.trace_onset = check_int("trace_onset", trace_onset, minimum=1, optional=True)
+        if confirm is not None and not isinstance(confirm, Mapping):
+            raise ValueError(f"`confirm` must be a mapping name -> ratio, got {confirm!r}")
+        self.confirm: dict[str, float] = {}
+        for name, ratio in (confirm or {}).items():
+            if not isinstance(name, str) or not name or name == signal:
+                raise ValueError(
+                    f"`confirm` keys must be non-empty strings other than the main signal "
+                    f"{signal!r}, got {name!r}"
+                )
+            self.confirm[name] = check_float(f"confirm[{name!r}]", ratio, minimum=0, low_open=True)
         self._alpha = 1.0 - 0.5 ** (1.0 / self.halflife)
         self._log_jump = math.log1p(self.min_relative_jump)
         self.reset()
@@ -322,7 +353,8 @@ class ChangePointDetector:
         self._fast_run = 0  # consecutive fast exceedances
         self._cooldown_left = 0
         self._segment = 0  # observations since the last (re)start, warm-up restarts included
-        self._recent: list[float] = []  # the main signal's last 2 * window values (warm-up)
+        self._recent: list[float] = []  # the main signal's last values (see _kept)
+        self._confirming: dict[str, list[float]] = {name: [] for name in self.confirm}
 
     def restart(self) -> None:
         """Start a new segment as after a switch, without counting one.
@@ -343,10 +375,16 @@ class ChangePointDetector:
         self._cooldown_left = self.cooldown
         self._segment = 0
         self._recent = []
+        self._confirming = {name: [] for name in self.confirm}
 
     @property
     def _names(self) -> list[str]:
         return [self.signal, *self.weights]
+
+    @property
+    def accepted(self) -> list[str]:
+        """Every signal :meth:`update` takes: the main one, ``weights`` and ``confirm``."""
+        return [*self._names, *(n for n in self.confirm if n not in self.weights)]
 
     @property
     def max_onset(self) -> int:
@@ -359,7 +397,7 @@ class ChangePointDetector:
         """
         slow = self.patience + self.window // 2
         fast = self._fast_patience + self._fast_window // 2 if self.fast_jump is not None else 0
-        return max(slow, fast)
+        return max(slow, fast, self.trace_onset or 0)
 
     def state_dict(self) -> dict[str, Any]:
         """The detector's state as plain ints, floats, strings, lists and dicts.
@@ -390,6 +428,7 @@ class ChangePointDetector:
             "cooldown_left": self._cooldown_left,
             "segment": self._segment,
             "recent": list(self._recent),
+            "confirming": {name: list(v) for name, v in self._confirming.items()},
             "signals": {name: stats.to_dict() for name, stats in self._stats.items()},
         }
 
@@ -421,7 +460,12 @@ class ChangePointDetector:
         self._fast_run = int(state.get("fast_run", 0))
         self._cooldown_left = int(state["cooldown_left"])
         self._segment = int(state.get("segment", self._since))
-        self._recent = [float(v) for v in state.get("recent", [])][-self._kept :]
+        recent = [float(v) for v in state.get("recent", [])]
+        self._recent = recent[-self._kept :] if self._kept else []
+        confirming = state.get("confirming", {})
+        self._confirming = {
+            name: [float(v) for v in confirming.get(name, [])] for name in self.confirm
+        }
 
     # ------------------------------------------------------------------ detection
 
@@ -442,10 +486,11 @@ class ChangePointDetector:
         """
         if self.signal not in signals:
             raise ValueError(f"update() needs the main signal {self.signal!r}")
-        unknown = sorted(set(signals) - set(self._names))
+        unknown = sorted(set(signals) - set(self.accepted))
         if unknown:
             raise ValueError(
-                f"update() got signals {unknown} not declared in `weights`; known: {self._names}"
+                f"update() got signals {unknown} not declared in `weights` or `confirm`; "
+                f"known: {self.accepted}"
             )
         values: dict[str, float] = {}
         for name, value in signals.items():
@@ -458,8 +503,12 @@ class ChangePointDetector:
         index = self.num_observations
         self.num_observations += 1
         self._segment += 1
-        if self.max_warmup is not None or self.min_contrast is not None:
+        if self._kept:
             self._recent = [*self._recent, values[self.signal]][-self._kept :]
+        for name, history in self._confirming.items():
+            if name in values:
+                history.append(values[name])
+                del history[: -(self.max_onset + self.window + self.window // 2)]
         if self._still_moving():
             # The warm-up ends with the main signal still moving (a network leaving its
             # random initialisation, a blend still going on): its statistics would describe a
@@ -467,7 +516,8 @@ class ChangePointDetector:
             self._stats = {name: _SignalStats(self.window) for name in self._names}
             self._since = 0
         for name, x in values.items():
-            self._stats[name].push(x)
+            if name in self._stats:
+                self._stats[name].push(x)
 
         exceedance = fast = False
         if self._since >= self.warmup:
@@ -488,29 +538,69 @@ class ChangePointDetector:
         declared = self._run >= self.patience or self._fast_run >= self._fast_patience
         if declared and self.min_contrast is not None and not self._abrupt():
             declared = False  # a ramp: the runs go on, and an abrupt rise may still come
+        onset = self._onset() if declared else 0
+        if declared and self.confirm and not self._confirmed(onset):
+            declared = False  # held back: the runs go on, and the test is repeated
         if declared and not in_cooldown:
             self.num_switches += 1
             self.switch_steps.append(index)
-            # Where the change began: the exceedances that declared it, plus the half window
-            # a median needs before it moves.
-            if self._run >= self.patience:
-                self.last_onset = self._run + self.window // 2
-            else:
-                self.last_onset = self._fast_run + self._fast_window // 2
+            self.last_onset = onset
             self.restart()
             return True
         for name in values:
-            self._stats[name].learn(self._alpha)
+            if name in self._stats:
+                self._stats[name].learn(self._alpha)
         return False
+
+    def _onset(self) -> int:
+        """Where a change declared now began, in observations back (this one included)."""
+        # The exceedances that declared it, plus the half window a median needs to move.
+        if self._run >= self.patience:
+            rule = self._run + self.window // 2
+        else:
+            rule = self._fast_run + self._fast_window // 2
+        return min(max(rule, self._traced_onset()), self.max_onset)
+
+    def _confirmed(self, onset: int) -> bool:
+        """``confirm``: each signal's median since ``onset`` against the window before."""
+        since, gap = max(onset, 3), self.window // 2
+        for name, ratio in self.confirm.items():
+            history = self._confirming[name]
+            if len(history) < since + gap + 3:
+                continue  # not fed enough to judge: it does not hold the switch back
+            before = history[-(since + gap + self.window) : -(since + gap)]
+            if _median(history[-since:]) - _median(before) < math.log(ratio):
+                return False
+        return True
 
     @property
     def _kept(self) -> int:
-        """How many of the main signal's last values are kept (for the adaptive warm-up and
-        the contrast test)."""
-        kept = 2 * self.window
+        """How many of the main signal's last values are kept (for the adaptive warm-up, the
+        contrast test and the traced onset; 0: none)."""
+        kept = 2 * self.window if self.max_warmup is not None else 0
         if self.min_contrast is not None:
             kept = max(kept, self.patience + self.window // 2 + 2 * self.window)
+        if self.trace_onset is not None:
+            kept = max(kept, self.trace_onset)
         return kept
+
+    def _traced_onset(self) -> int:
+        """With ``trace_onset``: how many of the main signal's last values (this one
+        included) lie more than half a noise std above the baseline, in a row, where a
+        single value at the level does not end the row (0: off)."""
+        if self.trace_onset is None:
+            return 0
+        main = self._stats[self.signal]
+        level = main.baseline + 0.5 * main.std
+        run = below = 0
+        for back, x in enumerate(reversed(self._recent[-self.trace_onset :]), start=1):
+            if x > level:
+                run, below = back, 0
+            else:
+                below += 1
+                if below == 2:  # one value in the noise is not yet the end of the climb
+                    break
+        return run
 
     def _abrupt(self) -> bool:
         """The contrast test: the median of the firing rule's last window against that of

@@ -80,7 +80,7 @@ class EitherDetector:
         """Every signal a detector names (main or auxiliary), each once, in order."""
         names: dict[str, None] = {}
         for det in self.detectors:
-            names.update(dict.fromkeys([det.signal, *det.weights]))
+            names.update(dict.fromkeys(det.accepted))
         return list(names)
 
     @property
@@ -99,7 +99,7 @@ class EitherDetector:
         for det in self.detectors:
             if det.signal not in signals:
                 continue
-            mine = {k: v for k, v in signals.items() if k == det.signal or k in det.weights}
+            mine = {k: v for k, v in signals.items() if k in det.accepted}
             before = det.num_observations
             if det.update(**mine) and fired is None:
                 fired = det

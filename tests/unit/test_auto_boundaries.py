@@ -21,7 +21,8 @@ def test_auto_defaults_to_the_novelty_or_the_direction() -> None:
     direction = src.signals["direction"]
     assert isinstance(direction, DirectionSignal) and direction.recent == 8.0
     assert direction.normalise  # in units of its noise-only value (issue 25)
-    assert src.uses_gradients and not src.uses_pairs and not src.uses_loss
+    assert src.uses_gradients and not src.uses_pairs
+    assert src.uses_loss and "loss" in src.signals  # it confirms the switches
     assert src.every == 1 and src.settle == 0
 
 
@@ -45,7 +46,7 @@ def test_loss_signal_tests_the_mean_loss_with_the_error_as_evidence() -> None:
     assert src.uses_loss and src.detector.signal == "loss"
     assert src.detector.weights == {"error": 1.0}
     assert src.every == 4 and src.settle == 0  # the loss: the mean of 4 steps an observation
-    assert not AutoBoundaries().uses_loss  # the default, novelty or direction, needs no loss
+    assert AutoBoundaries().uses_loss  # the default's switches are confirmed by the loss
     assert not AutoBoundaries(signal="error").uses_loss  # the paper's signal needs no loss
     assert AutoBoundaries(signal="error").settle == 100  # its meta-network learns first
 
@@ -103,14 +104,14 @@ def test_novelty_combines_with_the_loss_as_evidence_and_round_trips() -> None:
 
 def test_only_the_signals_the_detector_names_are_built_and_checkpointed() -> None:
     # No meta-network for the default.
-    assert set(AutoBoundaries().signals) == {"novelty", "direction"}
-    assert set(AutoBoundaries(signal="novelty").signals) == {"novelty"}
+    assert set(AutoBoundaries().signals) == {"novelty", "direction", "loss"}
+    assert set(AutoBoundaries(signal="novelty").signals) == {"novelty", "loss"}  # confirms
     assert set(AutoBoundaries(signal="loss").signals) == {"loss", "error"}
     assert set(AutoBoundaries(signal="novelty", evidence={"loss": 1.0}).signals) == {
         "novelty",
         "loss",
     }
-    assert set(AutoBoundaries().state_dict()["signals"]) == {"novelty", "direction"}
+    assert set(AutoBoundaries().state_dict()["signals"]) == {"novelty", "direction", "loss"}
 
 
 def test_a_version_1_state_with_every_signal_flat_still_loads() -> None:

@@ -47,11 +47,12 @@ def test_the_combined_signal_builds_both_signals_and_detectors() -> None:
     src = AutoBoundaries(signal="novelty+direction")
     assert isinstance(src.detector, EitherDetector)
     assert src.detector.mains == ["novelty", "direction"]
-    assert set(src.signals) == {"novelty", "direction"}
+    assert set(src.signals) == {"novelty", "direction", "loss"}  # the loss confirms
     direction = src.signals["direction"]
     assert isinstance(direction, DirectionSignal) and direction.recent == 8.0
     assert direction.normalise
-    assert src.every == 1 and src.settle == 0 and src.uses_gradients and not src.uses_loss
+    assert src.every == 1 and src.settle == 0 and src.uses_gradients
+    assert src.uses_loss  # it confirms the switches
     assert src.max_onset_steps == max(d.max_onset for d in src.detector.detectors)
     # The recent direction's stricter shape; evidence goes to the novelty's detector.
     assert src.detector.detectors[1].min_relative_jump == 4.0
@@ -101,7 +102,7 @@ def test_state_round_trip_continues_exactly() -> None:
     src = AutoBoundaries(signal="novelty+direction")
     feed(src, [(basis, mean)], seed=1)
     state = src.state_dict()
-    assert state["version"] == 2 and set(state["signals"]) == {"novelty", "direction"}
+    assert state["version"] == 2 and set(state["signals"]) == {"novelty", "direction", "loss"}
     assert set(state["detector"]["detectors"]) == {"novelty", "direction"}
     clone = AutoBoundaries(signal="novelty+direction")
     clone.load_state_dict(state)

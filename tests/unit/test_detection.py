@@ -156,6 +156,60 @@ def test_with_min_contrast_a_ramp_is_not_a_switch_but_a_jump_is(seed: int) -> No
     assert len(found) == 1 and 450 <= found[0] <= 450 + 15 + 3  # ...not with the contrast
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_with_trace_onset_a_late_declared_climb_is_placed_where_it_began(seed: int) -> None:
+    # A switch seen through a recent mean: the signal climbs 20-fold over 20 observations
+    # from observation 300, and the 8-fold fast rule declares it near the top of the climb.
+    n, start = 500, 300
+    climb = np.clip((np.arange(n) - start) / 20, 0.0, 1.0) * math.log(20.0)
+    signal = errors(log_noise(n, seed) + climb)
+    kw = {"warmup": 20, "window": 15, "patience": 8, "cooldown": 0, "halflife": 100.0,
+          "min_relative_jump": 4.0, "fast_jump": 7.0}  # fmt: skip
+    plain, traced = ChangePointDetector(**kw), ChangePointDetector(**kw, trace_onset=40)
+    [found] = simulate_detection(signal, plain)
+    assert simulate_detection(signal, traced) == [found]  # the same decision...
+    began = found - start + 1  # observations since the climb began, this one included
+    assert began >= 15 and plain.last_onset <= 8  # ...the rule places it a few back...
+    assert began - 3 <= traced.last_onset <= began + 2  # ...the trace where it began
+    assert traced.max_onset == 40
+
+
+def confirm_run(loss: np.ndarray | None, seed: int = 0) -> tuple[list[int], ChangePointDetector]:
+    """A 5-fold jump of the main signal at 300, with the loss ``loss`` (None: not fed)."""
+    n = len(loss) if loss is not None else 500
+    signal = errors(log_noise(n, seed) + math.log(5.0) * (np.arange(n) >= 300))
+    det = ChangePointDetector(warmup=20, cooldown=0, confirm={"loss": 0.9})
+    hits = []
+    for i in range(n):
+        obs = {"error": signal[i]} if loss is None else {"error": signal[i], "loss": loss[i]}
+        if det.update(**obs):
+            hits.append(i)
+    return hits, det
+
+
+def test_with_confirm_a_switch_during_a_falling_loss_is_held_back() -> None:
+    steps = np.arange(500)
+    falling = 2.0 * np.exp(-steps / 50)  # the loss keeps falling 2 % a step: learning
+    assert confirm_run(falling)[0] == []
+    flat = np.full(500, 2.0) * np.exp(log_noise(500, seed=3))
+    [hit], det = confirm_run(flat)
+    assert 300 <= hit <= 300 + MAX_DELAY and det.last_onset > 0
+
+
+def test_with_confirm_a_held_back_switch_is_declared_once_the_loss_confirms() -> None:
+    steps = np.arange(500)
+    loss = 2.0 * np.exp(-steps / 50)
+    loss[320:] = 1.5 * loss[320]  # the loss stops falling and jumps at 320
+    [hit], _ = confirm_run(loss)
+    assert 320 < hit <= 320 + MAX_DELAY
+
+
+def test_with_confirm_an_unfed_signal_does_not_hold_a_switch_back() -> None:
+    [hit], det = confirm_run(None)
+    assert 300 <= hit <= 300 + MAX_DELAY
+    assert det.accepted == ["error", "loss"]
+
+
 # ------------------------------------------------------------------ warm-up and cooldown
 
 
@@ -444,6 +498,10 @@ def test_reset_returns_to_a_fresh_detector() -> None:
         ({"halflife": 0}, "halflife"),
         ({"min_contrast": 0}, "min_contrast"),
         ({"min_contrast": math.nan}, "min_contrast"),
+        ({"trace_onset": 0}, "trace_onset"),
+        ({"confirm": [("loss", 0.9)]}, "confirm"),
+        ({"confirm": {"error": 0.9}}, "confirm"),
+        ({"confirm": {"loss": 0.0}}, "confirm"),
         ({"weights": [("loss", 1.0)]}, "weights"),
         ({"weights": {"error": 1.0}}, "weights"),
         ({"weights": {"loss": -1.0}}, "weights"),

@@ -49,10 +49,10 @@ def test_direction_registered_and_built_by_auto() -> None:
     assert SIGNALS["direction"] is DirectionSignal
     src = AutoBoundaries(signal="direction")
     assert isinstance(src.signals["direction"], DirectionSignal)
-    assert src.every == 1 and src.uses_gradients and not src.uses_loss
+    assert src.every == 1 and src.uses_gradients and src.uses_loss  # the loss confirms
     assert default_detector("direction").min_relative_jump == 0.5
     both = AutoBoundaries(signal="novelty", evidence={"direction": 1.0})
-    assert set(both.signals) == {"novelty", "direction"}
+    assert set(both.signals) == {"novelty", "direction", "loss"}
 
 
 @pytest.mark.parametrize("recent", [None, 8.0])
