@@ -144,7 +144,6 @@ class MetaGradCallback(Callback):
         self._trainer: pl.Trainer | None = None
         self._restored_fit_done = False  # the loaded state was saved when its fit had ended
         self._stepped = False
-        self._warned_no_loss = False
         self._to_log: dict[str, Tensor | float] = {}
         self._skips_reported = 0  # non-finite steps already warned about
         self._warned_optimizer = False
@@ -324,15 +323,6 @@ class MetaGradCallback(Callback):
             loss = loss_of(outputs)
             if loss is not None:
                 self.engine.observe_loss(self.engine.runtime.mean(loss.detach().float()))
-            elif not self._warned_no_loss:
-                self._warned_no_loss = True
-                rank_zero_warn(
-                    f"MetaGradCallback: the task boundaries {self.boundaries.name!r} read the "
-                    "training loss, but `training_step` returned none, so the signals that "
-                    "need it go without (with 'auto', the direction's switches are then not "
-                    "confirmed by the loss). Return the loss, or a dict with a 'loss' key, "
-                    "from `training_step`."
-                )
         if not self._stepped:
             return
         self._stepped = False

@@ -93,6 +93,16 @@ def test_tasks_of_200_steps_are_each_found() -> None:
 
 
 @pytest.mark.slow
+def test_with_adam_tasks_of_200_steps_are_each_found_and_nothing_else() -> None:
+    # Adam (update mode): the signals read the step's gradients, not Adam's update, and the
+    # loss confirms each switch.
+    pl.seed_everything(0, verbose=False)
+    cb = fit_auto(silent_stream(4, steps=200), mlp(optimizer="adam", lr=1e-3))
+    assert cb.engine.resolved_target == "update"
+    assert_found(cb, [200, 400, 600], max_delay=30)
+
+
+@pytest.mark.slow
 def test_the_first_tasks_start_up_is_not_a_switch() -> None:
     # From a random initialisation the gradients change fast; that is learned, not tested.
     pl.seed_everything(1, verbose=False)
