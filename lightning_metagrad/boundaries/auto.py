@@ -93,6 +93,9 @@ def default_detector(
     5-fold for 8, or 8-fold for 4. ``"novelty+direction"`` gives an
     :class:`~lightning_metagrad.boundaries.either.EitherDetector` of the novelty's detector
     (with ``evidence``) and the direction's (``recent``, default 8), which restart together.
+    The novelty's, the inputs' and the direction's detectors read a switch's start from their
+    signal's trace too (``trace_onset=30``) and need the training loss to confirm it
+    (``confirm={"loss": 0.9}``).
 
     Example:
         >>> det = default_detector("novelty", {"loss": 0.5})
@@ -214,8 +217,16 @@ class AutoBoundaries(TaskBoundarySource):
     weights before the finished task was protected; once it is folded in, the engine
     rewrites their sum by the rule (the default projects it out of the old tasks'
     subspaces), as given boundaries would have done step by step. For that the engine keeps
-    a copy of the trainable parameters per step of :attr:`max_onset_steps` (15 with the
-    default detector) and warns above 1 GiB; False saves that memory.
+    a copy of the trainable parameters per step of :attr:`max_onset_steps` (30 with the
+    default detector, which also reads a switch's start from its signal's trace) and warns
+    above 1 GiB; False saves that memory.
+
+    The default detectors' switches are **confirmed by the training loss**
+    (``ChangePointDetector(confirm={"loss": 0.9})``): a switch is held back while the loss
+    since its onset is more than 10 % below the loss before it, since learning itself turns
+    the gradient (fast with Adam) while a new task does not make the loss fall. The callback
+    feeds the loss; a plain loop calls :meth:`~lightning_metagrad.MetaGrad.observe_loss`
+    after each step (without it nothing is held back).
 
     Example:
         >>> import torch

@@ -227,9 +227,9 @@ class ChangePointDetector:
             ramp (the level creeping up over many windows) then does not fire, however far
             above the baseline it climbs.
         trace_onset: estimate where a declared change began from the main signal's own trace
-            as well (None, the default: off): the run of the last observations more than half
-            a noise standard deviation above the baseline (one value in the noise does not
-            end it), up to ``trace_onset`` of them. The
+            as well (None, the default: off): the run of the last observations more than one
+            noise standard deviation above the baseline (one value in the noise does not end
+            it), up to ``trace_onset`` of them. The
             estimate (:attr:`last_onset`) is the larger of that run and the rule's (its run of
             exceedances plus half its window), so a switch the rule declares late, after a
             slow climb, is still placed where the climb began. :attr:`max_onset` grows to
@@ -586,12 +586,12 @@ class ChangePointDetector:
 
     def _traced_onset(self) -> int:
         """With ``trace_onset``: how many of the main signal's last values (this one
-        included) lie more than half a noise std above the baseline, in a row, where a
+        included) lie more than one noise std above the baseline, in a row, where a
         single value at the level does not end the row (0: off)."""
         if self.trace_onset is None:
             return 0
         main = self._stats[self.signal]
-        level = main.baseline + 0.5 * main.std
+        level = main.baseline + main.std
         run = below = 0
         for back, x in enumerate(reversed(self._recent[-self.trace_onset :]), start=1):
             if x > level:
