@@ -41,6 +41,7 @@ from lightning_metagrad.benchmark import MLPClassifier
 from lightning_metagrad.benchmark.quiet import quiet_trainer_kwargs, silence_lightning
 from lightning_metagrad.boundaries import ChangePointDetector, default_detector
 from lightning_metagrad.boundaries.signals import DirectionSignal
+from lightning_metagrad.boundaries.sources import TaskBoundarySource
 from lightning_metagrad.data import PermutedStream, RotatedStream
 from lightning_metagrad.metrics import average_accuracy, backward_transfer
 
@@ -331,11 +332,15 @@ def accuracy_row(model: MLPClassifier, stream: Any, tasks: int) -> list[float]:
     return [model.accuracy(stream.task_dataloader(j, split="test")) for j in range(tasks)]
 
 
+#: The models' optimizer (``--optimizer``).
+OPTIMIZER = "sgd"
+
+
 def model_for(stream: Any, lr: float, schedule: str | None = None, steps: int = 1) -> Scheduled:
     return Scheduled(
         input_dim=stream.input_dim, num_classes=stream.num_classes,
         hidden_sizes=getattr(stream, "hidden_sizes", (128, 128)),
-        lr=lr, schedule=schedule, steps=steps,
+        lr=lr, schedule=schedule, steps=steps, optimizer=OPTIMIZER,
     )  # fmt: skip
 
 
@@ -452,6 +457,39 @@ def mode_events(args: argparse.Namespace) -> dict[str, Any]:
     return {"runs": runs, "table": rows}
 
 
+class AtSteps(TaskBoundarySource):
+    """Given boundaries inside one fit: a new task every ``per_task`` batches."""
+
+    name = "at-steps"
+
+    def __init__(self, per_task: int) -> None:
+        self.per_task, self.seen = per_task, 0
+
+    def on_train_batch(self, batch: Any, batch_idx: int) -> bool:
+        self.seen += 1
+        return self.seen > 1 and (self.seen - 1) % self.per_task == 0
+
+
+def given_in_one_fit(stream: Any, per_task: int, tasks: int, lr: float) -> list[list[float]]:
+    """``given --one-fit``: the tasks' batches in one fit, the boundaries at the true steps, so
+    the optimizer's state (Adam's moments) carries over as with detection."""
+    batches = [b for t in range(tasks) for b in task_batches(stream, t, per_task)]
+    model = model_for(stream, lr)
+    matrix: list[list[float]] = []
+
+    class AtTaskEnds(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            if trainer.global_step % per_task == 0:
+                matrix.append(accuracy_row(model, stream, tasks))
+
+    cb = MetaGradCallback(task_boundaries=AtSteps(per_task))
+    pl.Trainer(max_steps=len(batches), callbacks=[cb, AtTaskEnds()], **TRAINER).fit(
+        model, DataLoader(batches, batch_size=None)
+    )
+    assert cb.task_index == tasks - 1, cb.task_index
+    return matrix
+
+
 def mode_given(args: argparse.Namespace) -> dict[str, Any]:
     runs, rows = [], []
     for name in args.streams:
@@ -460,6 +498,14 @@ def mode_given(args: argparse.Namespace) -> dict[str, Any]:
             for seed in args.seeds:
                 pl.seed_everything(seed, verbose=False)
                 stream = make_stream(name, args.tasks, seed, args.root)
+                if args.one_fit:
+                    matrix = given_in_one_fit(stream, per_task, args.tasks, args.lr)
+                    m = torch.tensor(matrix)
+                    accs.append(average_accuracy(m))
+                    bwts.append(backward_transfer(m))
+                    runs.append({"stream": name, "per_task": per_task, "seed": seed,
+                                 "matrix": matrix, "false_switches": []})  # fmt: skip
+                    continue
                 model = model_for(stream, args.lr)
                 # task_boundaries="fit": one fit per task; --with-auto: and the signal's
                 # detector inside each fit (every detection is then a false switch).
@@ -572,6 +618,18 @@ def main() -> None:
     parser.add_argument("--events", nargs="+", choices=EVENTS, default=list(EVENTS))
     parser.add_argument("--steps", type=int, default=800, help="steps of an event run")
     parser.add_argument("--lr", type=float, default=0.03)
+    parser.add_argument(
+        "--one-fit",
+        action="store_true",
+        help="given: one fit, boundaries at the true steps (the optimizer's state carries "
+        "over, as with detection)",
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=["sgd", "adam"],
+        default="sgd",
+        help="the models' optimizer (adam: pass e.g. --lr 0.001)",
+    )
     parser.add_argument("--root", default="../shared/data")
     parser.add_argument("--output", type=Path, default=Path("runs/detection"))
     parser.add_argument("--resume", action="store_true", help="switches: skip rows done")
@@ -581,6 +639,8 @@ def main() -> None:
     if args.mode == "report":
         print(report(args.files))
         return
+    global OPTIMIZER
+    OPTIMIZER = args.optimizer
     silence_lightning()
     warnings.filterwarnings("ignore", category=UserWarning, module="lightning_metagrad")
     torch.set_num_threads(1)

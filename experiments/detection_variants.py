@@ -19,12 +19,16 @@ Variants (``--variants``):
   (the task's mean direction forgets with a half-life of ``H`` steps instead of 100);
 * ``dirc<C>`` / ``allc<C>``: the default with ``min_contrast=C`` on the direction's detector
   (or on both): a switch only if the jump is abrupt, not a ramp;
+* ``gate<R>`` / ``allgate<R>``: the default with ``confirm={"loss": R}`` on the direction's
+  detector (or on both): a switch only if the training loss since its onset is at least ``R``
+  times the loss before;
 * ``first-l<L>e<E>``: :class:`FirstLayer`, the novelty alone (``SubspaceNovelty(lag=L,
   energy=E)``) of the layer that reads the data (``net.0``), whose input the training does
   not change; ``default|first-l<L>e<E>`` in the output is either of the two, offline.
 
     python experiments/detection_variants.py rotated,500,blurry,0 fashion,800,event:batch_size,1 \\
         --variants old default nov-l4e0.98 joint1 --output runs/detection/variants
+    python experiments/detection_variants.py --ratios runs/detection/variants/*.json
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import warnings
 from pathlib import Path
@@ -118,7 +123,8 @@ def rebuilt(d: ChangePointDetector, **changes: Any) -> ChangePointDetector:
     kwargs: dict[str, Any] = {
         k: getattr(d, k)
         for k in ("signal", "weights", "threshold", "window", "patience", "warmup", "cooldown",
-                  "min_relative_jump", "halflife", "max_warmup", "fast_jump", "min_contrast")
+                  "min_relative_jump", "halflife", "max_warmup", "fast_jump", "min_contrast",
+                  "trace_onset", "confirm")
     }  # fmt: skip
     kwargs.update(fast_window=d._fast_window, fast_patience=d._fast_patience, **changes)
     return ChangePointDetector(**kwargs)
@@ -140,6 +146,18 @@ def variant(name: str) -> dict[str, Any]:
         return {
             "detector": EitherDetector(
                 [rebuilt(d, min_contrast=contrast) if d in changed else d for d in either.detectors]
+            )
+        }
+    if name.startswith(("gate", "allgate")):  # the loss must confirm (ratio R)
+        ratio = float(name.split("gate")[1])
+        either = default_detector("novelty+direction")
+        changed = either.detectors if name.startswith("all") else either.detectors[1:]
+        return {
+            "detector": EitherDetector(
+                [
+                    rebuilt(d, confirm={"loss": ratio}) if d in changed else d
+                    for d in either.detectors
+                ]
             )
         }
     if name.startswith("dirhl"):
@@ -164,11 +182,13 @@ class WithVariants(AutoBoundaries):
         super().__init__(**drive)
         self.variants = variants
         self.found: dict[str, list[int]] = {k: [] for k in variants}
+        self.onsets: dict[str, list[int]] = {k: [] for k in variants}
+        self.losses: list[float] = []  # the training loss of every step, in order
         self._restart: set[str] = set()
 
     @property
     def uses_loss(self) -> bool:
-        return super().uses_loss or any(s.uses_loss for s in self.variants.values())
+        return True  # the loss of every step is recorded
 
     def on_gradients(self, names, thetas, targets):  # type: ignore[no-untyped-def]
         step = self.steps
@@ -178,16 +198,18 @@ class WithVariants(AutoBoundaries):
                 self._restart.discard(key)
             if source.on_gradients(names, thetas, targets):
                 self.found[key].append(step)
+                self.onsets[key].append(source.onset_steps())
                 self._restart.add(key)
         return super().on_gradients(names, thetas, targets)
 
     def on_loss(self, loss):  # type: ignore[no-untyped-def]
         super().on_loss(loss)  # feeds only the signals that read the loss
+        self.losses.append(float(loss))
         for source in self.variants.values():
             source.on_loss(loss)
 
 
-def run(spec: str, names: list[str], drive: str, root: str) -> dict[str, Any]:
+def run(spec: str, names: list[str], drive: str, root: str, lr: float = 0.03) -> dict[str, Any]:
     """``spec``: ``stream,steps,kind,seed`` with kind ``abrupt``, ``blurry`` or
     ``event:<name>`` (one task of ``steps`` steps with that within-task event)."""
     stream_name, steps, kind, seed = spec.split(",")
@@ -196,7 +218,7 @@ def run(spec: str, names: list[str], drive: str, root: str) -> dict[str, Any]:
     events = kind.startswith("event:")
     true = [] if events else [per_task * i for i in range(1, 4)]
     blur = de.blur_of(per_task) if kind == "blurry" else 0
-    model = de.model_for(stream, 0.03, schedule, len(batches))
+    model = de.model_for(stream, lr, schedule, len(batches))
     driver = WithVariants(variant(drive), {n: source(n) for n in names})
     cb = MetaGradCallback(task_boundaries=driver)
     pl.Trainer(max_steps=len(batches), callbacks=[cb], **de.TRAINER).fit(
@@ -207,19 +229,55 @@ def run(spec: str, names: list[str], drive: str, root: str) -> dict[str, Any]:
         if n.startswith("first-") and "default" in found:
             found[f"default|{n}"] = either_offline(found["default"], found[n])
     return {
-        "spec": spec, "drive": drive, "found": found,
+        "spec": spec, "drive": drive, "optimizer": de.OPTIMIZER, "lr": lr, "found": found,
+        "onsets": driver.onsets, "losses": driver.losses,
         "score": {k: de.score(v, true, blur, per_task) for k, v in found.items()},
     }  # fmt: skip
 
 
+def loss_ratios(paths: list[Path], before: int = 16) -> None:
+    """Print, per detection of each saved run, whether it was true and the training loss's
+    median since the detector's onset over its median in the ``before`` steps before it
+    (docs/detection.md, "Adam, the traced onset and the loss's confirmation")."""
+    for path in paths:
+        result = json.loads(path.read_text())
+        _, steps, kind, _ = result["spec"].split(",")
+        per_task, losses = int(steps), result["losses"]
+        true = [] if kind.startswith("event:") else [per_task * i for i in range(1, 4)]
+        blur = de.blur_of(per_task) if kind == "blurry" else 0
+        for name, found in result["found"].items():
+            if name not in result.get("onsets", {}):
+                continue
+            used: set[int] = set()  # the matching of de.score
+            for t in true:
+                hits = [s for s in found if t - blur // 2 - 10 <= s <= t + min(per_task // 2, 250)]
+                hits = [s for s in hits if s not in used]
+                if hits:
+                    used.add(hits[0])
+            for step, onset in zip(found, result["onsets"][name]):
+                start = max(step - max(onset, 4), 0)
+                after, prior = losses[start:step], losses[max(start - before, 0) : start]
+                if after and prior:
+                    ratio = statistics.median(after) / statistics.median(prior)
+                    print(name, result["spec"], step, "true" if step in used else "false",
+                          f"{ratio:.3f}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("specs", nargs="+", help="stream,steps,kind,seed")
+    parser.add_argument("specs", nargs="*", help="stream,steps,kind,seed")
+    parser.add_argument("--ratios", nargs="+", type=Path, help="saved runs: the loss ratios")
     parser.add_argument("--variants", nargs="+", default=["old", "default"])
     parser.add_argument("--drive", default="default")
     parser.add_argument("--root", default="../shared/data")
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    parser.add_argument("--lr", type=float, default=0.03, help="with adam, e.g. 0.001")
     parser.add_argument("--output", type=Path, default=Path("runs/detection/variants"))
     args = parser.parse_args()
+    if args.ratios:
+        loss_ratios(args.ratios)
+        return
+    de.OPTIMIZER = args.optimizer
     silence_lightning()
     warnings.filterwarnings("ignore", category=UserWarning, module="lightning_metagrad")
     torch.set_num_threads(1)
@@ -228,7 +286,7 @@ def main() -> None:
         path = args.output / (spec.replace(",", "-").replace(":", "_") + ".json")
         if path.exists():
             continue
-        result = run(spec, args.variants, args.drive, args.root)
+        result = run(spec, args.variants, args.drive, args.root, args.lr)
         path.write_text(json.dumps(result, indent=1))
         counts = {k: (len(s["delays"]), s["false"]) for k, s in result["score"].items()}
         print(spec, "found, false:", counts, flush=True)
