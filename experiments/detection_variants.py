@@ -22,6 +22,8 @@ Variants (``--variants``):
 * ``gate<R>`` / ``allgate<R>``: the default with ``confirm={"loss": R}`` on the direction's
   detector (or on both): a switch only if the training loss since its onset is at least ``R``
   times the loss before;
+* ``novgate<R>``: the default with ``confirm={"loss": R}`` on the novelty's detector (the
+  direction's keeps 0.9);
 * ``first-l<L>e<E>``: :class:`FirstLayer`, the novelty alone (``SubspaceNovelty(lag=L,
   energy=E)``) of the layer that reads the data (``net.0``), whose input the training does
   not change; ``default|first-l<L>e<E>`` in the output is either of the two, offline.
@@ -160,6 +162,10 @@ def variant(name: str) -> dict[str, Any]:
                 ]
             )
         }
+    if name.startswith("novgate"):  # the novelty's switches need the loss to rise R-fold
+        ratio = float(name[len("novgate") :])
+        novelty, direction = default_detector("novelty+direction").detectors
+        return {"detector": EitherDetector([rebuilt(novelty, confirm={"loss": ratio}), direction])}
     if name.startswith("dirhl"):
         halflife = float(name[len("dirhl") :])
         return {"direction": DirectionSignal(halflife=halflife, recent=8, normalise=True)}
