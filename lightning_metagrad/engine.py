@@ -78,6 +78,25 @@ class StepReport:
     figures: dict[str, Tensor] = field(default_factory=dict)
 
 
+@torch.no_grad()
+def _write_rewritten(
+    names: Sequence[str],
+    params: Sequence[Tensor],
+    before: Sequence[Tensor],
+    delta: Sequence[Tensor],
+    rewritten: Sequence[str],
+) -> None:
+    """Set the ``rewritten`` parameters to ``before - delta`` (their rewritten step), in place.
+    A zeroed coordinate of ``delta`` keeps its value from ``before`` exactly."""
+    if not rewritten:
+        return
+    index = [names.index(n) for n in rewritten]
+    torch._foreach_copy_(
+        [params[i] for i in index],
+        torch._foreach_sub([before[i] for i in index], [delta[i] for i in index]),
+    )
+
+
 class MetaGrad:
     """Continual learning in any training loop: bind, step, task boundaries, state.
 
@@ -475,13 +494,7 @@ class MetaGrad:
             update = torch._foreach_sub(before, after)  # gradient-like: theta' = theta - update
             grads, self._step_grads = self._step_grads, None
             report = self._step(names, before, update, detect_on=grads)
-            if report.rewritten:
-                index = [names.index(n) for n in report.rewritten]
-                # A zeroed coordinate of the update keeps its old value exactly (before - 0).
-                torch._foreach_copy_(
-                    [after[i] for i in index],
-                    torch._foreach_sub([before[i] for i in index], [update[i] for i in index]),
-                )
+            _write_rewritten(names, after, before, update, report.rewritten)
         return report
 
     def _after_step_hook(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
@@ -752,14 +765,8 @@ class MetaGrad:
         now = [local(self.params[n].detach()) for n in names]
         thetas = [before[n] for n in names]
         delta = torch._foreach_sub(thetas, now)  # gradient-like: now = before - delta
-        chosen = self.protected(names, delta)
-        if not chosen:
-            return
-        self.rewrite_(names, thetas, delta)
-        torch._foreach_copy_(
-            [now[i] for i in chosen],
-            torch._foreach_sub([thetas[i] for i in chosen], [delta[i] for i in chosen]),
-        )
+        report = self.rewrite_(names, thetas, delta)
+        _write_rewritten(names, now, thetas, delta, report.rewritten)
 
     def _decide_sync(self) -> None:
         # Detection must know at once whether a step was finite (a host sync); otherwise the

@@ -283,16 +283,7 @@ class ChangePointDetector:
         self.cooldown = check_int("cooldown", cooldown, minimum=0)
         self.min_relative_jump = check_float("min_relative_jump", min_relative_jump, minimum=0)
         self.halflife = check_float("halflife", halflife, minimum=0, low_open=True)
-        if weights is not None and not isinstance(weights, Mapping):
-            raise ValueError(f"`weights` must be a mapping name -> weight, got {weights!r}")
-        self.weights: dict[str, float] = {}
-        for name, weight in (weights or {}).items():
-            if not isinstance(name, str) or not name or name == signal:
-                raise ValueError(
-                    f"`weights` keys must be non-empty strings other than the main signal "
-                    f"{signal!r}, got {name!r}"
-                )
-            self.weights[name] = check_float(f"weights[{name!r}]", weight, minimum=0)
+        self.weights = _signal_values("weights", "weight", weights, self.signal)
         if max_warmup is not None:
             check_int("max_warmup", max_warmup, minimum=self.warmup)
         self.max_warmup = max_warmup
@@ -314,16 +305,7 @@ class ChangePointDetector:
             check_float("min_contrast", min_contrast, minimum=0, low_open=True)
         self.min_contrast = min_contrast
         self.trace_onset = check_int("trace_onset", trace_onset, minimum=1, optional=True)
-        if confirm is not None and not isinstance(confirm, Mapping):
-            raise ValueError(f"`confirm` must be a mapping name -> ratio, got {confirm!r}")
-        self.confirm: dict[str, float] = {}
-        for name, ratio in (confirm or {}).items():
-            if not isinstance(name, str) or not name or name == signal:
-                raise ValueError(
-                    f"`confirm` keys must be non-empty strings other than the main signal "
-                    f"{signal!r}, got {name!r}"
-                )
-            self.confirm[name] = check_float(f"confirm[{name!r}]", ratio, minimum=0, low_open=True)
+        self.confirm = _signal_values("confirm", "ratio", confirm, self.signal, positive=True)
         self._alpha = 1.0 - 0.5 ** (1.0 / self.halflife)
         self._log_jump = math.log1p(self.min_relative_jump)
         self.reset()
@@ -663,6 +645,24 @@ class ChangePointDetector:
             total += weight * min(max(z, -zmax), zmax)
             norm += weight * weight
         return total / math.sqrt(norm), jump
+
+
+def _signal_values(
+    arg: str, what: str, values: Mapping[str, float] | None, signal: str, positive: bool = False
+) -> dict[str, float]:
+    """``weights`` or ``confirm``: ``{name: value}`` of other signals than the main one, each
+    value ``>= 0`` (``> 0`` if ``positive``)."""
+    if values is not None and not isinstance(values, Mapping):
+        raise ValueError(f"`{arg}` must be a mapping name -> {what}, got {values!r}")
+    checked: dict[str, float] = {}
+    for name, value in (values or {}).items():
+        if not isinstance(name, str) or not name or name == signal:
+            raise ValueError(
+                f"`{arg}` keys must be non-empty strings other than the main signal "
+                f"{signal!r}, got {name!r}"
+            )
+        checked[name] = check_float(f"{arg}[{name!r}]", value, minimum=0, low_open=positive)
+    return checked
 
 
 def _median(values: Sequence[float]) -> float:
