@@ -15,6 +15,8 @@ Variants (``--variants``):
 * ``nov-l<L>e<E>``: the default with ``SubspaceNovelty(lag=L, energy=E)``;
 * ``dir-j<J>``: the direction's detector with a ``1 + J``-fold jump (``2J + 1`` fast);
 * ``joint<N>``: :class:`JointEither`, the default's detectors plus a joint rule;
+* ``jointg<N>r<R>``: ``joint<N>`` whose joint rule's switches also need the training loss's
+  median over the joint run to be ``R`` times its median over the 15 steps before;
 * ``dirhl<H>``: the default with ``DirectionSignal(halflife=H, recent=8, normalise=True)``
   (the task's mean direction forgets with a half-life of ``H`` steps instead of 100);
 * ``dirc<C>`` / ``allc<C>``: the default with ``min_contrast=C`` on the direction's detector
@@ -64,11 +66,29 @@ class JointEither(EitherDetector):
     each in units of its own threshold, ``sum_k log(1 + jump_k) / log(1 + min_jump_k)``, reach
     ``need`` with a Stouffer z above 4, for ``patience`` observations in a row."""
 
-    def __init__(self, detectors: list[ChangePointDetector], need: float = 1.0, patience: int = 8):
+    def __init__(
+        self,
+        detectors: list[ChangePointDetector],
+        need: float = 1.0,
+        patience: int = 8,
+        loss_ratio: float | None = None,
+    ):
         super().__init__(detectors)
         self.need, self.joint_patience, self._joint_run = need, patience, 0
+        self.loss_ratio, self._losses = loss_ratio, []  # the joint rule's loss gate
+
+    def _loss_confirms(self) -> bool:
+        """The training loss's median over the joint run against the 15 steps before it."""
+        since, gap, window = self.joint_patience + 7, 7, 15
+        if self.loss_ratio is None or len(self._losses) < since + gap + 3:
+            return True
+        before = self._losses[-(since + gap + window) : -(since + gap)]
+        ratio = statistics.median(self._losses[-since:]) / statistics.median(before)
+        return ratio >= self.loss_ratio
 
     def update(self, **signals: Any) -> bool:
+        if "loss" in signals and math.isfinite(float(signals["loss"])):
+            self._losses = [*self._losses, float(signals["loss"])][-60:]
         if super().update(**signals):
             self._joint_run = 0
             return True
@@ -81,7 +101,7 @@ class JointEither(EitherDetector):
         ]
         z = sum(d.last_statistic for d in self.detectors) / math.sqrt(len(self.detectors))
         self._joint_run = self._joint_run + 1 if sum(units) >= self.need and z > 4.0 else 0
-        if self._joint_run < self.joint_patience:
+        if self._joint_run < self.joint_patience or not self._loss_confirms():
             return False
         self._joint_run = 0
         self.num_switches += 1
@@ -174,6 +194,12 @@ def variant(name: str) -> dict[str, Any]:
         novelty, direction = default_detector("novelty+direction").detectors
         direction = rebuilt(direction, min_relative_jump=jump, fast_jump=2 * jump + 1)
         return {"detector": EitherDetector([novelty, direction])}
+    if name.startswith("jointg"):  # jointg<N>r<R>: the joint rule needs the loss to rise R-fold
+        need, ratio = name[len("jointg") :].split("r")
+        either = default_detector("novelty+direction")
+        return {
+            "detector": JointEither(either.detectors, need=float(need), loss_ratio=float(ratio))
+        }
     if name.startswith("joint"):
         either = default_detector("novelty+direction")
         return {"detector": JointEither(either.detectors, need=float(name[5:] or 1))}

@@ -16,6 +16,7 @@ from lightning_metagrad._validation import (
 )
 from lightning_metagrad.boundaries.changepoint import ChangePointDetector
 from lightning_metagrad.boundaries.either import EitherDetector
+from lightning_metagrad.boundaries.joint import JointRule
 from lightning_metagrad.boundaries.novelty import SubspaceNovelty
 from lightning_metagrad.boundaries.signals import (
     SIGNALS,
@@ -67,6 +68,11 @@ _TRACE_ONSET = 30
 #: 10 %): learning itself turns the gradient, a switch does not make the loss fall
 #: (``ChangePointDetector(confirm=...)``; docs/detection.md, "Confirmed by the loss").
 _CONFIRM = {"loss": 0.9}
+#: A switch of the joint rule (the detectors' signals rising together, each below its own
+#: threshold: a blend of two tasks) needs the training loss to rise by 10 %: learning leaving
+#: its start-up raises the signals together too, but makes the loss fall (docs/detection.md,
+#: "The joint rule").
+_JOINT_CONFIRM = {"loss": 1.1}
 
 
 Detector = ChangePointDetector | EitherDetector
@@ -118,7 +124,7 @@ def _detector(signal: str, evidence: Mapping[str, float] | None, recent: float |
         first, *others = _EITHER[signal]
         singles = [_single_detector(first, evidence, recent)]
         singles += [_single_detector(name, None, recent) for name in others]
-        return EitherDetector(singles)
+        return EitherDetector(singles, joint=JointRule(confirm=_JOINT_CONFIRM))
     return _single_detector(signal, evidence, recent)
 
 

@@ -545,15 +545,10 @@ class ChangePointDetector:
 
     def _confirmed(self, onset: int) -> bool:
         """``confirm``: each signal's median since ``onset`` against the window before."""
-        since, gap = max(onset, 3), self.window // 2
-        for name, ratio in self.confirm.items():
-            history = self._confirming[name]
-            if len(history) < since + gap + 3:
-                continue  # not fed enough to judge: it does not hold the switch back
-            before = history[-(since + gap + self.window) : -(since + gap)]
-            if _median(history[-since:]) - _median(before) < math.log(ratio):
-                return False
-        return True
+        return all(
+            confirms(self._confirming[name], onset, self.window, ratio)
+            for name, ratio in self.confirm.items()
+        )
 
     @property
     def _kept(self) -> int:
@@ -663,6 +658,25 @@ def _signal_values(
             )
         checked[name] = check_float(f"{arg}[{name!r}]", value, minimum=0, low_open=positive)
     return checked
+
+
+def confirms(history: Sequence[float], onset: int, window: int, ratio: float) -> bool:
+    """Whether a signal's log ``history`` confirms a change that began ``onset`` observations
+    back (at least 3): its median since then is at least ``ratio`` times its median over the
+    ``window`` observations ending ``window // 2`` before the onset (so an onset placed a
+    little late does not count the change itself as "before"). A history too short to judge
+    (the signal was not fed) confirms.
+
+    Example:
+        >>> flat, rising = [0.0] * 30, [0.0] * 20 + [math.log(1.5)] * 10
+        >>> confirms(flat, 10, 9, 0.9), confirms(flat, 10, 9, 1.1), confirms(rising, 10, 9, 1.1)
+        (True, False, True)
+    """
+    since, gap = max(onset, 3), window // 2
+    if len(history) < since + gap + 3:
+        return True
+    before = history[-(since + gap + window) : -(since + gap)]
+    return _median(history[-since:]) - _median(before) >= math.log(ratio)
 
 
 def _median(values: Sequence[float]) -> float:

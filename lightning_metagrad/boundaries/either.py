@@ -10,6 +10,7 @@ from typing import Any, SupportsFloat
 
 from lightning_metagrad._validation import check_state_version
 from lightning_metagrad.boundaries.changepoint import ChangePointDetector
+from lightning_metagrad.boundaries.joint import JointRule
 
 __all__ = ["EitherDetector"]
 
@@ -24,6 +25,10 @@ class EitherDetector:
     and each detector's warm-up (its ``warmup`` observations, at least) is the shared least
     task length, so a second detector that sees the same switch a few observations later
     does not declare it again. The main signals must differ.
+
+    With a ``joint`` :class:`~lightning_metagrad.boundaries.joint.JointRule`, a switch is also
+    declared when the detectors' signals rise together, each below its own threshold (a blend
+    of two tasks); its switches are logged as ``"joint"``.
 
     Duck-types the parts of a
     :class:`~lightning_metagrad.boundaries.changepoint.ChangePointDetector` that
@@ -48,7 +53,9 @@ class EitherDetector:
         ['a', 'b']
     """
 
-    def __init__(self, detectors: Sequence[ChangePointDetector]) -> None:
+    def __init__(
+        self, detectors: Sequence[ChangePointDetector], joint: JointRule | None = None
+    ) -> None:
         detectors = list(detectors)
         if not detectors or not all(isinstance(d, ChangePointDetector) for d in detectors):
             raise ValueError(
@@ -58,7 +65,10 @@ class EitherDetector:
         mains = [d.signal for d in detectors]
         if len(set(mains)) != len(mains):
             raise ValueError(f"the detectors' main signals must differ, got {mains}")
+        if joint is not None and not isinstance(joint, JointRule):
+            raise ValueError(f"`joint` must be a JointRule or None, got {joint!r}")
         self.detectors = detectors
+        self.joint = joint
         self.num_observations = 0
         self.num_switches = 0
         self.switch_steps: list[int] = []
@@ -81,12 +91,15 @@ class EitherDetector:
         names: dict[str, None] = {}
         for det in self.detectors:
             names.update(dict.fromkeys(det.accepted))
+        if self.joint is not None:
+            names.update(dict.fromkeys(self.joint.confirm))
         return list(names)
 
     @property
     def max_onset(self) -> int:
         """The most observations before its detection a switch can be estimated to begin."""
-        return max(d.max_onset for d in self.detectors)
+        onsets = [d.max_onset for d in self.detectors]
+        return max(onsets + ([self.joint.max_onset] if self.joint is not None else []))
 
     def update(self, **signals: SupportsFloat) -> bool:
         """One observation; True when any detector whose main signal is given declares a
@@ -107,26 +120,32 @@ class EitherDetector:
         index = self.num_observations
         if counted:
             self.num_observations += 1
-        if fired is None:
+        if fired is not None:
+            onset, by = fired.last_onset, fired.signal
+        elif counted and self.joint is not None and self.joint.update(self.detectors, signals):
+            onset, by = self.joint.onset, "joint"
+        else:
             return False
         self.num_switches += 1
         self.switch_steps.append(index)
-        self.last_onset = fired.last_onset
-        self.switch_signals.append(fired.signal)
-        for det in self.detectors:
-            if det is not fired:  # the one that fired has restarted itself
-                det.restart()
+        self.last_onset = onset
+        self.switch_signals.append(by)
+        self.restart()
         return True
 
     def restart(self) -> None:
         """A new segment for every detector (a task started from elsewhere)."""
         for det in self.detectors:
             det.restart()
+        if self.joint is not None:
+            self.joint.restart()
 
     def reset(self) -> None:
         """Forget everything, switch history included."""
         for det in self.detectors:
             det.reset()
+        if self.joint is not None:
+            self.joint.reset()
         self.num_observations = self.num_switches = self.last_onset = 0
         self.switch_steps = []
         self.switch_signals = []
@@ -141,6 +160,7 @@ class EitherDetector:
             "switch_steps": list(self.switch_steps),
             "last_onset": self.last_onset,
             "switch_signals": list(self.switch_signals),
+            **({"joint": self.joint.state_dict()} if self.joint is not None else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -174,6 +194,10 @@ class EitherDetector:
         self.switch_steps = [int(s) for s in state["switch_steps"]]
         self.last_onset = int(state["last_onset"])
         self.switch_signals = [str(s) for s in state["switch_signals"]]
+        if self.joint is not None:  # a state from before the joint rule: it starts afresh
+            self.joint.reset()
+            if "joint" in state:
+                self.joint.load_state_dict(state["joint"])
 
     def _load_single(self, state: Mapping[str, Any]) -> None:
         names = set(state["signals"])
