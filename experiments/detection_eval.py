@@ -470,10 +470,14 @@ class AtSteps(TaskBoundarySource):
         return self.seen > 1 and (self.seen - 1) % self.per_task == 0
 
 
-def given_in_one_fit(stream: Any, per_task: int, tasks: int, lr: float) -> list[list[float]]:
+def given_in_one_fit(
+    stream: Any, per_task: int, tasks: int, lr: float, blur: int = 0, seed: int = 0
+) -> list[list[float]]:
     """``given --one-fit``: the tasks' batches in one fit, the boundaries at the true steps, so
-    the optimizer's state (Adam's moments) carries over as with detection."""
-    batches = [b for t in range(tasks) for b in task_batches(stream, t, per_task)]
+    the optimizer's state (Adam's moments) carries over as with detection. With ``blur``
+    (``--blurry``) the batches are the blurry stream's, the boundaries at the blends'
+    middles."""
+    batches = build_stream(stream, tasks, per_task, blur, seed)
     model = model_for(stream, lr)
     matrix: list[list[float]] = []
 
@@ -499,7 +503,8 @@ def mode_given(args: argparse.Namespace) -> dict[str, Any]:
                 pl.seed_everything(seed, verbose=False)
                 stream = make_stream(name, args.tasks, seed, args.root)
                 if args.one_fit:
-                    matrix = given_in_one_fit(stream, per_task, args.tasks, args.lr)
+                    blur = blur_of(per_task) if args.blurry else 0
+                    matrix = given_in_one_fit(stream, per_task, args.tasks, args.lr, blur, seed)
                     m = torch.tensor(matrix)
                     accs.append(average_accuracy(m))
                     bwts.append(backward_transfer(m))
@@ -623,6 +628,12 @@ def main() -> None:
         action="store_true",
         help="given: one fit, boundaries at the true steps (the optimizer's state carries "
         "over, as with detection)",
+    )
+    parser.add_argument(
+        "--blurry",
+        action="store_true",
+        help="given --one-fit: on the blurry stream's batches, the boundaries at the blends' "
+        "middles (pairs with the blurry rows of switches)",
     )
     parser.add_argument(
         "--optimizer",

@@ -15,6 +15,10 @@ Variants (``--variants``):
 * ``nov-l<L>e<E>``: the default with ``SubspaceNovelty(lag=L, energy=E)``;
 * ``dir-j<J>``: the direction's detector with a ``1 + J``-fold jump (``2J + 1`` fast);
 * ``joint<N>``: :class:`JointEither`, the default's detectors plus a joint rule;
+* ``nojoint``: the default without its joint rule (the default of stop 31);
+* ``jn<N>``: the default with ``JointRule(need=N)``;
+* ``jz<Z>``: the default with ``JointRule(each_threshold=Z)``;
+* ``nospike``: the default without the quiet after a transient loss spike (``spike=None``);
 * ``jointg<N>r<R>``: ``joint<N>`` whose joint rule's switches also need the training loss's
   median over the joint run to be ``R`` times its median over the 15 steps before;
 * ``dirhl<H>``: the default with ``DirectionSignal(halflife=H, recent=8, normalise=True)``
@@ -57,6 +61,7 @@ from lightning_metagrad import AutoBoundaries, MetaGradCallback
 from lightning_metagrad.benchmark.quiet import silence_lightning
 from lightning_metagrad.boundaries import ChangePointDetector, default_detector
 from lightning_metagrad.boundaries.either import EitherDetector
+from lightning_metagrad.boundaries.joint import JointRule
 from lightning_metagrad.boundaries.novelty import SubspaceNovelty
 from lightning_metagrad.boundaries.signals import DirectionSignal
 
@@ -146,7 +151,7 @@ def rebuilt(d: ChangePointDetector, **changes: Any) -> ChangePointDetector:
         k: getattr(d, k)
         for k in ("signal", "weights", "threshold", "window", "patience", "warmup", "cooldown",
                   "min_relative_jump", "halflife", "max_warmup", "fast_jump", "min_contrast",
-                  "trace_onset", "confirm")
+                  "trace_onset", "confirm", "spike")
     }  # fmt: skip
     kwargs.update(fast_window=d._fast_window, fast_patience=d._fast_patience, **changes)
     return ChangePointDetector(**kwargs)
@@ -194,6 +199,27 @@ def variant(name: str) -> dict[str, Any]:
         novelty, direction = default_detector("novelty+direction").detectors
         direction = rebuilt(direction, min_relative_jump=jump, fast_jump=2 * jump + 1)
         return {"detector": EitherDetector([novelty, direction])}
+    if name.startswith("jn"):  # jn<N>: the library's joint rule with need N
+        either = default_detector("novelty+direction")
+        assert isinstance(either, EitherDetector) and either.joint is not None
+        rule = JointRule(need=float(name[2:]), confirm=either.joint.confirm, spike=5.0)
+        return {"detector": EitherDetector(either.detectors, joint=rule)}
+    if name.startswith("jz"):  # jz<Z>: the joint rule needs every detector's z above Z
+        either = default_detector("novelty+direction")
+        assert isinstance(either, EitherDetector) and either.joint is not None
+        rule = JointRule(each_threshold=float(name[2:]), confirm=either.joint.confirm, spike=5.0)
+        return {"detector": EitherDetector(either.detectors, joint=rule)}
+    if name == "nospike":  # the default without the spike's quiet (detectors and joint rule)
+        either = default_detector("novelty+direction")
+        assert isinstance(either, EitherDetector) and either.joint is not None
+        rule = JointRule(confirm=either.joint.confirm, spike=None)
+        return {
+            "detector": EitherDetector(
+                [rebuilt(d, spike=None) for d in either.detectors], joint=rule
+            )
+        }
+    if name == "nojoint":  # the default without its joint rule (as at stop 31)
+        return {"detector": EitherDetector(default_detector("novelty+direction").detectors)}
     if name.startswith("jointg"):  # jointg<N>r<R>: the joint rule needs the loss to rise R-fold
         need, ratio = name[len("jointg") :].split("r")
         either = default_detector("novelty+direction")

@@ -73,6 +73,11 @@ _CONFIRM = {"loss": 0.9}
 #: its start-up raises the signals together too, but makes the loss fall (docs/detection.md,
 #: "The joint rule").
 _JOINT_CONFIRM = {"loss": 1.1}
+#: The aftermath of a transient loss spike (a value 5 times the loss before, back at the next
+#: step) is not a switch for 30 observations: with Adam a 2-batch spike of garbage raises the
+#: loss and the gradients' signals for some steps (``ChangePointDetector(spike=...)``,
+#: ``JointRule(spike=...)``).
+_SPIKE = 5.0
 
 
 Detector = ChangePointDetector | EitherDetector
@@ -124,7 +129,7 @@ def _detector(signal: str, evidence: Mapping[str, float] | None, recent: float |
         first, *others = _EITHER[signal]
         singles = [_single_detector(first, evidence, recent)]
         singles += [_single_detector(name, None, recent) for name in others]
-        return EitherDetector(singles, joint=JointRule(confirm=_JOINT_CONFIRM))
+        return EitherDetector(singles, joint=JointRule(confirm=_JOINT_CONFIRM, spike=_SPIKE))
     return _single_detector(signal, evidence, recent)
 
 
@@ -135,9 +140,11 @@ def _single_detector(
     if signal in ("novelty", "inputs"):  # one noisy value a step: a longer window, a larger jump
         shape: dict[str, Any] = {"window": 15, "patience": 8, "min_relative_jump": 1.0}
         shape.update(halflife=100.0, fast_jump=3.0, trace_onset=_TRACE_ONSET, confirm=_CONFIRM)
+        shape.update(spike=_SPIKE)
     elif signal == "direction":  # in [0, 2] with a within-task level near 0.5: 1.5-fold
         shape = {"window": 15, "patience": 8, "min_relative_jump": 0.5}
         shape.update(halflife=100.0, fast_jump=1.0, trace_onset=_TRACE_ONSET, confirm=_CONFIRM)
+        shape.update(spike=_SPIKE)
         if recent is not None:  # the recent steps' mean: near 0.05-0.15 within a task
             shape.update(min_relative_jump=4.0, fast_jump=7.0)
     else:

@@ -244,6 +244,13 @@ class ChangePointDetector:
             than 10 %. A held-back switch is not lost: the run goes on and the test is
             repeated at the next observation. Without that much history of a signal (it was
             not fed), it does not hold a switch back.
+        spike: with ``confirm``, a confirming signal's transient spike (a value at least
+            ``spike`` times its median over the ``window`` before, back under
+            ``sqrt(spike)`` times it at the next observation: a few batches of garbage)
+            starts a quiet spell of ``2 * max_onset`` observations whose exceedances do not
+            count (None, the default: off). An optimizer with momentum (Adam) carries such a
+            spike on: it pushes the weights off, and the gradients' signals rise and decay
+            over tens of steps as if a new task had begun.
 
     Example:
         >>> det = ChangePointDetector(warmup=20, patience=3)
@@ -274,6 +281,7 @@ class ChangePointDetector:
         min_contrast: float | None = None,
         trace_onset: int | None = None,
         confirm: Mapping[str, float] | None = None,
+        spike: float | None = None,
     ) -> None:
         self.signal = check_str("signal", signal)
         self.threshold = check_float("threshold", threshold, minimum=0, low_open=True)
@@ -306,6 +314,11 @@ class ChangePointDetector:
         self.min_contrast = min_contrast
         self.trace_onset = check_int("trace_onset", trace_onset, minimum=1, optional=True)
         self.confirm = _signal_values("confirm", "ratio", confirm, self.signal, positive=True)
+        if spike is not None:
+            check_float("spike", spike, minimum=1, low_open=True)
+            if not self.confirm:
+                raise ValueError("`spike` needs `confirm`: it watches the confirming signals")
+        self.spike = spike
         self._alpha = 1.0 - 0.5 ** (1.0 / self.halflife)
         self._log_jump = math.log1p(self.min_relative_jump)
         self.reset()
@@ -337,6 +350,7 @@ class ChangePointDetector:
         self._segment = 0  # observations since the last (re)start, warm-up restarts included
         self._recent: list[float] = []  # the main signal's last values (see _kept)
         self._confirming: dict[str, list[float]] = {name: [] for name in self.confirm}
+        self._quiet = 0  # observations left in a confirming signal's spike's aftermath
 
     def restart(self) -> None:
         """Start a new segment as after a switch, without counting one.
@@ -358,6 +372,7 @@ class ChangePointDetector:
         self._segment = 0
         self._recent = []
         self._confirming = {name: [] for name in self.confirm}
+        self._quiet = 0
 
     @property
     def _names(self) -> list[str]:
@@ -411,6 +426,7 @@ class ChangePointDetector:
             "segment": self._segment,
             "recent": list(self._recent),
             "confirming": {name: list(v) for name, v in self._confirming.items()},
+            "quiet": self._quiet,
             "signals": {name: stats.to_dict() for name, stats in self._stats.items()},
         }
 
@@ -448,6 +464,7 @@ class ChangePointDetector:
         self._confirming = {
             name: [float(v) for v in confirming.get(name, [])] for name in self.confirm
         }
+        self._quiet = int(state.get("quiet", 0))
 
     # ------------------------------------------------------------------ detection
 
@@ -487,10 +504,13 @@ class ChangePointDetector:
         self._segment += 1
         if self._kept:
             self._recent = [*self._recent, values[self.signal]][-self._kept :]
+        self._quiet = max(self._quiet - 1, 0)
         for name, history in self._confirming.items():
             if name in values:
                 history.append(values[name])
                 del history[: -(self.max_onset + self.window + self.window // 2)]
+                if self.spike is not None and spiked(history, self.window, self.spike):
+                    self._quiet = 2 * self.max_onset
         if self._still_moving():
             # The warm-up ends with the main signal still moving (a network leaving its
             # random initialisation, a blend still going on): its statistics would describe a
@@ -514,6 +534,8 @@ class ChangePointDetector:
         self._since += 1
         self._run = self._run + 1 if exceedance else 0
         self._fast_run = self._fast_run + 1 if fast else 0
+        if self._quiet:  # a spike's aftermath (see `spike`): its exceedances do not count
+            self._run = self._fast_run = 0
         in_cooldown = self._cooldown_left > 0
         self._cooldown_left = max(self._cooldown_left - 1, 0)
 
@@ -677,6 +699,22 @@ def confirms(history: Sequence[float], onset: int, window: int, ratio: float) ->
         return True
     before = history[-(since + gap + window) : -(since + gap)]
     return _median(history[-since:]) - _median(before) >= math.log(ratio)
+
+
+def spiked(history: Sequence[float], window: int, spike: float) -> bool:
+    """Whether a signal's log ``history`` ends just after a transient spike: its previous
+    value at least ``spike`` times the median of the ``window`` values before it, its latest
+    back under ``sqrt(spike)`` times that median (a few batches of garbage, not a new level).
+
+    Example:
+        >>> calm = [0.0] * 20
+        >>> spiked(calm + [math.log(50), 0.1], 15, 5.0), spiked(calm + [4.0, 4.0], 15, 5.0)
+        (True, False)
+    """
+    if len(history) < window + 2:
+        return False
+    base = _median(history[-(window + 2) : -2])
+    return history[-2] - base >= math.log(spike) > 2 * (history[-1] - base)
 
 
 def _median(values: Sequence[float]) -> float:

@@ -18,6 +18,7 @@ from lightning_metagrad.boundaries.changepoint import (
     _log_value,
     _signal_values,
     confirms,
+    spiked,
 )
 
 __all__ = ["JointRule"]
@@ -38,17 +39,26 @@ class JointRule:
     :class:`~lightning_metagrad.boundaries.changepoint.ChangePointDetector`'s ``confirm``: each
     named signal's median since the onset (the run plus ``window // 2``) against its median
     over ``window`` observations before; a held-back switch is tested again at the next
-    observation, and a signal never fed does not hold it back.
+    observation, and a signal never fed does not hold it back. The switch is placed
+    (:attr:`onset`) where the run began, plus half the window.
 
     Args:
         need: the sum of units that makes an exceedance (default 1: as far, together, as one
             detector alone must go).
         patience: exceedances in a row to declare a switch (default 8).
         threshold: the least combined z-score of an exceedance (default 4).
+        each_threshold: the least z-score of every detector in an exceedance (None, the
+            default: no such test): each signal's rise must be significant on its own.
         window: the confirmation's window, in observations (default 15).
         confirm: ``{name: ratio}`` of signals that must have risen (default ``{"loss": 1.1}``:
             a 10 % higher training loss; learning leaving its start-up makes it fall).
         max_onset: the most observations back a switch is placed (default 30).
+        spike: a confirming signal's value at least ``spike`` times its median over the
+            ``window`` before, back under ``sqrt(spike)`` times it at the next observation,
+            is a transient perturbation (a few batches of garbage): for ``2 * max_onset``
+            observations after it, the joint rule declares nothing (default 5; None: off).
+            An optimizer with momentum (Adam) carries such a spike on for some steps and
+            leaves the loss and both signals raised, as a blend would.
 
     Example:
         >>> rule = JointRule(confirm={})
@@ -62,21 +72,30 @@ class JointRule:
         patience: int = 8,
         threshold: float = 4.0,
         window: int = 15,
+        each_threshold: float | None = None,
         confirm: Mapping[str, float] | None = None,
         max_onset: int = 30,
+        spike: float | None = 5.0,
     ) -> None:
         self.need = check_float("need", need, minimum=0, low_open=True)
         self.patience = check_int("patience", patience, minimum=1)
         self.threshold = check_float("threshold", threshold, minimum=0)
         self.window = check_int("window", window, minimum=1)
+        if each_threshold is not None:
+            check_float("each_threshold", each_threshold, minimum=0)
+        self.each_threshold = each_threshold
         confirm = {"loss": 1.1} if confirm is None else confirm
         self.confirm = _signal_values("confirm", "ratio", confirm, "", positive=True)
         self.max_onset = check_int("max_onset", max_onset, minimum=1)
+        if spike is not None:
+            check_float("spike", spike, minimum=1, low_open=True)
+        self.spike = spike
         self.reset()
 
     def reset(self) -> None:
         """Forget the run and the confirming signals' history."""
         self._run = 0
+        self._quiet = 0  # observations left in which a spike's aftermath is not a switch
         self._history: dict[str, list[float]] = {name: [] for name in self.confirm}
 
     def restart(self) -> None:
@@ -86,7 +105,8 @@ class JointRule:
 
     @property
     def onset(self) -> int:
-        """Where a switch declared now began, in observations back."""
+        """Where a switch declared now began, in observations back: the run plus half the
+        window, at most ``max_onset``."""
         return min(self._run + self.window // 2, self.max_onset)
 
     def units(self, detectors: Sequence[ChangePointDetector]) -> float:
@@ -105,11 +125,19 @@ class JointRule:
             if value is not None:
                 history.append(value)
                 del history[: -(self.max_onset + self.window + self.window // 2)]
+                if self.spike is not None and spiked(history, self.window, self.spike):
+                    self._quiet = 2 * self.max_onset
+        self._quiet = max(self._quiet - 1, 0)
+        if self._quiet:
+            self._run = 0  # the aftermath of a transient perturbation
+            return False
         if any(d.last_statistic == 0.0 for d in detectors):
             self._run = 0  # a detector is warming up: nothing to combine
             return False
         z = sum(d.last_statistic for d in detectors) / math.sqrt(len(detectors))
         exceeds = self.units(detectors) >= self.need and z > self.threshold
+        if self.each_threshold is not None:
+            exceeds = exceeds and all(d.last_statistic > self.each_threshold for d in detectors)
         self._run = self._run + 1 if exceeds else 0
         if self._run < self.patience:
             return False
@@ -123,11 +151,13 @@ class JointRule:
         return {
             "version": _STATE_VERSION,
             "run": self._run,
+            "quiet": self._quiet,
             "history": {name: list(v) for name, v in self._history.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         check_state_version("JointRule", state, _STATE_VERSION)
         self._run = int(state["run"])
+        self._quiet = int(state.get("quiet", 0))
         history = state.get("history", {})
         self._history = {name: [float(v) for v in history.get(name, [])] for name in self.confirm}

@@ -174,11 +174,13 @@ def test_with_trace_onset_a_late_declared_climb_is_placed_where_it_began(seed: i
     assert traced.max_onset == 40
 
 
-def confirm_run(loss: np.ndarray | None, seed: int = 0) -> tuple[list[int], ChangePointDetector]:
+def confirm_run(
+    loss: np.ndarray | None, seed: int = 0, spike: float | None = None
+) -> tuple[list[int], ChangePointDetector]:
     """A 5-fold jump of the main signal at 300, with the loss ``loss`` (None: not fed)."""
     n = len(loss) if loss is not None else 500
     signal = errors(log_noise(n, seed) + math.log(5.0) * (np.arange(n) >= 300))
-    det = ChangePointDetector(warmup=20, cooldown=0, confirm={"loss": 0.9})
+    det = ChangePointDetector(warmup=20, cooldown=0, confirm={"loss": 0.9}, spike=spike)
     hits = []
     for i in range(n):
         obs = {"error": signal[i]} if loss is None else {"error": signal[i], "loss": loss[i]}
@@ -208,6 +210,31 @@ def test_with_confirm_an_unfed_signal_does_not_hold_a_switch_back() -> None:
     [hit], det = confirm_run(None)
     assert 300 <= hit <= 300 + MAX_DELAY
     assert det.accepted == ["error", "loss"]
+
+
+def test_with_spike_a_switch_in_a_loss_spikes_aftermath_is_held_back() -> None:
+    # Two batches of garbage (the loss 20-fold) as the signal rises; with Adam the gradients
+    # move for a while after such a spike. Exceedances count again 2 * max_onset observations
+    # after the loss is back (304); a switch then needs its full run.
+    loss = np.full(500, 2.0) * np.exp(log_noise(500, seed=3))
+    loss[302:304] *= 20
+    [plain], _ = confirm_run(loss)
+    [hit], det = confirm_run(loss, spike=5.0)
+    quiet_until = 304 + 2 * det.max_onset
+    assert plain < quiet_until < hit <= quiet_until + det.patience
+
+
+def test_with_spike_a_lasting_loss_jump_holds_nothing_back() -> None:
+    loss = np.full(500, 2.0) * np.exp(log_noise(500, seed=3))
+    loss[298:] *= 20  # a new task's loss: it stays
+    assert confirm_run(loss, spike=5.0)[0] == confirm_run(loss)[0]
+
+
+def test_spike_needs_confirm() -> None:
+    with pytest.raises(ValueError, match="`spike` needs `confirm`"):
+        ChangePointDetector(spike=5.0)
+    with pytest.raises(ValueError, match="spike"):
+        ChangePointDetector(confirm={"loss": 0.9}, spike=1.0)
 
 
 # ------------------------------------------------------------------ warm-up and cooldown

@@ -27,14 +27,21 @@ def either(joint: JointRule | None = None) -> EitherDetector:
     return EitherDetector([detector("a"), detector("b")], joint=joint)
 
 
-def stream(a: float = 1.5, b: float = 1.5, loss: list[tuple[int, float]] | None = None):
+def stream(
+    a: float = 1.5,
+    b: float = 1.5,
+    loss: list[tuple[int, float]] | None = None,
+    spike: int | None = None,
+):
     """``STEPS`` observations: ``a`` and ``b`` rise ``a``- and ``b``-fold at ``RISE``; the loss
-    is multiplied by each ``(step, factor)`` from that step on (default: 1.3-fold at RISE)."""
+    is multiplied by each ``(step, factor)`` from that step on (default: 1.3-fold at RISE),
+    and 50-fold at ``spike`` and the step after only (two batches of garbage)."""
     loss = [(RISE, 1.3)] if loss is None else loss
     for i in range(STEPS):
         wave = 1 + 0.05 * math.sin(1.7 * i)
         up = i >= RISE
         level = math.prod(f for s, f in loss if i >= s)
+        level *= 50 if spike is not None and spike <= i <= spike + 1 else 1
         yield {"a": wave * (a if up else 1), "b": (2 - wave) * (b if up else 1), "loss": level}
 
 
@@ -71,6 +78,20 @@ def test_a_held_back_joint_switch_is_declared_once_the_loss_rises() -> None:
     det = either(JointRule())
     hits = switches(det, loss=[(RISE - 40, 0.8), (RISE + 10, 1.6)])
     assert len(hits) == 1 and RISE + 15 < hits[0] <= RISE + 30, hits  # 1.3-fold at RISE: 161
+
+
+def test_a_joint_rise_in_the_aftermath_of_a_loss_spike_is_not_a_switch() -> None:
+    # Two batches of garbage just before the signals rise: a transient perturbation (with
+    # Adam its momentum raises the loss and both signals for a while), not a blend.
+    assert switches(either(JointRule()), spike=RISE - 3) == []
+    unmuted = either(JointRule(spike=None))
+    assert len(switches(unmuted, spike=RISE - 3)) == 1 and unmuted.switch_signals == ["joint"]
+
+
+def test_a_sustained_loss_jump_does_not_mute_the_joint_rule() -> None:
+    # A new task's loss jumps and stays: not a spike.
+    hits = switches(either(JointRule()), loss=[(RISE, 50.0)])
+    assert len(hits) == 1 and RISE < hits[0] <= RISE + 20, hits
 
 
 def test_a_loss_never_fed_does_not_hold_a_joint_switch_back() -> None:
@@ -123,6 +144,8 @@ def test_the_default_either_detector_has_the_joint_rule_confirmed_by_the_loss() 
         ({"confirm": {"loss": 0}}, "confirm"),
         ({"confirm": ["loss"]}, "confirm"),
         ({"max_onset": 0}, "max_onset"),
+        ({"spike": 1.0}, "spike"),
+        ({"each_threshold": -1}, "each_threshold"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs: dict, match: str) -> None:
