@@ -105,8 +105,10 @@ def default_detector(
     :class:`~lightning_metagrad.boundaries.either.EitherDetector` of the novelty's detector
     (with ``evidence``) and the direction's (``recent``, default 8), which restart together.
     The novelty's, the inputs' and the direction's detectors read a switch's start from their
-    signal's trace too (``trace_onset=30``) and need the training loss to confirm it
-    (``confirm={"loss": 0.9}``).
+    signal's trace too (``trace_onset=30``), need the training loss to confirm it
+    (``confirm={"loss": 0.9}``) and sit out a loss spike's aftermath (``spike=5``). The either
+    detector also has a :class:`~lightning_metagrad.boundaries.joint.JointRule` (blends: the
+    signals rising together, each part of the way, with the loss up 10 %).
 
     Example:
         >>> det = default_detector("novelty", {"loss": 0.5})
@@ -239,7 +241,10 @@ class AutoBoundaries(TaskBoundarySource):
     since its onset is more than 10 % below the loss before it, since learning itself turns
     the gradient (fast with Adam) while a new task does not make the loss fall. The callback
     feeds the loss; a plain loop calls :meth:`~lightning_metagrad.MetaGrad.observe_loss`
-    after each step (without it nothing is held back).
+    after each step (without it nothing is held back). The loss also drives the either
+    detector's joint rule, which finds blends of two tasks (a switch when the novelty and the
+    direction rise together, each part of the way, and the loss rises 10 %), and the quiet
+    after a transient loss spike (60 steps whose exceedances do not count).
 
     Example:
         >>> import torch
