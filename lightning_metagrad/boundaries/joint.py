@@ -47,9 +47,9 @@ class JointRule:
             detector alone must go).
         patience: exceedances in a row to declare a switch (default 8).
         threshold: the least combined z-score of an exceedance (default 4).
+        window: the confirmation's window, in observations (default 15).
         each_threshold: the least z-score of every detector in an exceedance (None, the
             default: no such test): each signal's rise must be significant on its own.
-        window: the confirmation's window, in observations (default 15).
         confirm: ``{name: ratio}`` of signals that must have risen (default ``{"loss": 1.1}``:
             a 10 % higher training loss; learning leaving its start-up makes it fall).
         max_onset: the most observations back a switch is placed (default 30).
