@@ -321,6 +321,7 @@ class ChangePointDetector:
         self.spike = spike
         self._alpha = 1.0 - 0.5 ** (1.0 / self.halflife)
         self._log_jump = math.log1p(self.min_relative_jump)
+        self._confirming = ConfirmingSignals(self.confirm, self.window, self.max_onset, spike)
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -349,8 +350,7 @@ class ChangePointDetector:
         self._cooldown_left = 0
         self._segment = 0  # observations since the last (re)start, warm-up restarts included
         self._recent: list[float] = []  # the main signal's last values (see _kept)
-        self._confirming: dict[str, list[float]] = {name: [] for name in self.confirm}
-        self._quiet = 0  # observations left in a confirming signal's spike's aftermath
+        self._confirming.clear()
 
     def restart(self) -> None:
         """Start a new segment as after a switch, without counting one.
@@ -371,8 +371,7 @@ class ChangePointDetector:
         self._cooldown_left = self.cooldown
         self._segment = 0
         self._recent = []
-        self._confirming = {name: [] for name in self.confirm}
-        self._quiet = 0
+        self._confirming.clear()
 
     @property
     def _names(self) -> list[str]:
@@ -425,8 +424,8 @@ class ChangePointDetector:
             "cooldown_left": self._cooldown_left,
             "segment": self._segment,
             "recent": list(self._recent),
-            "confirming": {name: list(v) for name, v in self._confirming.items()},
-            "quiet": self._quiet,
+            "confirming": self._confirming.histories(),
+            "quiet": self._confirming.quiet,
             "signals": {name: stats.to_dict() for name, stats in self._stats.items()},
         }
 
@@ -460,11 +459,7 @@ class ChangePointDetector:
         self._segment = int(state.get("segment", self._since))
         recent = [float(v) for v in state.get("recent", [])]
         self._recent = recent[-self._kept :] if self._kept else []
-        confirming = state.get("confirming", {})
-        self._confirming = {
-            name: [float(v) for v in confirming.get(name, [])] for name in self.confirm
-        }
-        self._quiet = int(state.get("quiet", 0))
+        self._confirming.load(state.get("confirming", {}), state.get("quiet", 0))
 
     # ------------------------------------------------------------------ detection
 
@@ -504,13 +499,8 @@ class ChangePointDetector:
         self._segment += 1
         if self._kept:
             self._recent = [*self._recent, values[self.signal]][-self._kept :]
-        self._quiet = max(self._quiet - 1, 0)
-        for name, history in self._confirming.items():
-            if name in values:
-                history.append(values[name])
-                del history[: -(self.max_onset + self.window + self.window // 2)]
-                if self.spike is not None and spiked(history, self.window, self.spike):
-                    self._quiet = 2 * self.max_onset
+        self._confirming.tick()
+        self._confirming.push(values)
         if self._still_moving():
             # The warm-up ends with the main signal still moving (a network leaving its
             # random initialisation, a blend still going on): its statistics would describe a
@@ -534,7 +524,7 @@ class ChangePointDetector:
         self._since += 1
         self._run = self._run + 1 if exceedance else 0
         self._fast_run = self._fast_run + 1 if fast else 0
-        if self._quiet:  # a spike's aftermath (see `spike`): its exceedances do not count
+        if self._confirming.quiet:  # a spike's aftermath (see `spike`): exceedances don't count
             self._run = self._fast_run = 0
         in_cooldown = self._cooldown_left > 0
         self._cooldown_left = max(self._cooldown_left - 1, 0)
@@ -543,7 +533,7 @@ class ChangePointDetector:
         if declared and self.min_contrast is not None and not self._abrupt():
             declared = False  # a ramp: the runs go on, and an abrupt rise may still come
         onset = self._onset() if declared else 0
-        if declared and self.confirm and not self._confirmed(onset):
+        if declared and not self._confirming.confirmed(onset):
             declared = False  # held back: the runs go on, and the test is repeated
         if declared and not in_cooldown:
             self.num_switches += 1
@@ -564,13 +554,6 @@ class ChangePointDetector:
         else:
             rule = self._fast_run + self._fast_window // 2
         return min(max(rule, self._traced_onset()), self.max_onset)
-
-    def _confirmed(self, onset: int) -> bool:
-        """``confirm``: each signal's median since ``onset`` against the window before."""
-        return all(
-            confirms(self._confirming[name], onset, self.window, ratio)
-            for name, ratio in self.confirm.items()
-        )
 
     @property
     def _kept(self) -> int:
@@ -680,6 +663,67 @@ def _signal_values(
             )
         checked[name] = check_float(f"{arg}[{name!r}]", value, minimum=0, low_open=positive)
     return checked
+
+
+class ConfirmingSignals:
+    """The signals that must confirm a change (``confirm``: ``{name: ratio}``) and the quiet
+    after a transient spike in one of them (``spike``), for
+    :class:`ChangePointDetector` and :class:`~lightning_metagrad.boundaries.joint.JointRule`:
+    each signal's last log values (enough for an onset up to ``max_onset`` observations back
+    and its ``window`` before) and the observations left in a spike's aftermath
+    (``2 * max_onset`` from the spike). Plain Python.
+
+    Example:
+        >>> sig = ConfirmingSignals({"loss": 1.1}, window=5, max_onset=4, spike=5.0)
+        >>> for x in [0.0] * 10 + [math.log(50), 0.0]:
+        ...     sig.tick(); sig.push({"loss": x})
+        >>> sig.quiet, sig.confirmed(onset=3)
+        (8, False)
+    """
+
+    def __init__(
+        self, ratios: Mapping[str, float], window: int, max_onset: int, spike: float | None
+    ) -> None:
+        self.ratios, self.window, self.spike = dict(ratios), window, spike
+        self._keep = max_onset + window + window // 2
+        self._quiet_for = 2 * max_onset
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget the history and any quiet spell."""
+        self._history: dict[str, list[float]] = {name: [] for name in self.ratios}
+        self.quiet = 0  # observations left in a spike's aftermath
+
+    def tick(self) -> None:
+        """One observation of the quiet spell has passed."""
+        self.quiet = max(self.quiet - 1, 0)
+
+    def push(self, values: Mapping[str, float]) -> None:
+        """Record the confirming signals among ``values`` (log values); a spike in one starts
+        a quiet spell."""
+        for name, history in self._history.items():
+            if name in values:
+                history.append(values[name])
+                del history[: -self._keep]
+                if self.spike is not None and spiked(history, self.window, self.spike):
+                    self.quiet = self._quiet_for
+
+    def confirmed(self, onset: int) -> bool:
+        """Whether every signal confirms a change that began ``onset`` observations back
+        (:func:`confirms`; True with no signals)."""
+        return all(
+            confirms(self._history[name], onset, self.window, ratio)
+            for name, ratio in self.ratios.items()
+        )
+
+    def histories(self) -> dict[str, list[float]]:
+        """Each signal's recorded log values (for a state)."""
+        return {name: list(v) for name, v in self._history.items()}
+
+    def load(self, histories: Mapping[str, Sequence[float]], quiet: int) -> None:
+        """Restore :meth:`histories` and the quiet spell (signals not given start empty)."""
+        self._history = {name: [float(v) for v in histories.get(name, [])] for name in self.ratios}
+        self.quiet = int(quiet)
 
 
 def confirms(history: Sequence[float], onset: int, window: int, ratio: float) -> bool:

@@ -15,10 +15,9 @@ from typing import Any
 from lightning_metagrad._validation import check_float, check_int, check_state_version
 from lightning_metagrad.boundaries.changepoint import (
     ChangePointDetector,
+    ConfirmingSignals,
     _log_value,
     _signal_values,
-    confirms,
-    spiked,
 )
 
 __all__ = ["JointRule"]
@@ -90,13 +89,13 @@ class JointRule:
         if spike is not None:
             check_float("spike", spike, minimum=1, low_open=True)
         self.spike = spike
+        self._confirming = ConfirmingSignals(self.confirm, self.window, self.max_onset, spike)
         self.reset()
 
     def reset(self) -> None:
         """Forget the run and the confirming signals' history."""
         self._run = 0
-        self._quiet = 0  # observations left in which a spike's aftermath is not a switch
-        self._history: dict[str, list[float]] = {name: [] for name in self.confirm}
+        self._confirming.clear()
 
     def restart(self) -> None:
         """A new segment: the run starts over. The confirming signals' history is kept (the
@@ -120,15 +119,10 @@ class JointRule:
     def update(self, detectors: Sequence[ChangePointDetector], signals: Mapping[str, Any]) -> bool:
         """One observation, after every detector was fed it and none fired; True when the
         joint rule declares a switch (the caller restarts everything)."""
-        for name, history in self._history.items():
-            value = _log_value(name, signals[name]) if name in signals else None
-            if value is not None:
-                history.append(value)
-                del history[: -(self.max_onset + self.window + self.window // 2)]
-                if self.spike is not None and spiked(history, self.window, self.spike):
-                    self._quiet = 2 * self.max_onset
-        self._quiet = max(self._quiet - 1, 0)
-        if self._quiet:
+        logs = {name: _log_value(name, signals[name]) for name in self.confirm if name in signals}
+        self._confirming.push({name: v for name, v in logs.items() if v is not None})
+        self._confirming.tick()
+        if self._confirming.quiet:
             self._run = 0  # the aftermath of a transient perturbation
             return False
         if any(d.last_statistic == 0.0 for d in detectors):
@@ -142,22 +136,17 @@ class JointRule:
         if self._run < self.patience:
             return False
         # Held back while a confirming signal has not risen; the run goes on.
-        return all(
-            confirms(self._history[name], self.onset, self.window, ratio)
-            for name, ratio in self.confirm.items()
-        )
+        return self._confirming.confirmed(self.onset)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": _STATE_VERSION,
             "run": self._run,
-            "quiet": self._quiet,
-            "history": {name: list(v) for name, v in self._history.items()},
+            "quiet": self._confirming.quiet,
+            "history": self._confirming.histories(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         check_state_version("JointRule", state, _STATE_VERSION)
         self._run = int(state["run"])
-        self._quiet = int(state.get("quiet", 0))
-        history = state.get("history", {})
-        self._history = {name: [float(v) for v in history.get(name, [])] for name in self.confirm}
+        self._confirming.load(state.get("history", {}), state.get("quiet", 0))
