@@ -74,9 +74,9 @@ _CONFIRM = {"loss": 0.9}
 #: "The joint rule").
 _JOINT_CONFIRM = {"loss": 1.1}
 #: The aftermath of a transient loss spike (a value 5 times the loss before, back at the next
-#: step) is not a switch for 30 observations: with Adam a 2-batch spike of garbage raises the
-#: loss and the gradients' signals for some steps (``ChangePointDetector(spike=...)``,
-#: ``JointRule(spike=...)``).
+#: step) is not a switch for 2 x max_onset (60) observations: with Adam a 2-batch spike of
+#: garbage raises the loss and the gradients' signals for tens of steps
+#: (``ChangePointDetector(spike=...)``, ``JointRule(spike=...)``).
 _SPIKE = 5.0
 
 
@@ -139,14 +139,14 @@ def _single_detector(
     signal: str, evidence: Mapping[str, float] | None, recent: float | None
 ) -> ChangePointDetector:
     weights = _DEFAULT_EVIDENCE.get(signal, {}) if evidence is None else dict(evidence)
-    if signal in ("novelty", "inputs"):  # one noisy value a step: a longer window, a larger jump
-        shape: dict[str, Any] = {"window": 15, "patience": 8, "min_relative_jump": 1.0}
-        shape.update(halflife=100.0, fast_jump=3.0, trace_onset=_TRACE_ONSET, confirm=_CONFIRM)
-        shape.update(spike=_SPIKE)
+    # The per-step signals' detectors: a window of 15, the traced onset, the loss's
+    # confirmation and the quiet after a loss spike.
+    per_step: dict[str, Any] = {"window": 15, "patience": 8, "halflife": 100.0}
+    per_step.update(trace_onset=_TRACE_ONSET, confirm=_CONFIRM, spike=_SPIKE)
+    if signal in ("novelty", "inputs"):  # one noisy value a step: a larger jump
+        shape: dict[str, Any] = {**per_step, "min_relative_jump": 1.0, "fast_jump": 3.0}
     elif signal == "direction":  # in [0, 2] with a within-task level near 0.5: 1.5-fold
-        shape = {"window": 15, "patience": 8, "min_relative_jump": 0.5}
-        shape.update(halflife=100.0, fast_jump=1.0, trace_onset=_TRACE_ONSET, confirm=_CONFIRM)
-        shape.update(spike=_SPIKE)
+        shape = {**per_step, "min_relative_jump": 0.5, "fast_jump": 1.0}
         if recent is not None:  # the recent steps' mean: near 0.05-0.15 within a task
             shape.update(min_relative_jump=4.0, fast_jump=7.0)
     else:
