@@ -55,12 +55,13 @@ class JointRule:
         spike: a confirming signal's value at least ``spike`` times its median over the
             ``window`` before, back under ``sqrt(spike)`` times it at the next observation,
             is a transient perturbation (a few batches of garbage): for ``2 * max_onset``
-            observations after it, the joint rule declares nothing (default 5; None: off).
+            observations after it, the joint rule declares nothing (default 5; None: off;
+            it needs a ``confirm`` signal).
             An optimizer with momentum (Adam) carries such a spike on for some steps and
             leaves the loss and both signals raised, as a blend would.
 
     Example:
-        >>> rule = JointRule(confirm={})
+        >>> rule = JointRule(confirm={}, spike=None)
         >>> rule.need, rule.patience, rule.threshold
         (1.0, 8, 4.0)
     """
@@ -88,6 +89,11 @@ class JointRule:
         self.max_onset = check_int("max_onset", max_onset, minimum=1)
         if spike is not None:
             check_float("spike", spike, minimum=1, low_open=True)
+            if not self.confirm:
+                raise ValueError(
+                    "`spike` watches the `confirm` signals, and `confirm` is empty: name a "
+                    "signal in `confirm` or pass spike=None"
+                )
         self.spike = spike
         self._confirming = ConfirmingSignals(self.confirm, self.window, self.max_onset, spike)
         self.reset()

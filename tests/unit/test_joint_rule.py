@@ -102,7 +102,7 @@ def test_a_loss_never_fed_does_not_hold_a_joint_switch_back() -> None:
 
 def test_the_joint_rule_declares_the_loss_as_a_signal() -> None:
     assert either(JointRule()).signals == ["a", "b", "loss"]
-    assert either(JointRule(confirm={})).signals == ["a", "b"]
+    assert either(JointRule(confirm={}, spike=None)).signals == ["a", "b"]
     assert either(JointRule()).max_onset == 30
 
 
@@ -145,6 +145,7 @@ def test_the_default_either_detector_has_the_joint_rule_confirmed_by_the_loss() 
         ({"confirm": ["loss"]}, "confirm"),
         ({"max_onset": 0}, "max_onset"),
         ({"spike": 1.0}, "spike"),
+        ({"confirm": {}}, "`confirm` is empty"),
         ({"each_threshold": -1}, "each_threshold"),
     ],
 )
