@@ -157,6 +157,18 @@ def rebuilt(d: ChangePointDetector, **changes: Any) -> ChangePointDetector:
     return ChangePointDetector(**kwargs)
 
 
+def with_joint_rule(detector_changes: dict[str, Any] | None = None, **rule: Any) -> dict[str, Any]:
+    """The default's either detector with its joint rule rebuilt with ``rule`` changed (and
+    each detector with ``detector_changes``)."""
+    either = default_detector("novelty+direction")
+    assert isinstance(either, EitherDetector) and either.joint is not None
+    joint = either.joint
+    kwargs: dict[str, Any] = {"confirm": joint.confirm, "spike": joint.spike}
+    kwargs.update({"need": joint.need, "each_threshold": joint.each_threshold, **rule})
+    detectors = [rebuilt(d, **(detector_changes or {})) for d in either.detectors]
+    return {"detector": EitherDetector(detectors, joint=JointRule(**kwargs))}
+
+
 def variant(name: str) -> dict[str, Any]:
     """The :class:`AutoBoundaries` arguments of a variant (fresh objects at every call)."""
     if name == "default":
@@ -200,24 +212,11 @@ def variant(name: str) -> dict[str, Any]:
         direction = rebuilt(direction, min_relative_jump=jump, fast_jump=2 * jump + 1)
         return {"detector": EitherDetector([novelty, direction])}
     if name.startswith("jn"):  # jn<N>: the library's joint rule with need N
-        either = default_detector("novelty+direction")
-        assert isinstance(either, EitherDetector) and either.joint is not None
-        rule = JointRule(need=float(name[2:]), confirm=either.joint.confirm, spike=5.0)
-        return {"detector": EitherDetector(either.detectors, joint=rule)}
+        return with_joint_rule(need=float(name[2:]))
     if name.startswith("jz"):  # jz<Z>: the joint rule needs every detector's z above Z
-        either = default_detector("novelty+direction")
-        assert isinstance(either, EitherDetector) and either.joint is not None
-        rule = JointRule(each_threshold=float(name[2:]), confirm=either.joint.confirm, spike=5.0)
-        return {"detector": EitherDetector(either.detectors, joint=rule)}
+        return with_joint_rule(each_threshold=float(name[2:]))
     if name == "nospike":  # the default without the spike's quiet (detectors and joint rule)
-        either = default_detector("novelty+direction")
-        assert isinstance(either, EitherDetector) and either.joint is not None
-        rule = JointRule(confirm=either.joint.confirm, spike=None)
-        return {
-            "detector": EitherDetector(
-                [rebuilt(d, spike=None) for d in either.detectors], joint=rule
-            )
-        }
+        return with_joint_rule(spike=None, detector_changes={"spike": None})
     if name == "nojoint":  # the default without its joint rule (as at stop 31)
         return {"detector": EitherDetector(default_detector("novelty+direction").detectors)}
     if name.startswith("jointg"):  # jointg<N>r<R>: the joint rule needs the loss to rise R-fold
