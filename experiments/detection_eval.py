@@ -365,6 +365,8 @@ def detect(
     detector = getattr(cb.boundaries, "detector", None)
     if hasattr(detector, "switch_signals"):  # an EitherDetector: which detector fired
         out["fired_by"] = list(detector.switch_signals)
+    if getattr(cb.boundaries, "batch_size_changes", None):  # where the detector restarted
+        out["batch_size_changes"] = list(cb.boundaries.batch_size_changes)
     return out
 
 

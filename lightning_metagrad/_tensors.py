@@ -1,11 +1,11 @@
 """Tensor checks shared by the engine and the baselines (private): finiteness without a host
-sync, the "free by shape" rule, and copies of batches."""
+sync, the "free by shape" rule, copies of batches and their sizes."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -84,3 +84,18 @@ def map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
 def detached_copy(batch: Any) -> Any:
     """``batch`` with every tensor detached and cloned (see :func:`map_tensors`)."""
     return map_tensors(batch, lambda t: t.detach().clone())
+
+
+def batch_size_of(batch: Any) -> int:
+    """Examples in a batch: dim 0 of its first tensor with one (1 if it holds none)."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    items: Iterable[Any] = ()
+    if isinstance(batch, Mapping):
+        items = batch.values()
+    elif isinstance(batch, (list, tuple)):
+        items = batch
+    for item in items:
+        if isinstance(item, (Tensor, Mapping, list, tuple)):
+            return batch_size_of(item)
+    return 1

@@ -45,7 +45,7 @@ from lightning_metagrad._module_utils import (
     refuse_at_fit_start,
     refuse_unsupported,
 )
-from lightning_metagrad._tensors import detached_copy, first_non_finite
+from lightning_metagrad._tensors import batch_size_of, detached_copy, first_non_finite
 from lightning_metagrad._validation import check_state_version
 from lightning_metagrad.boundaries.sources import (
     BoundarySpec,
@@ -112,21 +112,6 @@ class TaskBatches(list):  # type: ignore[type-arg]
     """Training batches of the current task kept by the callback (detached copies): already
     through Lightning's transfer hooks and on the module's device, so
     :func:`training_batches` yields them as they are."""
-
-
-def batch_size_of(batch: Any) -> int:
-    """Examples in a batch: dim 0 of its first tensor with one (1 if it holds none)."""
-    if isinstance(batch, Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    items: Iterable[Any] = ()
-    if isinstance(batch, Mapping):
-        items = batch.values()
-    elif isinstance(batch, (list, tuple)):
-        items = batch
-    for item in items:
-        if isinstance(item, (Tensor, Mapping, list, tuple)):
-            return batch_size_of(item)
-    return 1
 
 
 def extra_pass_context(trainer: pl.Trainer) -> contextlib.AbstractContextManager[Any]:

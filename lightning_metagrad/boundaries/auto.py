@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from lightning_metagrad._tensors import batch_size_of
 from lightning_metagrad._validation import (
     check_bool,
     check_choice,
@@ -78,6 +79,11 @@ _JOINT_CONFIRM = {"loss": 1.1}
 #: garbage raises the loss and the gradients' signals for tens of steps
 #: (``ChangePointDetector(spike=...)``, ``JointRule(spike=...)``).
 _SPIKE = 5.0
+#: Batches in a row of one new size after which the training batch size counts as changed
+#: (:meth:`AutoBoundaries.on_batch_size_change`): an epoch's smaller last batch is not a
+#: change, and the detectors, which need 8 exceedances of a 15-observation median, have not
+#: fired on the new size yet.
+_SIZE_HOLDS = 4
 
 
 Detector = ChangePointDetector | EitherDetector
@@ -246,6 +252,10 @@ class AutoBoundaries(TaskBoundarySource):
     direction rise together, each part of the way, and the loss rises 10 %), and the quiet
     after a transient loss spike (60 steps whose exceedances do not count).
 
+    The source also watches the training batches' size: a new size restarts the detector
+    without a switch, once :attr:`max_onset_steps` steps at the new size have passed with none
+    declared (:meth:`on_batch_size_change`; the steps are in :attr:`batch_size_changes`).
+
     Example:
         >>> import torch
         >>> src = AutoBoundaries()  # signal="novelty+direction"
@@ -336,6 +346,14 @@ class AutoBoundaries(TaskBoundarySource):
                 self.signals[name] = SIGNALS[name]()
         self.steps = 0
         self._onset = 0  # observations before the latest detection the switch began
+        #: The training batches' size (None before the first batch), and the optimizer steps
+        #: at which it changed (:meth:`on_batch_size_change`).
+        self.batch_size: int | None = None
+        self.batch_size_changes: list[int] = []
+        self._new_size: int | None = None  # a size differing from batch_size, how many
+        self._new_held = 0  # batches in a row have had it, and the step of the first
+        self._new_since = 0
+        self._restart_at: int | None = None  # the step before which the detector restarts
 
     # ------------------------------------------------------------------ what is fed
 
@@ -377,6 +395,44 @@ class AutoBoundaries(TaskBoundarySource):
         if isinstance(signal, InputNoveltySignal):
             signal.layers = frozenset(names)
 
+    def on_train_batch(self, batch: Any, batch_idx: int) -> bool:
+        """Watches the batch size (dim 0 of the batch's first tensor); never a switch."""
+        size = batch_size_of(batch)
+        if self.batch_size is None or size == self.batch_size:
+            self.batch_size, self._new_size, self._new_held = size, None, 0
+            return False
+        if size != self._new_size:
+            self._new_size, self._new_held, self._new_since = size, 0, self.steps
+        self._new_held += 1
+        if self._new_held >= _SIZE_HOLDS:
+            old, self.batch_size, self._new_size, self._new_held = self.batch_size, size, None, 0
+            self.batch_size_changes.append(self._new_since)
+            self.on_batch_size_change(old, size)
+        return False
+
+    def on_batch_size_change(self, old: int, new: int) -> None:
+        """Called when the training batches' size changed from ``old`` to ``new`` (4 batches
+        in a row of the new size; an epoch's smaller last batch is not a change).
+
+        The default restarts the detector, without declaring a switch, once the new size
+        has been trained on for :attr:`max_onset_steps` steps (30 with the default detector)
+        with no switch declared and no run of exceedances under way (at the latest twice
+        that): the detector's levels describe the gradients' noise at the old size, and with
+        Adam a smaller batch raises the novelty and the direction for tens of steps, with the
+        loss (``docs/detection.md``, "A batch-size change"). A task switch that comes with the
+        new size is declared before, as any switch. Override to react otherwise, e.g.
+        ``pass`` to keep the detector's levels.
+
+        Example:
+            >>> import torch
+            >>> src = AutoBoundaries()
+            >>> for size in [64] * 10 + [16] * 4:
+            ...     _ = src.on_train_batch(torch.zeros(size, 3), 0)
+            >>> src.batch_size, src.batch_size_changes
+            (16, [0])
+        """
+        self._restart_at = self.batch_size_changes[-1] + self.max_onset_steps
+
     def on_pairs(self, theta: Tensor, target: Tensor) -> bool:
         if not self.uses_pairs:
             return False
@@ -402,6 +458,9 @@ class AutoBoundaries(TaskBoundarySource):
     def _observe(self) -> bool:
         """One step; every ``every``-th, the detector is fed the signals."""
         step, self.steps = self.steps, self.steps + 1
+        if self._restart_due(step):
+            self._restart_at = None
+            self.detector.restart()
         if step % self.every != 0:
             return False
         values = {name: signal.take() for name, signal in self.signals.items()}
@@ -413,6 +472,14 @@ class AutoBoundaries(TaskBoundarySource):
         switched = self.detector.update(**signals)
         self._onset = self.detector.last_onset if switched else 0
         return switched
+
+    def _restart_due(self, step: int) -> bool:
+        """Whether the restart after a new batch size comes before ``step``: no switch came
+        with the new size, and no run under way (a switch the new size slowed) may still end
+        in one; a run waits at most :attr:`max_onset_steps` more."""
+        if self._restart_at is None or step < self._restart_at:
+            return False
+        return not self.detector.running or step >= self._restart_at + self.max_onset_steps
 
     @property
     def max_onset_steps(self) -> int:
@@ -426,6 +493,7 @@ class AutoBoundaries(TaskBoundarySource):
         return self._undo
 
     def on_task_start(self) -> None:
+        self._restart_at = None
         self.detector.restart()
         for signal in self.signals.values():
             signal.start_task()
@@ -438,6 +506,14 @@ class AutoBoundaries(TaskBoundarySource):
             "detector": self.detector.state_dict(),
             "steps": self.steps,
             "signals": {name: signal.state_dict() for name, signal in self.signals.items()},
+            "batch_size": {
+                "size": self.batch_size,
+                "changes": list(self.batch_size_changes),
+                "new_size": self._new_size,
+                "new_held": self._new_held,
+                "new_since": self._new_since,
+                "restart_at": self._restart_at,
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -453,6 +529,11 @@ class AutoBoundaries(TaskBoundarySource):
             )
         self.detector.load_state_dict(state["detector"])
         self.steps = int(state["steps"])
+        sizes = state.get("batch_size", {})  # absent before the batch size was watched
+        self.batch_size = sizes.get("size")
+        self.batch_size_changes = [int(s) for s in sizes.get("changes", [])]
+        self._new_size, self._new_held = sizes.get("new_size"), int(sizes.get("new_held", 0))
+        self._new_since, self._restart_at = int(sizes.get("new_since", 0)), sizes.get("restart_at")
         for name, signal in self.signals.items():
             if name in state["signals"]:
                 signal.load_state_dict(state["signals"][name])

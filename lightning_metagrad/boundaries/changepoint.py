@@ -374,6 +374,11 @@ class ChangePointDetector:
         self._confirming.clear()
 
     @property
+    def running(self) -> bool:
+        """Whether a run of exceedances is under way (a switch may be declared soon)."""
+        return self._run > 0 or self._fast_run > 0
+
+    @property
     def _names(self) -> list[str]:
         return [self.signal, *self.weights]
 

@@ -96,6 +96,12 @@ class EitherDetector:
         return list(names)
 
     @property
+    def running(self) -> bool:
+        """Whether any detector's run of exceedances, or the joint rule's, is under way."""
+        joint = self.joint is not None and self.joint.running
+        return joint or any(d.running for d in self.detectors)
+
+    @property
     def max_onset(self) -> int:
         """The most observations before its detection a switch can be estimated to begin."""
         onsets = [d.max_onset for d in self.detectors]

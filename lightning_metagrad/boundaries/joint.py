@@ -109,6 +109,11 @@ class JointRule:
         self._run = 0
 
     @property
+    def running(self) -> bool:
+        """Whether a joint run is under way."""
+        return self._run > 0
+
+    @property
     def onset(self) -> int:
         """Where a switch declared now began, in observations back: the run plus half the
         window, at most ``max_onset``."""
