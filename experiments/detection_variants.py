@@ -18,6 +18,8 @@ Variants (``--variants``):
 * ``nojoint``: the default without its joint rule (the default of stop 31);
 * ``jn<N>``: the default with ``JointRule(need=N)``;
 * ``jz<Z>``: the default with ``JointRule(each_threshold=Z)``;
+* ``mw<M>`` / ``jn<N>mw<M>``: the default (or ``jn<N>``) whose detectors' adaptive warm-up
+  reaches up to ``M`` observations after a (re)start instead of 100;
 * ``nospike``: the default without the quiet after a transient loss spike (``spike=None``);
 * ``jointg<N>r<R>``: ``joint<N>`` whose joint rule's switches also need the training loss's
   median over the joint run to be ``R`` times its median over the 15 steps before;
@@ -211,6 +213,10 @@ def variant(name: str) -> dict[str, Any]:
         novelty, direction = default_detector("novelty+direction").detectors
         direction = rebuilt(direction, min_relative_jump=jump, fast_jump=2 * jump + 1)
         return {"detector": EitherDetector([novelty, direction])}
+    if "mw" in name:  # [jn<N>]mw<M>: the detectors' warm-up extended up to M observations
+        need, most = name.split("mw")
+        rule = {"need": float(need[2:])} if need.startswith("jn") else {}
+        return with_joint_rule(detector_changes={"max_warmup": int(most)}, **rule)
     if name.startswith("jn"):  # jn<N>: the library's joint rule with need N
         return with_joint_rule(need=float(name[2:]))
     if name.startswith("jz"):  # jz<Z>: the joint rule needs every detector's z above Z

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from lightning_metagrad import SubspacePredictor
+from lightning_metagrad import AutoBoundaries, SubspacePredictor
 from lightning_metagrad.boundaries.changepoint import ChangePointDetector
 
 
@@ -90,3 +90,33 @@ def test_history_without_sampled_rows_is_refused_with_a_warning() -> None:
     pred.bind({"w": torch.zeros(12, 9)})
     feed(pred, feed_rows)
     assert not pred.forget_recent(2)  # nothing kept, nothing taken back
+
+
+def switch_at_100(src: AutoBoundaries, seed: int = 0) -> int:
+    """Gradients in one 4-D subspace for 100 steps, then in another: the step declared."""
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(32, 32, generator=gen))[0]
+    for step in range(200):
+        sub = basis[:, :4] if step < 100 else basis[:, 4:8]
+        g = (sub @ torch.randn(4, 16, generator=gen)).T + 0.05 * torch.randn(16, 32, generator=gen)
+        src.on_loss(torch.tensor(1.0 if step < 100 else 3.0))
+        if src.on_gradients(["w"], [g], [g]):
+            return step
+    raise AssertionError("no switch declared")
+
+
+def test_the_take_back_reaches_five_steps_past_the_estimated_start() -> None:
+    # A new task's step left in the old task's statistic blocks the new task (with Adam it
+    # wrecked the network); an old task's step taken back costs little (docs/detection.md).
+    src = AutoBoundaries()
+    declared = switch_at_100(src)
+    new_steps = declared - 100 + 1  # the detection's own step included
+    assert src.detector.last_onset == new_steps  # the detector's estimate is exact here
+    assert src.onset_steps() == new_steps + 5
+
+
+def test_the_take_back_stays_within_the_steps_kept() -> None:
+    src = AutoBoundaries(detector=ChangePointDetector(signal="novelty", warmup=20))
+    switch_at_100(src)
+    assert src.detector.last_onset + 5 > src.max_onset_steps == 9
+    assert src.onset_steps() == src.max_onset_steps
