@@ -431,6 +431,7 @@ class ChangePointDetector:
             "recent": list(self._recent),
             "confirming": self._confirming.histories(),
             "quiet": self._confirming.quiet,
+            "spike_bases": self._confirming.bases(),
             "signals": {name: stats.to_dict() for name, stats in self._stats.items()},
         }
 
@@ -464,7 +465,9 @@ class ChangePointDetector:
         self._segment = int(state.get("segment", self._since))
         recent = [float(v) for v in state.get("recent", [])]
         self._recent = recent[-self._kept :] if self._kept else []
-        self._confirming.load(state.get("confirming", {}), state.get("quiet", 0))
+        self._confirming.load(
+            state.get("confirming", {}), state.get("quiet", 0), state.get("spike_bases")
+        )
 
     # ------------------------------------------------------------------ detection
 
@@ -698,6 +701,7 @@ class ConfirmingSignals:
         """Forget the history and any quiet spell."""
         self._history: dict[str, list[float]] = {name: [] for name in self.ratios}
         self.quiet = 0  # observations left in a spike's aftermath
+        self._bases: dict[str, float] = {}  # per spiked signal: its log median before it
 
     def tick(self) -> None:
         """One observation of the quiet spell has passed."""
@@ -712,6 +716,21 @@ class ConfirmingSignals:
                 del history[: -self._keep]
                 if self.spike is not None and spiked(history, self.window, self.spike):
                     self.quiet = self._quiet_for
+                    self._bases[name] = _median(history[-(self.window + 2) : -2])
+        if self.quiet and self.spike is not None and self._lasting():
+            self.quiet = 0  # the signal stays up: a new level (a switch), not a spike's aftermath
+            self._bases = {}
+
+    def _lasting(self) -> bool:
+        """Whether a spiked signal's median over its last ``_LASTING`` values is again at least
+        ``spike`` times its median before the spike (with Adam a low training loss has single
+        batches 5 times its median; a switch that follows keeps it there)."""
+        assert self.spike is not None
+        for name, base in self._bases.items():
+            recent = self._history[name][-_LASTING:]
+            if len(recent) == _LASTING and _median(recent) - base >= math.log(self.spike):
+                return True
+        return False
 
     def confirmed(self, onset: int) -> bool:
         """Whether every signal confirms a change that began ``onset`` observations back
@@ -725,10 +744,26 @@ class ConfirmingSignals:
         """Each signal's recorded log values (for a state)."""
         return {name: list(v) for name, v in self._history.items()}
 
-    def load(self, histories: Mapping[str, Sequence[float]], quiet: int) -> None:
-        """Restore :meth:`histories` and the quiet spell (signals not given start empty)."""
+    def bases(self) -> dict[str, float]:
+        """Each spiked signal's log median before its spike (for a state)."""
+        return dict(self._bases)
+
+    def load(
+        self,
+        histories: Mapping[str, Sequence[float]],
+        quiet: int,
+        bases: Mapping[str, float] | None = None,
+    ) -> None:
+        """Restore :meth:`histories`, the quiet spell and :meth:`bases` (signals not given
+        start empty)."""
         self._history = {name: [float(v) for v in histories.get(name, [])] for name in self.ratios}
         self.quiet = int(quiet)
+        self._bases = {k: float(v) for k, v in (bases or {}).items() if k in self.ratios}
+
+
+#: Observations of a spiked signal whose median, back at ``spike`` times its level before the
+#: spike, ends the quiet spell (see :meth:`ConfirmingSignals.push`).
+_LASTING = 5
 
 
 def confirms(history: Sequence[float], onset: int, window: int, ratio: float) -> bool:

@@ -155,9 +155,12 @@ class JointRule:
             "run": self._run,
             "quiet": self._confirming.quiet,
             "history": self._confirming.histories(),
+            "spike_bases": self._confirming.bases(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         check_state_version("JointRule", state, _STATE_VERSION)
         self._run = int(state["run"])
-        self._confirming.load(state.get("history", {}), state.get("quiet", 0))
+        self._confirming.load(
+            state.get("history", {}), state.get("quiet", 0), state.get("spike_bases")
+        )

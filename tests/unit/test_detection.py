@@ -230,6 +230,20 @@ def test_with_spike_a_lasting_loss_jump_holds_nothing_back() -> None:
     assert confirm_run(loss, spike=5.0)[0] == confirm_run(loss)[0]
 
 
+def test_with_spike_a_switch_whose_loss_stays_up_ends_the_quiet() -> None:
+    # With Adam a low training loss has single batches 5 times its median: such a "spike"
+    # just before a switch would mute the switch for 2 * max_onset observations (with Adam on
+    # digits it was missed). A loss back at 5 times its level for 5 observations is a new
+    # level, so the quiet ends there and the switch is declared as without it.
+    loss = np.full(500, 2.0) * np.exp(log_noise(500, seed=3))
+    loss[296] *= 8  # one batch, then back: a spike by the rule
+    loss[300:] *= 20  # a new task's loss, 4 observations later
+    [plain], _ = confirm_run(loss)
+    [hit], det = confirm_run(loss, spike=5.0)
+    assert hit == plain and det.last_onset > 0
+    assert hit < 297 + 2 * det.max_onset  # the quiet would have lasted until there
+
+
 def test_spike_needs_confirm() -> None:
     with pytest.raises(ValueError, match="`spike` needs `confirm`"):
         ChangePointDetector(spike=5.0)
