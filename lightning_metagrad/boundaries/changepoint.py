@@ -314,10 +314,6 @@ class ChangePointDetector:
         self.min_contrast = min_contrast
         self.trace_onset = check_int("trace_onset", trace_onset, minimum=1, optional=True)
         self.confirm = _signal_values("confirm", "ratio", confirm, self.signal, positive=True)
-        if spike is not None:
-            check_float("spike", spike, minimum=1, low_open=True)
-            if not self.confirm:
-                raise ValueError("`spike` needs `confirm`: it watches the confirming signals")
         self.spike = spike
         self._alpha = 1.0 - 0.5 ** (1.0 / self.halflife)
         self._log_jump = math.log1p(self.min_relative_jump)
@@ -692,6 +688,13 @@ class ConfirmingSignals:
     def __init__(
         self, ratios: Mapping[str, float], window: int, max_onset: int, spike: float | None
     ) -> None:
+        if spike is not None:
+            check_float("spike", spike, minimum=1, low_open=True)
+            if not ratios:
+                raise ValueError(
+                    "`spike` needs `confirm`: it watches the `confirm` signals, and `confirm` "
+                    "is empty; name a signal in `confirm` or pass spike=None"
+                )
         self.ratios, self.window, self.spike = dict(ratios), window, spike
         self._keep = max_onset + window + window // 2
         self._quiet_for = 2 * max_onset

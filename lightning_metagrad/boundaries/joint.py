@@ -87,13 +87,6 @@ class JointRule:
         confirm = {"loss": 1.1} if confirm is None else confirm
         self.confirm = _signal_values("confirm", "ratio", confirm, "", positive=True)
         self.max_onset = check_int("max_onset", max_onset, minimum=1)
-        if spike is not None:
-            check_float("spike", spike, minimum=1, low_open=True)
-            if not self.confirm:
-                raise ValueError(
-                    "`spike` watches the `confirm` signals, and `confirm` is empty: name a "
-                    "signal in `confirm` or pass spike=None"
-                )
         self.spike = spike
         self._confirming = ConfirmingSignals(self.confirm, self.window, self.max_onset, spike)
         self.reset()
