@@ -47,20 +47,16 @@ def main() -> None:
     parser.add_argument("--streams", nargs="+", choices=de.STREAMS, default=list(de.STREAMS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="no restart at a new batch size")
-    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
-    parser.add_argument("--lr", type=float, default=0.03, help="with adam, e.g. 0.001")
-    parser.add_argument("--root", default="../shared/data")
-    parser.add_argument("--output", type=Path, default=Path("runs/detection/batch-size"))
+    de.add_training_options(parser, "runs/detection/batch-size")
     args = parser.parse_args()
     de.OPTIMIZER = args.optimizer
-    if args.keep:
-        de.boundaries = lambda signal: KeepLevels()  # type: ignore[assignment]
     true = [PER_TASK * t for t in range(1, TASKS)]
     runs: list[dict[str, Any]] = []
     for name in args.streams:
         for seed in range(args.seeds):
             stream, batches, _ = de.silent_run(name, "abrupt", PER_TASK, seed, args.root, TASKS)
-            run = de.detect(stream, sized(batches), "auto", args.lr, PER_TASK, TASKS)
+            source = KeepLevels() if args.keep else None
+            run = de.detect(stream, sized(batches), "auto", args.lr, PER_TASK, TASKS, source=source)
             score = de.score(run["switches"], true, 0, PER_TASK)
             runs.append({"stream": name, "seed": seed, **run, "score": score})
             print(name, seed, run["switches"], run.get("fired_by"), score, flush=True)

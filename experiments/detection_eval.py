@@ -336,6 +336,16 @@ def accuracy_row(model: MLPClassifier, stream: Any, tasks: int) -> list[float]:
 OPTIMIZER = "sgd"
 
 
+def add_training_options(parser: argparse.ArgumentParser, output: str) -> None:
+    """The options every detection script takes: ``--optimizer``, ``--lr``, ``--root`` and
+    ``--output`` (default ``output``)."""
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                        help="the models' optimizer (adam: pass e.g. --lr 0.001)")  # fmt: skip
+    parser.add_argument("--lr", type=float, default=0.03, help="with adam, e.g. 0.001")
+    parser.add_argument("--root", default="../shared/data")
+    parser.add_argument("--output", type=Path, default=Path(output))
+
+
 def model_for(stream: Any, lr: float, schedule: str | None = None, steps: int = 1) -> Scheduled:
     return Scheduled(
         input_dim=stream.input_dim, num_classes=stream.num_classes,
@@ -346,9 +356,10 @@ def model_for(stream: Any, lr: float, schedule: str | None = None, steps: int = 
 
 def detect(
     stream: Any, batches: list[dict], signal: str, lr: float, per_task: int | None,
-    tasks: int, schedule: str | None = None,
+    tasks: int, schedule: str | None = None, source: AutoBoundaries | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """One silent ``fit``; the detected switches and the accuracy matrix at true task ends."""
+    """One silent ``fit``; the detected switches and the accuracy matrix at true task ends.
+    ``source``: a boundary source to use instead of ``boundaries(signal)``."""
     model = model_for(stream, lr, schedule, len(batches))
     matrix: list[list[float]] = []
 
@@ -357,7 +368,7 @@ def detect(
             if per_task and trainer.global_step % per_task == 0:
                 matrix.append(accuracy_row(model, stream, tasks))
 
-    cb = MetaGradCallback(task_boundaries=boundaries(signal))
+    cb = MetaGradCallback(task_boundaries=boundaries(signal) if source is None else source)
     pl.Trainer(max_steps=len(batches), callbacks=[cb, AtTaskEnds()], **TRAINER).fit(
         model, DataLoader(batches, batch_size=None)
     )
@@ -624,7 +635,6 @@ def main() -> None:
                         default=["abrupt", "blurry"])  # fmt: skip
     parser.add_argument("--events", nargs="+", choices=EVENTS, default=list(EVENTS))
     parser.add_argument("--steps", type=int, default=800, help="steps of an event run")
-    parser.add_argument("--lr", type=float, default=0.03)
     parser.add_argument(
         "--one-fit",
         action="store_true",
@@ -637,14 +647,7 @@ def main() -> None:
         help="given --one-fit: on the blurry stream's batches, the boundaries at the blends' "
         "middles (pairs with the blurry rows of switches)",
     )
-    parser.add_argument(
-        "--optimizer",
-        choices=["sgd", "adam"],
-        default="sgd",
-        help="the models' optimizer (adam: pass e.g. --lr 0.001)",
-    )
-    parser.add_argument("--root", default="../shared/data")
-    parser.add_argument("--output", type=Path, default=Path("runs/detection"))
+    add_training_options(parser, "runs/detection")
     parser.add_argument("--resume", action="store_true", help="switches: skip rows done")
     parser.add_argument("--with-auto", action="store_true",
                         help="given: also run the first of --signals inside each fit")  # fmt: skip

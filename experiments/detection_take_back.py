@@ -48,20 +48,16 @@ def main() -> None:
     parser.add_argument("--streams", nargs="+", choices=de.STREAMS, default=["rotated"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[500])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
-    parser.add_argument("--lr", type=float, default=0.03, help="with adam, e.g. 0.001")
-    parser.add_argument("--root", default="../shared/data")
-    parser.add_argument("--output", type=Path, default=Path("runs/detection/take-back"))
+    de.add_training_options(parser, "runs/detection/take-back")
     args = parser.parse_args()
     de.OPTIMIZER = args.optimizer
-    source = SOURCES[args.take_back]
-    de.boundaries = lambda signal: source()  # type: ignore[assignment]
     runs: list[dict[str, Any]] = []
     for name in args.streams:
         for per_task in args.lengths:
             for seed in args.seeds:
                 stream, batches, _ = de.silent_run(name, "abrupt", per_task, seed, args.root)
-                run = de.detect(stream, batches, "auto", args.lr, per_task, 4)
+                source = SOURCES[args.take_back]()
+                run = de.detect(stream, batches, "auto", args.lr, per_task, 4, source=source)
                 acc = sum(run["matrix"][-1]) / len(run["matrix"][-1])
                 print(args.take_back, name, per_task, seed, run["switches"], round(acc, 4))
                 runs.append(

@@ -332,10 +332,7 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=Path, help="saved runs: the loss ratios")
     parser.add_argument("--variants", nargs="+", default=["old", "default"])
     parser.add_argument("--drive", default="default")
-    parser.add_argument("--root", default="../shared/data")
-    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
-    parser.add_argument("--lr", type=float, default=0.03, help="with adam, e.g. 0.001")
-    parser.add_argument("--output", type=Path, default=Path("runs/detection/variants"))
+    de.add_training_options(parser, "runs/detection/variants")
     args = parser.parse_args()
     if args.ratios:
         loss_ratios(args.ratios)
