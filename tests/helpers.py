@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_metagrad import (
     AnchoredPredictor,
+    AutoBoundaries,
     MetaNetPredictor,
     OldGradientPredictor,
     ReplayPredictor,
@@ -147,6 +148,14 @@ class ManualModule(TinyClassifier):
 
 
 # --------------------------------------------------------------------------- Trainer
+
+
+class EstimateOnly(AutoBoundaries):
+    """``"auto"`` whose take-back is the detector's estimate alone, without the library's
+    5-step margin (the take-back of stop 32)."""
+
+    def onset_steps(self) -> int:
+        return self._onset * self.every
 
 
 def make_trainer(callbacks: list, max_steps: int = 8, **kwargs: Any) -> pl.Trainer:

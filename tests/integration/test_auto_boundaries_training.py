@@ -12,7 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyClassifier, loader, make_trainer
+from helpers import EstimateOnly, TinyClassifier, loader, make_trainer
 from torch.utils.data import DataLoader
 
 from lightning_metagrad import AutoBoundaries, MetaGradCallback, SubspacePredictor
@@ -224,10 +224,6 @@ def test_a_detected_switch_leaves_the_old_task_where_given_boundaries_leave_it()
     batches = silent_stream(2, steps=steps)
     stream = PermutedStream(dataset="digits", num_tasks=2, seed=0, batch_size=64)
     stream.setup("fit")
-
-    class EstimateOnly(AutoBoundaries):
-        def onset_steps(self) -> int:
-            return self._onset * self.every
 
     accuracy = {}
     for run in ("given", "estimate", "default", "kept"):

@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import make_trainer
+from helpers import EstimateOnly, make_trainer
 from torch.utils.data import DataLoader
 
 from lightning_metagrad import AutoBoundaries, MetaGradCallback
@@ -26,13 +26,6 @@ needs_fashion = pytest.mark.skipif(
     not (ROOT / "FashionMNIST" / "raw").is_dir(),
     reason=f"Fashion-MNIST not found under {ROOT} (no download in tests)",
 )
-
-
-class EstimateOnly(AutoBoundaries):
-    """The take-back of stop 32: the detector's estimate, no margin."""
-
-    def onset_steps(self) -> int:
-        return self._onset * self.every
 
 
 def fit(source: AutoBoundaries) -> tuple[MetaGradCallback, list[float]]:
